@@ -1,0 +1,157 @@
+"""
+Cold start of the student from the teachers (Flow-OPD paper §2.1 step 2, §3): model merging.
+(The SFT-on-teacher-trajectories variant goes in the marked section below.)
+
+A PEFT LoRA stores per adapted module `...<module>.lora_A.weight` (r, in) and `...<module>.lora_B.weight`
+(out, r), and adds ΔW = (α/r)·B·A to the frozen weight. Merging K teacher LoRAs (weights w_k, Σw_k = 1):
+
+  merge_average  (released `scripts/merge.py --merge_mode average`): Ā = Σ w_k A_k, B̄ = Σ w_k B_k key by
+                 key. NOT the average of the ΔW: B̄·Ā = Σ_jk w_j w_k B_j A_k ≠ Σ_k w_k B_k A_k (cross terms).
+  merge_delta    the exact mean ΔW̄ = (α/r)·Σ_k w_k B_k A_k, re-expressed as a LoRA:
+                 - default, concatenation (exact): A' = [A_1; …; A_K] (K·r, in), B' = [w_1B_1, …, w_KB_K]
+                   (out, K·r), so B'A' = Σ w_k B_k A_k. Rank r' = K·r; α' = α·K keeps α'/r' = α/r.
+                 - out_rank=r'': truncated SVD of Σ w_k B_k A_k back to rank r'' (√S split into both
+                   factors), α'' = α·r''/r; exact iff that matrix has rank ≤ r''. The relative Frobenius
+                   truncation error is reported (max over modules).
+
+Differences from the paper / released code:
+  1) The paper gives no merge formula; merge_average is the released code's, merge_delta our exact
+     alternative. Both normalise the weights to sum 1 (the released "weighted" mode does too).
+  2) Scaling α/r is the standard LoRA one (not rsLoRA's α/√r); all teachers must share α, r and shapes.
+  3) Non-LoRA tensors in the state dicts (e.g. modules_to_save) are averaged element-wise by both merges.
+  4) After merge_delta with concatenation, write adapter_config.json with r = K·r and lora_alpha = α·K.
+
+Self-check: python cold_start.py
+"""
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+StateDict = Dict[str, torch.Tensor]
+
+
+class MergeResult(NamedTuple):
+    state_dict: StateDict
+    rank: int                # LoRA rank of the result
+    alpha: Optional[float]   # lora_alpha to save with it (None: unchanged, merge_average takes no α)
+    max_rel_error: float     # max over modules of ‖ΔW_merged − mean ΔW‖_F / ‖mean ΔW‖_F
+
+
+def _check(state_dicts: Sequence[StateDict], weights) -> torch.Tensor:
+    if len(state_dicts) == 0:
+        raise ValueError("need at least one LoRA state dict to merge")
+    keys = set(state_dicts[0])
+    for i, sd in enumerate(state_dicts[1:], 1):
+        if set(sd) != keys or any(sd[k].shape != state_dicts[0][k].shape for k in keys):
+            raise ValueError(f"state dict {i} has different keys or shapes than state dict 0")
+    w = torch.ones(len(state_dicts)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.numel() != len(state_dicts) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {len(state_dicts)} non-negative numbers with a positive sum")
+    return (w / w.sum()).double()                                                   # (K,)
+
+
+def _lora_modules(sd: StateDict) -> Dict[str, tuple]:
+    """module prefix -> (lora_A key, lora_B key)."""
+    pairs = {}
+    for k in sd:
+        if ".lora_A." in k:
+            kb = k.replace(".lora_A.", ".lora_B.")
+            if kb not in sd:
+                raise ValueError(f"{k} has no matching {kb}")
+            pairs[k.split(".lora_A.")[0]] = (k, kb)
+    return pairs
+
+
+def _weighted_sum(tensors: List[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    return sum(w_k * t.double() for w_k, t in zip(w, tensors)).to(tensors[0].dtype)
+
+
+def _rel_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    norm = exact.norm()
+    return 0.0 if norm == 0 else ((approx - exact).norm() / norm).item()
+
+
+def merge_average(state_dicts: Sequence[StateDict], weights=None) -> MergeResult:
+    """Released merge: element-wise weighted average of every tensor, lora_A and lora_B separately."""
+    w = _check(state_dicts, weights)
+    out = {k: _weighted_sum([sd[k] for sd in state_dicts], w) for k in state_dicts[0]}
+    err, rank = 0.0, 0
+    for ka, kb in _lora_modules(out).values():                    # how far B̄Ā is from mean(BA)
+        exact = sum(w_k * sd[kb].double() @ sd[ka].double() for w_k, sd in zip(w, state_dicts))
+        err = max(err, _rel_error(out[kb].double() @ out[ka].double(), exact))
+        rank = out[ka].shape[0]
+    return MergeResult(out, rank, None, err)
+
+
+def _svd_truncate(B: torch.Tensor, A: torch.Tensor, r: int):
+    """Best rank-r factors of M = B·A (out, in) without forming M: QR both factors, SVD the small core.
+    Returns (B_r (out, r), A_r (r, in), relative Frobenius error of the truncation)."""
+    Q_b, R_b = torch.linalg.qr(B)                                  # (out, m), (m, K·r)
+    Q_a, R_a = torch.linalg.qr(A.T)                                # (in, n), (n, K·r)
+    U, S, Vh = torch.linalg.svd(R_b @ R_a.T)                       # core (m, n) = U·diag(S)·Vh
+    k = min(r, S.numel())
+    root = S[:k].sqrt()                                            # √S split into both factors
+    B_r, A_r = B.new_zeros(B.shape[0], r), A.new_zeros(r, A.shape[1])
+    B_r[:, :k] = Q_b @ U[:, :k] * root                             # (out, r)
+    A_r[:k] = root[:, None] * (Vh[:k] @ Q_a.T)                     # (r, in)
+    total = S.pow(2).sum()
+    err = 0.0 if total == 0 else (S[k:].pow(2).sum() / total).sqrt().item()
+    return B_r, A_r, err
+
+
+def merge_delta(state_dicts: Sequence[StateDict], alpha: float, rank: int, weights=None,
+                out_rank: Optional[int] = None) -> MergeResult:
+    """Exact weighted mean of ΔW = (α/r)·B·A as a LoRA: concatenation (default, rank K·r, exact) or
+    truncated SVD to out_rank (error reported). Keys are preserved."""
+    w = _check(state_dicts, weights)
+    K, modules = len(state_dicts), _lora_modules(state_dicts[0])
+    lora_keys = {k for pair in modules.values() for k in pair}
+    out = {k: _weighted_sum([sd[k] for sd in state_dicts], w) for k in state_dicts[0] if k not in lora_keys}
+    err = 0.0
+    for ka, kb in modules.values():
+        if state_dicts[0][ka].shape[0] != rank:
+            raise ValueError(f"{ka} has rank {state_dicts[0][ka].shape[0]}, expected rank={rank}")
+        dtype = state_dicts[0][ka].dtype
+        A_cat = torch.cat([sd[ka].double() for sd in state_dicts], dim=0)                   # (K·r, in)
+        B_cat = torch.cat([w_k * sd[kb].double() for w_k, sd in zip(w, state_dicts)], 1)   # (out, K·r)
+        if out_rank is not None:
+            B_cat, A_cat, e = _svd_truncate(B_cat, A_cat, out_rank)
+            err = max(err, e)
+        out[ka], out[kb] = A_cat.to(dtype), B_cat.to(dtype)
+    new_rank = K * rank if out_rank is None else out_rank
+    return MergeResult(out, new_rank, alpha * new_rank / rank, err)   # α'/r' = α/r: same scaling
+
+
+# ---------------------------------------------------------------------------------------------------
+# SFT cold start on teacher trajectories (paper §3, "SFT variant"): to be added here.
+# ---------------------------------------------------------------------------------------------------
+
+
+def delta_w(sd: StateDict, alpha: float, rank: int) -> Dict[str, torch.Tensor]:
+    """module -> ΔW = (α/r)·B·A (out, in), fp64; for checks and for comparing merges."""
+    return {m: alpha / rank * sd[kb].double() @ sd[ka].double() for m, (ka, kb) in _lora_modules(sd).items()}
+
+
+if __name__ == "__main__":
+    g = torch.Generator().manual_seed(0)
+    r, alpha, K = 2, 4.0, 3
+
+    def lora():
+        return {"blk.attn.to_q.lora_A.weight": torch.randn(r, 10, generator=g),
+                "blk.attn.to_q.lora_B.weight": torch.randn(12, r, generator=g)}
+
+    teachers = [lora() for _ in range(K)]
+    mean_dw = {m: sum(delta_w(sd, alpha, r)[m] for sd in teachers) / K for m in delta_w(teachers[0], alpha, r)}
+    avg = merge_average(teachers)
+    print(f"merge_average: rel. error of B̄Ā vs mean(BA) = {avg.max_rel_error:.3f} (not ΔW-exact)")
+    cat = merge_delta(teachers, alpha, r)
+    got = delta_w(cat.state_dict, cat.alpha, cat.rank)
+    print(f"merge_delta concat: rank {cat.rank}, alpha {cat.alpha}, max |ΔW − mean ΔW| =",
+          f"{max((got[m] - mean_dw[m]).abs().max().item() for m in got):.2e}")
+    svd = merge_delta(teachers, alpha, r, out_rank=r)
+    print(f"merge_delta SVD to rank {svd.rank}: reported truncation error {svd.max_rel_error:.3f}")
+    same = merge_delta([teachers[0]] * K, alpha, r, out_rank=r)
+    got = delta_w(same.state_dict, same.alpha, same.rank)
+    ref = delta_w(teachers[0], alpha, r)
+    print(f"identical teachers, SVD rank {r}: error {same.max_rel_error:.1e}, max |ΔW diff| =",
+          f"{max((got[m] - ref[m]).abs().max().item() for m in got):.2e}")

@@ -1,0 +1,153 @@
+"""
+Flow-GRPO objective: group-relative advantages, PPO-clipped surrogate, β-KL to a reference policy.
+Flow-OPD paper §1 (Q1, the single-reward teachers) and §2.1 step 1; the Flow-GRPO recipe
+(Liu et al. 2025) as read from flow_grpo / Flow-OPD code (ECOSYSTEM §2.2).
+
+  A_i   = (r_i − mean_{j∈g(i)} r_j) / (std + eps)                     group-relative advantage
+  ρ     = exp(log π_θ(x_next|x_t) − log π_old(x_next|x_t))            per-step policy ratio
+  L_pg  = mean( max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) )                     PPO clipped surrogate (minimised)
+  KL    = ‖μ_θ − μ_ref‖² / (2 std²),  std = σ_t √|Δt|                 exact Gaussian-step KL
+  L     = L_pg + β·KL
+
+Differences from the paper / released code:
+  1) Groups are contiguous blocks of G samples (sample i belongs to group i // G); flow_grpo groups by
+     the prompt *string* with a stat tracker. Same thing when each prompt appears once per batch.
+  2) Default std="group" (per-group std, the GRPO definition). flow_grpo's SD3.5 configs use
+     global_std=True (std over the whole batch); pass std="global" to reproduce them.
+  3) The β-KL defaults to the exact Gaussian-step KL (with the Δt that flow_grpo omits, issues #78/#22),
+     averaged over elements (reduce="mean") so that β has a per-element scale like flow_grpo's.
+     exact=False gives flow_grpo's Δt-less form mean((μ−μ_ref)²)/(2σ_t²) = exact_sum·|Δt|/D.
+  4) The log-prob reduction is the caller's choice: flow_grpo uses the per-element *mean* (ratios stay
+     near 1, which is why its clip range is 1e-4); a *sum* gives the true density ratio.
+
+Self-check: python grpo.py
+"""
+from typing import NamedTuple
+
+import torch
+
+from sde_sampler import gaussian_kl
+
+
+def group_advantages(rewards, group_size: int, std: str = "group", eps: float = 1e-4):
+    """A = (r − group mean) / (std + eps); rewards (N,) with N = P·G, groups contiguous.
+
+    std="group": std of each group (population std, ddof=0, like np.std in flow_grpo);
+    std="global": one std over the whole batch (flow_grpo `global_std=True`), which keeps low-spread
+    groups from being blown up to unit scale. A zero-spread group gets A = 0/(0+eps) = 0, never nan.
+    """
+    N = rewards.shape[0]
+    if N % group_size != 0:
+        raise ValueError(f"{N} rewards do not split into groups of size {group_size}")
+    r = rewards.float().view(N // group_size, group_size)          # (P, G)
+    mean = r.mean(dim=1, keepdim=True)                               # (P, 1)
+    if std == "group":
+        s = r.std(dim=1, correction=0, keepdim=True)                 # (P, 1)
+    elif std == "global":
+        s = r.std(correction=0).expand(r.shape[0], 1)                # (P, 1)
+    else:
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    return ((r - mean) / (s + eps)).view(N)                          # (N,)
+
+
+def zero_std_fraction(rewards, group_size: int):
+    """Share of groups whose rewards are all equal: their advantages are 0, they give no signal."""
+    r = rewards.view(-1, group_size)                                 # (P, G)
+    spread = r.max(dim=1).values - r.min(dim=1).values               # (P,)
+    return (spread == 0).float().mean()                              # ()
+
+
+class Surrogate(NamedTuple):
+    loss: torch.Tensor        # () PPO loss, to minimise
+    ratio: torch.Tensor       # broadcast shape of the inputs, detached
+    clipfrac: torch.Tensor    # () share of ratios outside [1−ε, 1+ε]
+    approx_kl: torch.Tensor   # () 0.5·mean((logp − old_logp)²), the usual PPO drift estimate
+
+
+def clipped_surrogate(logp, old_logp, adv, clip_range: float) -> Surrogate:
+    """PPO: mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(logp − old_logp).
+
+    logp carries the gradient; old_logp is a constant (detached here); shapes broadcastable, e.g. (B,)
+    or (B, T). adv is used as given: pass a detached advantage for a policy gradient (GRPO rewards have
+    no graph anyway); only the "released" OPD estimator passes one that keeps its graph on purpose.
+    Where the clipped branch wins (ρ out of range on the side that would increase the objective) the
+    loss is flat in θ, so the gradient through ρ is exactly zero there.
+    """
+    old_logp = old_logp.detach()
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+        approx_kl = 0.5 * (log_ratio ** 2).mean()
+    return Surrogate(loss, ratio.detach(), clipfrac, approx_kl)
+
+
+def _per_sample(dt, B: int):
+    """|Δt| as a (B,) tensor from a float or a (B,)/(B,1,...) tensor."""
+    return torch.as_tensor(dt, dtype=torch.float32).abs().reshape(-1).expand(B)
+
+
+def reference_kl(mean, ref_mean, std, exact: bool = True, dt=None, reduce: str = "mean"):
+    """β-KL term KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) per sample, (B,). Not detached w.r.t. `mean`.
+
+    exact=True: ‖μ − μ_ref‖²/(2 std²) via gaussian_kl, summed (reduce="sum") or averaged over the D
+    elements (reduce="mean", default, = exact_sum/D). exact=False: flow_grpo's form
+    mean((μ − μ_ref)²)/(2σ_t²) with σ_t² = std²/|Δt|, i.e. exact_sum·|Δt|/D; it needs dt and
+    ignores `reduce`. It down-weights the steps with small |Δt| relative to the true KL.
+    """
+    ref_mean = ref_mean.detach()                                      # frozen reference policy
+    if exact:
+        return gaussian_kl(mean, ref_mean, std, reduce=reduce)        # (B,)
+    if dt is None:
+        raise ValueError("reference_kl(exact=False) needs dt = t_next − t to undo the |Δt| in std")
+    kl_mean = gaussian_kl(mean, ref_mean, std, reduce="mean")         # (B,) exact_sum / D
+    return kl_mean * _per_sample(dt, mean.shape[0])                   # (B,) exact_sum·|Δt|/D
+
+
+class GRPOLoss(NamedTuple):
+    loss: torch.Tensor        # () L_pg + β·mean(KL)
+    policy_loss: torch.Tensor  # () detached
+    kl: torch.Tensor          # () detached mean reference KL (0 when β = 0 or no reference given)
+    ratio_mean: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def grpo_loss(logp, old_logp, adv, clip_range: float, beta: float = 0.0, mean=None,
+              ref_mean=None, std=None, exact_kl: bool = True, dt=None) -> GRPOLoss:
+    """One Flow-GRPO step loss: clipped surrogate + β·reference KL (if beta > 0)."""
+    pg = clipped_surrogate(logp, old_logp, adv, clip_range)
+    loss, kl = pg.loss, torch.zeros(())
+    if beta > 0:
+        if mean is None or ref_mean is None or std is None:
+            raise ValueError("beta > 0 needs mean, ref_mean and std for the reference KL")
+        kl_b = reference_kl(mean, ref_mean, std, exact=exact_kl, dt=dt)   # (B,)
+        loss = loss + beta * kl_b.mean()
+        kl = kl_b.detach().mean()
+    r = pg.ratio
+    return GRPOLoss(loss, pg.loss.detach(), kl, r.mean(), r.min(), r.max(), pg.clipfrac, pg.approx_kl)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    G = 4
+    rewards = torch.tensor([1., 2., 3., 4., 5., 5., 5., 5., 0., 1., 0., 1.])   # group 2 has zero spread
+    A = group_advantages(rewards, G)
+    print("advantages", A.view(-1, G))
+    print("group means", A.view(-1, G).mean(1), " zero_std_fraction", zero_std_fraction(rewards, G).item())
+    logp = torch.randn(12, requires_grad=True)
+    s = clipped_surrogate(logp, logp.detach(), A, 1e-4)
+    print(f"ratio==1: loss {s.loss.item():.6f} vs -mean(A) {-A.mean().item():.6f}, clipfrac {s.clipfrac.item()}")
+    m = torch.randn(2, 4, 8, 8)
+    std = torch.full((2, 1, 1, 1), 0.3)
+    m_ref = m + 0.1
+    exact_sum = reference_kl(m, m_ref, std, reduce="sum")
+    print("exact KL (sum)", exact_sum, " closed form", 0.01 * m[0].numel() / (2 * 0.09))
+    dt = -0.1
+    print("Δt-less form", reference_kl(m, m_ref, std, exact=False, dt=dt), " = exact·|Δt|/D",
+          exact_sum * 0.1 / m[0].numel())

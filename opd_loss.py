@@ -1,0 +1,196 @@
+"""
+On-policy distillation loss for an SDE (flow) student against a teacher velocity field.
+Flow-OPD paper §2.3 (Eq. "opd": reverse KL), §2.6 (dense KL reward = w(t)‖v_θ − v_target‖²),
+§2.7 (advantage = raw reward, PPO-clipped surrogate), §8 (paper-vs-code); ECOSYSTEM §3.3–3.4.
+
+Both policies are Gaussian steps with the same std = σ_t√|Δt| (same sampler, same noise level), so
+  KL_t = KL(π_θ(·|x_t) ‖ π_T(·|x_t)) = ‖μ_θ − μ_T‖² / (2 std²) = w(t)·‖v_θ − v_T‖²   (sum over D elements)
+is a closed-form function of the STATE x_t only. Three estimators of ∇ E[Σ_t KL_t], one option:
+
+  "pathwise" (default)  loss = mean_i KL_t(μ_θ(x_t^i), sg μ_T) / D. Differentiates the closed-form KL at the
+      student-visited states, holding the states fixed (GKD-style "direct distillation"). Lowest variance.
+      This is what the released code effectively trains with (its reward is not detached) and what its
+      later `reward_mode="gkd"` does openly.
+  "logratio"            Tinker OPD: the action-dependent reward r = log π_T(x_next|x_t) − log π_old(x_next|x_t)
+      (true, summed log-densities: r = −[‖x_next − μ_T‖² − ‖x_next − μ_old‖²]/(2 std²), E[r] = −KL_t) is
+      detached and used as the advantage in the PPO surrogate with ρ = exp(log π_θ − log π_old) (summed).
+      Unbiased for the reverse KL because E_x∼π[∇log π_θ(x)·(log π_θ − log π_T)(x)] = ∇KL (the extra
+      E[∇log π_θ] term is 0). The summed log-prob is what makes it unbiased: a per-element mean would
+      scale the score by 1/D while r stays summed. Loss divided by D (same scale as "pathwise").
+      reward_to_go=True sums r over the later steps (the full-trajectory reverse KL instead of discount 0);
+      baseline=True adds the closed-form KL_t (a state-only control variate, vOPD) to cut variance.
+  "released"            Flow-OPD code @434ab16, kept for faithfulness: A = clamp(−KL_code(θ), ±adv_clip)
+      NOT detached, KL_code = mean_D((μ_θ − μ_T)²)/(2σ_t²) = KL_t·|Δt|/D (no Δt, ECOSYSTEM §2.2), PPO
+      clip ε = 1e-4 on the mean-reduced log-prob ratio. Its gradient ≈ ∇KL_code: pathwise × |Δt|.
+
+Why the paper's literal recipe cannot train (and why the released code trains anyway): the paper
+detaches the reward r_t = −w(t)‖sg(v_θ) − v_T‖², which depends on x_t only. At discount 0 the policy
+gradient is then E_{x_next∼π_θ}[∇log π_θ(x_next|x_t)]·r(x_t) = 0·r(x_t) = 0: a state-only reward is a
+baseline, it carries no signal (Flow-Factory#166, miles#2362). The released code trains only because
+its "reward" keeps the graph of μ_θ, so A itself is differentiated (a pathwise KL gradient); the
+PPO clip of 1e-4 then bounds nothing, since the gradient does not flow through ρ alone.
+
+Inputs: per-step tensors with `batch_dims` leading sample dims: (B, ...) for one step (batch_dims=1,
+default) or (B, T, ...) for whole trajectories in sampling order (batch_dims=2, needed by
+reward_to_go). old_logp is the MEAN-reduced log π_old(x_next|x_t), exactly as sde_sampler.rollout stores
+it (Trajectory.logp); the summed one is D·mean, so both conventions derive from it without a sum that
+could differ bitwise from the stored value (ρ is exactly 1 on-policy).
+
+Differences from the paper:
+  1) Default estimator is "pathwise", not the detached-reward PG (which has zero expected gradient, above).
+  2) Loss scale is per element (KL_sum / D), like flow_grpo's mean-reduced losses; the `kl` output is the
+     exact summed KL for logging. The paper sums over elements and divides by 2σ_t²Δt (exact KL).
+  3) The loss averages over steps and samples; the paper's J sums over t and averages over B×G.
+
+Self-check: python opd_loss.py
+"""
+from typing import NamedTuple
+
+import torch
+
+from grpo import clipped_surrogate
+from sde_sampler import gaussian_kl, gaussian_logprob, sigma_t
+
+ESTIMATORS = ("pathwise", "logratio", "released")
+DEFAULT_CLIP = {"pathwise": None, "logratio": 0.2, "released": 1e-4}   # Tinker PPO 0.2; flow_grpo 1e-4
+
+
+def kl_weight(t, t_next, noise_level: float):
+    """w(t) = (|Δt|/2)·(σ_t(1−t)/(2t) + 1/σ_t)², (B,) for t (B,). Step KL = w(t)·‖v_s − v_T‖².
+
+    Derivation (§2.6): μ = x(1 + σ_t²Δt/(2t)) + v(1 + σ_t²(1−t)/(2t))Δt, so the x terms cancel:
+      μ_s − μ_T = (v_s − v_T)(1 + σ_t²(1−t)/(2t))Δt,
+      KL = ‖μ_s − μ_T‖²/(2σ_t²|Δt|) = (|Δt|/2)·((1 + σ_t²(1−t)/(2t))/σ_t)²·‖v_s − v_T‖²
+         = (|Δt|/2)·(1/σ_t + σ_t(1−t)/(2t))²·‖v_s − v_T‖².
+    """
+    t = torch.as_tensor(t, dtype=torch.float32)
+    t_next = torch.as_tensor(t_next, dtype=torch.float32)
+    s = sigma_t(t, t_next, noise_level)                           # same σ_t as sde_step (incl. t = 1)
+    return (t - t_next).abs() / 2 * (s * (1 - t) / (2 * t) + 1 / s) ** 2
+
+
+def step_kl(mean_s, mean_T, std, reduce: str = "sum"):
+    """Exact per-step KL(π_s ‖ π_T) = ‖μ_s − μ_T‖²/(2 std²), (B,); reduce="mean" gives KL/D."""
+    return gaussian_kl(mean_s, mean_T, std, reduce=reduce)
+
+
+class OPDLoss(NamedTuple):
+    loss: torch.Tensor        # () scalar to minimise (scale: see module docstring)
+    kl: torch.Tensor          # lead shape (B,) or (B, T), detached exact KL_t (sum over elements)
+    ratio_mean: torch.Tensor  # () diagnostics of the ratio the estimator uses (summed for "pathwise"
+    ratio_min: torch.Tensor   #    and "logratio", mean-reduced for "released"); nan when x_next or
+    ratio_max: torch.Tensor   #    old_logp is not given
+    clipfrac: torch.Tensor    # () nan for "pathwise" (nothing is clipped)
+    approx_kl: torch.Tensor   # () 0.5·mean(log ρ²), the usual PPO drift estimate
+
+
+def _flat(x, batch_dims: int):
+    """(lead..., ...) -> (N, ...): every step becomes one row for sde_sampler's (B, ...) functions."""
+    return x.reshape(-1, *x.shape[batch_dims:])
+
+
+def _flat_std(std, mean, batch_dims: int):
+    """std given per step (lead shape, e.g. Trajectory.std) or broadcastable to mean -> (N,) or (N, 1, ...)."""
+    std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
+    lead = mean.shape[:batch_dims]
+    if std.dim() == batch_dims:
+        return std.expand(lead).reshape(-1)                                  # (N,)
+    if std.dim() < mean.dim():
+        std = torch.broadcast_to(std, mean.shape)
+    return std.expand(*lead, *std.shape[batch_dims:]).reshape(-1, *std.shape[batch_dims:])
+
+
+def _reward_to_go(r):
+    """R_t = Σ_{t' ≥ t} r_t' along dim 1 of a (B, T) tensor."""
+    return r.flip(1).cumsum(1).flip(1)
+
+
+def opd_loss(estimator: str, mean_s, mean_T, std, x_next=None, old_logp=None, *, clip_range=None,
+             dt=None, adv_clip: float = 5.0, reward_to_go: bool = False, baseline: bool = False,
+             batch_dims: int = 1) -> OPDLoss:
+    """OPD loss of one batch of student steps. mean_s (lead, ...) carries the gradient (μ_θ from
+    sde_step with the student velocity); mean_T is the routed teacher's μ (detached here); std is
+    σ_t√|Δt|; x_next the sampled next latent; old_logp (lead) the mean-reduced log π_old(x_next|x_t);
+    dt = t_next − t (float or lead-broadcastable), needed by "released" only.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if reward_to_go and (estimator != "logratio" or batch_dims != 2):
+        raise ValueError("reward_to_go needs estimator='logratio' and (B, T, ...) inputs with batch_dims=2")
+    clip_range = DEFAULT_CLIP[estimator] if clip_range is None else clip_range
+    lead, D = mean_s.shape[:batch_dims], mean_s[(0,) * batch_dims].numel()
+    m_s, m_T = _flat(mean_s, batch_dims), _flat(mean_T.detach(), batch_dims)   # (N, ...)
+    s = _flat_std(std, mean_s, batch_dims)
+    kl = step_kl(m_s, m_T, s)                                                  # (N,) exact, grad to μ_θ
+
+    log_ratio = None                                                           # (N,) mean-reduced
+    if x_next is not None and old_logp is not None:
+        x = _flat(x_next.detach(), batch_dims)
+        logp = gaussian_logprob(x, m_s, s, reduce="mean")                      # (N,) grad to μ_θ
+        log_ratio = logp - old_logp.detach().reshape(-1)
+    elif estimator != "pathwise":
+        raise ValueError(f"estimator={estimator!r} needs x_next and old_logp (mean-reduced)")
+
+    nan = torch.full((), float("nan"))
+    if estimator == "pathwise":
+        loss = kl.mean() / D
+        if log_ratio is None:
+            return OPDLoss(loss, kl.detach().view(lead), nan, nan, nan, nan, nan)
+        r = torch.exp(D * log_ratio.detach())                                  # true density ratio
+        return OPDLoss(loss, kl.detach().view(lead), r.mean(), r.min(), r.max(), nan,
+                       0.5 * (D * log_ratio.detach()).pow(2).mean())
+
+    if estimator == "logratio":
+        with torch.no_grad():
+            logp_T = gaussian_logprob(x, m_T, s, reduce="mean")                # (N,)
+            r = D * (logp_T - old_logp.reshape(-1))                            # (N,) summed log-ratio
+            if baseline:
+                r = r + kl                                                     # E[r] = −KL: centre it
+            adv = _reward_to_go(r.view(lead)).reshape(-1) if reward_to_go else r
+        # summed log-probs: ρ = exp(D·Δlogp_mean); logp = D·(...) keeps ∇ = ∇log π_sum
+        pg = clipped_surrogate(D * log_ratio, torch.zeros_like(log_ratio), adv, clip_range)
+        loss = pg.loss / D
+    else:  # "released": advantage keeps the graph of μ_θ (no detach), mean-reduced ratio
+        if dt is None:
+            raise ValueError("estimator='released' needs dt = t_next − t (its KL has no Δt: KL·|Δt|/D)")
+        abs_dt = torch.broadcast_to(torch.as_tensor(dt, dtype=torch.float32).abs(), lead).reshape(-1)
+        kl_code = kl / D * abs_dt                                              # (N,) = mean/(2σ_t²)
+        adv = torch.clamp(-kl_code, -adv_clip, adv_clip)
+        pg = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, clip_range)
+        loss = pg.loss
+    rho = pg.ratio
+    return OPDLoss(loss, kl.detach().view(lead), rho.mean(), rho.min(), rho.max(), pg.clipfrac, pg.approx_kl)
+
+
+if __name__ == "__main__":
+    from sde_sampler import sde_step
+
+    g = torch.Generator().manual_seed(0)
+    a, B = 0.7, 4
+    x, v_T = torch.randn(B, 2, 2, 2, generator=g), torch.randn(B, 2, 2, 2, generator=g)
+    v_s = v_T + 0.3 * torch.randn(B, 2, 2, 2, generator=g)
+    t = torch.rand(B, generator=g) * 0.9 + 0.05
+    t_next = t - 0.1 * t
+    st_s, st_T = sde_step(x, v_s, t, t_next, a), sde_step(x, v_T, t, t_next, a)
+    lhs = step_kl(st_s.mean, st_T.mean, st_s.std)
+    rhs = kl_weight(t, t_next, a) * (v_s - v_T).pow(2).flatten(1).sum(1)
+    print("step_kl      ", lhs)
+    print("w(t)·‖Δv‖²   ", rhs, " max rel err", ((lhs - rhs).abs() / rhs).max().item())
+    eq = opd_loss("pathwise", st_T.mean, st_T.mean, st_T.std).kl
+    print("KL of equal policies:", eq.tolist())
+
+    # Monte-Carlo: one state, N samples; gradient of each estimator w.r.t. the student velocity
+    N, x1, vT1 = 20_000, x[:1].expand(20_000, -1, -1, -1), v_T[:1].expand(20_000, -1, -1, -1)
+    grads = {}
+    for est in ESTIMATORS:
+        v = v_s[:1].clone().requires_grad_(True)
+        step = sde_step(x1, v.expand_as(x1), 0.6, 0.5, a, generator=torch.Generator().manual_seed(1))
+        mT = sde_step(x1, vT1, 0.6, 0.5, a).mean
+        old = gaussian_logprob(step.x_next.detach(), step.mean.detach(), step.std, reduce="mean")
+        opd_loss(est, step.mean, mT, step.std, step.x_next, old, dt=-0.1).loss.backward()
+        grads[est] = v.grad.flatten()
+    p = grads["pathwise"]
+    for est, gr in grads.items():
+        scale = 0.1 if est == "released" else 1.0   # released ≈ |Δt| × pathwise
+        err = ((gr - scale * p).norm() / (scale * p.norm())).item()
+        print(f"{est:9s} MC grad (N={N}) rel. err vs pathwise (×{scale}): {err:.4f}")
