@@ -1,0 +1,208 @@
+"""
+Tests for rewards.py: each toy reward prefers what its paper counterpart prefers, on toy_world renderings.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_rewards.py
+"""
+import copy
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import ImageFont
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rewards as R  # noqa: E402
+import toy_world as tw  # noqa: E402
+
+SWAP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _render(records, seed=0):
+    rng = np.random.default_rng(seed)
+    return tw.to_tensor([tw.render(r, rng) for r in records])
+
+
+def _geneval_record(tag, k=0):
+    return [r for r in tw.prompts("geneval", "train") + tw.prompts("geneval", "test") if r["metadata"]["tag"] == tag][k]
+
+
+def _violate(meta):
+    """Metadata for a rendering that breaks `meta` the way its sub-task is graded."""
+    m, inc = copy.deepcopy(meta), copy.deepcopy(meta["include"])
+    tag = meta["tag"]
+    if tag == "single_object":
+        inc[0]["class"] = next(s for s in tw.SHAPES if s != inc[0]["class"])    # wrong object
+    elif tag == "two_object":
+        inc = inc[:1]                                                            # missing object
+    elif tag == "counting":
+        inc[0]["count"] = inc[0]["count"] % 4 + 1                                # wrong count
+    elif tag in ("colors", "color_attr"):
+        inc[-1]["color"] = next(c for c in tw.PALETTE if c != inc[-1]["color"])  # wrong colour
+    elif tag == "position":
+        inc[1]["position"] = [SWAP[inc[1]["position"][0]], 0]                    # swapped relation
+    m["include"] = inc
+    return m
+
+
+@pytest.mark.parametrize("tag", tw.GENEVAL_TAGS)
+def test_geneval_correct_beats_wrong_and_strict_is_high(tag):
+    recs = [_geneval_record(tag, k) for k in range(3)]
+    recs = (recs * 7)[:20]
+    wrong = [{"task": "geneval", "metadata": _violate(r["metadata"])} for r in recs]
+    meta = [r["metadata"] for r in recs]
+    good = R.geneval_details(_render(recs, 1), meta)
+    bad = R.geneval_details(_render(wrong, 2), meta)
+    assert good.strict.float().mean() >= 0.9
+    assert (good.score > bad.score).float().mean() >= 0.9 and not bad.strict.any()
+    assert ((good.score >= 0) & (good.score <= 1)).all() and ((bad.score >= 0) & (bad.score <= 1)).all()
+
+
+def test_geneval_position_failure_scores_zero_not_half():
+    rec = _geneval_record("position")
+    meta = rec["metadata"]
+    img = _render([{"task": "geneval", "metadata": _violate(meta)}])
+    res = R.geneval_details(img, [meta])
+    assert res.score.item() == pytest.approx(2 / 3) and not res.strict.item()  # counts 1 + 1, position 0
+
+
+def test_geneval_exclude_clause_breaks_strict():
+    rec = _geneval_record("single_object")
+    meta = copy.deepcopy(rec["metadata"])
+    img = _render([rec])
+    assert R.geneval_details(img, [meta]).strict.item()
+    meta["exclude"] = [{"class": meta["include"][0]["class"], "count": 1}]
+    assert not R.geneval_details(img, [meta]).strict.item()
+
+
+def test_relative_position_convention():
+    left, right, top = (0, 10, 8, 18), (20, 10, 28, 18), (10, 0, 18, 8)
+    assert R.relative_position(left, right) == {"left of"}
+    assert R.relative_position(right, left) == {"right of"}
+    assert R.relative_position(top, (10, 20, 18, 28)) == {"above"}  # image y grows downwards
+    assert R.relative_position(left, left) == set()
+
+
+def _ocr_images(texts, seed=0):
+    return _render([{"task": "ocr", "metadata": {"text": t}} for t in texts], seed)
+
+
+def test_ocr_correct_text_scores_one_wrong_lower():
+    texts = ["K7", "B", "Q0Z", "MW", "I1L"]
+    prompts = [f'a sign that says "{t}"' for t in texts]
+    good = R.ocr_reward(_ocr_images(texts), prompts, [{}] * 5)
+    assert torch.equal(good, torch.ones(5))
+    wrong = R.ocr_reward(_ocr_images(["XY", "C", "Q0A", "AB", "789"]), prompts, [{}] * 5)
+    assert (wrong < 1).all()
+
+
+def test_ocr_formula_quoted_text_substring_levenshtein():
+    assert R.ocr_score("K7", 'a sign that says "k 7" in K7 letters') == 1.0   # quoted text only, spaces/case
+    assert R.ocr_score("AK7B", 'a sign that says "K7"') == 1.0                  # substring counts as exact
+    assert R.ocr_score("K8", 'a board reading "K7"') == 0.5                     # one substitution of two
+    assert R.ocr_score("ABC", 'a board reading "ABD"') == pytest.approx(2 / 3)
+    assert R.ocr_score("", 'a board reading "ABD"') == 0.0
+    assert R.ocr_score("XXXXXXXX", 'a board reading "A"') == 0.0                 # dist clamped to len
+    assert R.levenshtein("kitten", "sitting") == 3
+    assert R.ocr_score("ZZZ", 'a poster with the text "ZZZ" not "QQQ"') == 1.0
+    with pytest.raises(ValueError, match="a photo of a circle"):
+        R.ocr_score("A", "a photo of a circle")
+
+
+@pytest.mark.parametrize("size", [10, 16])
+def test_ocr_reads_a_font_size_the_renderer_does_not_use(size):
+    font, rng = ImageFont.load_default(size=size), np.random.default_rng(3)
+    texts = [t for t in ("A7", "HQ", "3K", "XZ", "PD", "WN", "58", "TJ") if font.getlength(t) <= 30]
+    imgs = tw.to_tensor([R._draw_text(t, font, rng, jitter=1) for t in texts])
+    assert R.ocr_char_accuracy(texts, imgs) >= 0.85
+
+
+class _FixedQ:
+    """Stands in for the renderer's Generator: the first uniform() is the quality q, the rest are seeded."""
+
+    def __init__(self, q, seed):
+        self.q, self.rng, self.first = q, np.random.default_rng(seed), True
+
+    def uniform(self, *args):
+        if self.first:
+            self.first = False
+            return self.q
+        return self.rng.uniform(*args)
+
+
+def _scene_images(scene, q, n=10):
+    return tw.to_tensor([np.asarray(tw._render_pickscore({"scene": scene}, _FixedQ(q, s)), np.uint8) for s in range(n)])
+
+
+@pytest.mark.parametrize("scene", list(tw.SCENES))
+def test_pickscore_monotone_in_quality_and_scene_specific(scene):
+    prompt = ["a painting of " + scene] * 10
+    means = [R.pickscore_reward(_scene_images(scene, q), prompt, [{}] * 10).mean() for q in (0.0, 0.33, 0.67, 1.0)]
+    assert all(a < b for a, b in zip(means, means[1:])), means
+    others = [R.pickscore_reward(_scene_images(s, 1.0), prompt, [{}] * 10).mean() for s in tw.SCENES if s != scene]
+    assert means[-1] > max(others)
+
+
+def test_pickscore_scene_from_prompt_then_metadata_fallback_and_non_scene():
+    scene = "a snowy night"
+    img = _scene_images(scene, 1.0, 1)
+    by_prompt = R.pickscore_reward(img, ["a picture of " + scene], [{}])
+    by_meta = R.pickscore_reward(img, ["a picture"], [{"scene": scene}])
+    assert by_prompt.item() == by_meta.item() > 0.9
+    plain = R.pickscore_reward(torch.cat([img, torch.full_like(img, 0.5)]), ["a photo of a circle"] * 2, [{}, {}])
+    assert 0 <= plain[1] < plain[0] <= 1                                        # vividness only
+
+
+def _clean_batch():
+    recs = [r for t in tw.TASKS for r in tw.prompts(t, "test")[:6]]
+    return _render(recs, 5)
+
+
+def _gauss_blur(x, s):
+    r = torch.arange(-4, 5.0)
+    k = torch.exp(-r ** 2 / (2 * s ** 2))
+    k = k / k.sum()
+    return F.conv2d(F.pad(x, (4, 4, 4, 4), mode="replicate"), (k[:, None] * k[None]).expand(3, 1, 9, 9), groups=3)
+
+
+def _blocky(x, s):  # JPEG-like: blend toward 4x4 block means
+    return (1 - s) * x + s * F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")
+
+
+@pytest.mark.parametrize("corrupt,strengths", [
+    (lambda x, s: (x + s * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1),
+     (0.02, 0.05, 0.1, 0.2)),
+    (_gauss_blur, (0.7, 1.0, 1.5, 2.0)),
+    (_blocky, (0.25, 0.5, 0.75, 1.0)),
+], ids=["noise", "blur", "blockiness"])
+def test_deqa_falls_with_each_corruption(corrupt, strengths):
+    x = _clean_batch()
+    clean = R.deqa_raw(x)
+    means = [clean.mean()] + [R.deqa_raw(corrupt(x, s)).mean() for s in strengths]
+    assert all(a > b for a, b in zip(means, means[1:])), means
+    assert clean.min() >= 4.0
+
+
+def test_deqa_range_on_noise_and_flat():
+    noise = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert (R.deqa_raw(noise) <= 2).all()
+    assert 1 <= R.deqa_raw(torch.full((1, 3, 32, 32), 0.5)).item() < 4   # flat counts as fully blurred
+
+
+def test_registry_shapes_dtype_determinism_and_nan():
+    assert set(R.REWARDS) == {"geneval", "ocr", "pickscore", "deqa"} == set(R.REWARD_SCALE)
+    recs = [tw.prompts(t, "test")[0] for t in tw.TASKS]
+    x, prompts, meta = _render(recs), [r["prompt"] for r in recs], [r["metadata"] for r in recs]
+    for name, fn in R.REWARDS.items():
+        if name == "ocr":   # OCR needs quoted text: call it on the OCR record only
+            args = (x[1:2], prompts[1:2], meta[1:2])
+        else:
+            args = (x, prompts, meta)
+        a, b = fn(*args), fn(*args)
+        assert a.shape == (len(args[1]),) and a.dtype == torch.float32
+        assert torch.equal(a, b) or torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    g = R.REWARDS["geneval"](x, prompts, meta)
+    assert not math.isnan(g[0]) and math.isnan(g[1]) and math.isnan(g[2])   # OCR / pickscore records
+    assert not R.geneval_details(x, meta).strict[1:].any()
