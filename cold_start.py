@@ -1,6 +1,6 @@
 """
-Cold start of the student from the teachers (Flow-OPD paper §2.1 step 2, §3): model merging.
-(The SFT-on-teacher-trajectories variant goes in the marked section below.)
+Cold start of the student from the teachers (Flow-OPD paper §2.1 step 2, §3): model merging, and SFT on
+teacher trajectories (`sft_cold_start`; the released code has no such script, the paper describes it).
 
 A PEFT LoRA stores per adapted module `...<module>.lora_A.weight` (r, in) and `...<module>.lora_B.weight`
 (out, r), and adds ΔW = (α/r)·B·A to the frozen weight. Merging K teacher LoRAs (weights w_k, Σw_k = 1):
@@ -122,9 +122,64 @@ def merge_delta(state_dicts: Sequence[StateDict], alpha: float, rank: int, weigh
     return MergeResult(out, new_rank, alpha * new_rank / rank, err)   # α'/r' = α/r: same scaling
 
 
-# ---------------------------------------------------------------------------------------------------
-# SFT cold start on teacher trajectories (paper §3, "SFT variant"): to be added here.
-# ---------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# Applying a merge to the model, and the SFT cold start on teacher trajectories (paper §3).
+# ------------------------------------------------------------------------------------------------
+def merge_into(model, name, teachers, mode="delta", out_rank=None):
+    """Create adapter `name` on model.transformer from a merge of its adapters `teachers` (all with the
+    same r and alpha): mode "delta" = exact mean ΔW (concatenated factors, or SVD to out_rank), mode
+    "average" = the released code's A/B average. Returns the MergeResult (its max_rel_error vs mean ΔW)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    cfg0 = model.transformer.peft_config[teachers[0]]
+    sds = [model.adapter_state(t) for t in teachers]
+    if mode == "average":
+        res = merge_average(sds)
+        res = res._replace(alpha=cfg0.lora_alpha)
+    elif mode == "delta":
+        res = merge_delta(sds, cfg0.lora_alpha, cfg0.r, out_rank=out_rank)
+    else:
+        raise ValueError(f"merge mode must be 'delta' or 'average', got {mode!r}")
+    model.transformer.add_adapter(LoraConfig(r=res.rank, lora_alpha=res.alpha, init_lora_weights="gaussian",
+                                             target_modules=list(cfg0.target_modules)), adapter_name=name)
+    set_peft_model_state_dict(model.transformer, res.state_dict, adapter_name=name)
+    return res
+
+
+def sft_cold_start(model, name, teachers, steps=200, samples_per_teacher=256, batch_size=32, lr=3e-4,
+                   sample_steps=20, cfg_scale=4.5, rank=32, alpha=64, seed=0):
+    """SFT variant: each teacher (task -> adapter name) draws ODE samples on its own task's train prompts;
+    a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
+    from the experts' distributions. Returns the final flow-matching loss."""
+    import toy_world
+    from flow_matching import euler_sample, flow_matching_loss, interpolate, sample_t, time_grid
+    gen = torch.Generator().manual_seed(seed)
+    dev = model.transformer.device
+    prompts, x0 = [], []
+    with torch.no_grad():
+        for task, teacher in teachers.items():
+            recs = toy_world.prompts(task, "train")
+            pick = torch.randint(len(recs), (samples_per_teacher,), generator=gen).tolist()
+            ps = [recs[i]["prompt"] for i in pick]
+            model.adapter(teacher)
+            for i in range(0, len(ps), 64):
+                noise = torch.randn(len(ps[i:i + 64]), *model.latent_shape, generator=gen).to(dev)
+                x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], cfg_scale), noise, time_grid(sample_steps).to(dev)))
+            prompts += ps
+    x0 = torch.cat(x0)                                                        # (N, C, h, w)
+    model.add_lora(name, rank, alpha)
+    model.adapter(name)
+    params = model.lora_parameters(name)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        idx = torch.randint(len(prompts), (batch_size,), generator=gen)
+        eps = torch.randn(x0[idx].shape, generator=gen).to(dev)
+        t = sample_t(batch_size, gen).to(dev)                                  # (B,)
+        v = model.velocity(interpolate(x0[idx], eps, t), t, model.encode_prompts([prompts[i] for i in idx]))
+        loss = flow_matching_loss(v, x0[idx], eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
 
 
 def delta_w(sd: StateDict, alpha: float, rank: int) -> Dict[str, torch.Tensor]:

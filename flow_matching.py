@@ -19,7 +19,11 @@ Self-check: python flow_matching.py
 """
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
+from tqdm import tqdm
+
+import toy_world
 
 Time = Union[torch.Tensor, float]
 
@@ -109,9 +113,6 @@ def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, 
     trained already). Images are rendered and encoded once (`dataset_size`); captions are re-drawn each time,
     so the caption noise is fresh. A share `cfg_dropout` of captions is emptied to learn the unconditional
     field that classifier-free guidance needs. Returns the list of (step, loss)."""
-    import numpy as np
-    from tqdm import tqdm
-    import toy_world
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     dev = model.transformer.device
     records, latents = [], []
@@ -151,14 +152,44 @@ def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, 
     return history
 
 
+def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, seed=0):
+    """Fit the world's KL autoencoder to fresh renderings (MSE + a small KL, as SD3's VAE is nearly
+    deterministic), then set SD3's latent normalisation: shift_factor = mean, scaling_factor = 1 / std."""
+    rng = np.random.default_rng(seed)
+    dev = model.vae.device
+    vae = model.vae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    pbar = tqdm(range(steps), desc="autoencoder")
+    for step in pbar:
+        x = _render_batch(batch_size, rng).to(dev) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        loss = (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            pbar.set_postfix(mse=f"{(recon - x).pow(2).mean().item():.5f}")
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        z = vae.encode(_render_batch(1024, rng).to(dev) * 2 - 1).latent_dist.mean
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+    return loss.item()
+
+
+def _render_batch(n, rng):
+    recs = [toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train") for _ in range(n)]
+    return toy_world.to_tensor([toy_world.render(r[rng.integers(len(r))], rng) for r in recs])
+
+
 def _random_record(rng):
-    import toy_world
     recs = toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train")
     return recs[rng.integers(len(recs))]
 
 
 def _caption(record, rng, caption_noise, cfg_dropout):
-    import toy_world
     u = rng.uniform()
     if u < cfg_dropout:
         return ""

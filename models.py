@@ -88,6 +88,7 @@ class WorldModelConfig:
     text_layers: int = 2
 
 
+@torch.no_grad()
 def _learned_positions(transformer):
     """Replace the fixed sine-cosine buffer by a parameter initialised from a spread-out sine-cosine table."""
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
@@ -95,8 +96,18 @@ def _learned_positions(transformer):
     n, dim = pe.pos_embed_max_size, pe.pos_embed.shape[-1]
     # base_size = 8n spreads positions 8x, so neighbouring tokens differ clearly (cosine ~0.8, not ~0.97)
     init = get_2d_sincos_pos_embed(dim, n, base_size=8 * n, output_type="pt").float().unsqueeze(0)
-    del pe._buffers["pos_embed"]
-    pe.pos_embed = nn.Parameter(init)
+    pe.pos_embed.copy_(init)
+    trainable_positions(transformer)
+
+
+def trainable_positions(transformer):
+    """Turn the (saved, persistent) position buffer into a trainable parameter, keeping its values; needed
+    again after `from_pretrained`, which restores it as a buffer."""
+    pe = transformer.pos_embed
+    if isinstance(pe.pos_embed, nn.Parameter):
+        return
+    value = pe._buffers.pop("pos_embed")
+    pe.pos_embed = nn.Parameter(value.detach().clone())
 
 
 def _zero_init(transformer):
@@ -225,6 +236,46 @@ class T2IModel(nn.Module):
         self.transformer.enable_adapters()
         self.transformer.set_adapter(name)
 
+    def add_lora(self, name, rank=32, alpha=64):
+        """A fresh LoRA adapter on the attention projections (Flow-GRPO's targets); B = 0, so it starts
+        as the base (PEFT's gaussian init)."""
+        from peft import LoraConfig
+        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                                target_modules=LORA_TARGETS), adapter_name=name)
+
+    def lora_parameters(self, name):
+        return [p for n, p in self.transformer.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def adapter_state(self, name):
+        """{module.lora_A.weight: tensor, ...} of one adapter, keys without PEFT's prefix."""
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(self.transformer, adapter_name=name)
+
+    def save_adapter(self, name, path):
+        """PEFT format (adapter_model.safetensors + adapter_config.json), the format of the published
+        jieliu/SD3.5M-FlowGRPO-* teachers; written to a temporary folder, then renamed into place."""
+        from safetensors.torch import save_file
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.transformer.peft_config[name].save_pretrained(tmp)
+        state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in self.adapter_state(name).items()}
+        save_file(state, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def load_adapter(self, path, name):
+        """Load a PEFT adapter folder as adapter `name`, after checking it fits this transformer."""
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+        weights = os.path.join(path, "adapter_model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no adapter at {path!r} (expected adapter_model.safetensors and "
+                                    f"adapter_config.json in PEFT format)")
+        state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
+        check_adapter_fits(self.transformer, state, path)
+        self.transformer.add_adapter(LoraConfig.from_pretrained(path), adapter_name=name)
+        set_peft_model_state_dict(self.transformer, state, adapter_name=name)
+
     def save(self, path, dtype=torch.float16):
         """The world model in real formats (diffusers folders, a transformers folder, vocab.json), written
         to a temporary folder and renamed into place, so an interrupted save never leaves half a model.
@@ -238,38 +289,23 @@ class T2IModel(nn.Module):
         os.replace(tmp, path)
 
 
-def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, seed=0):
-    """Fit the world's KL autoencoder to fresh renderings (MSE + a small KL, as SD3's VAE is nearly
-    deterministic), then set SD3's latent normalisation: shift_factor = mean, scaling_factor = 1 / std."""
-    import numpy as np
-    from tqdm import tqdm
-    rng = np.random.default_rng(seed)
-    dev = model.vae.device
-    vae = model.vae.requires_grad_(True).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    pbar = tqdm(range(steps), desc="autoencoder")
-    for step in pbar:
-        x = _render_batch(batch_size, rng).to(dev) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
-        post = vae.encode(x).latent_dist
-        recon = vae.decode(post.sample()).sample
-        loss = (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            pbar.set_postfix(mse=f"{(recon - x).pow(2).mean().item():.5f}")
-    vae.requires_grad_(False).eval()
-    with torch.no_grad():
-        z = vae.encode(_render_batch(1024, rng).to(dev) * 2 - 1).latent_dist.mean
-    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
-    return loss.item()
-
-
-def _render_batch(n, rng):
-    recs = [toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train") for _ in range(n)]
-    return toy_world.to_tensor([toy_world.render(r[rng.integers(len(r))], rng) for r in recs])
+def check_adapter_fits(transformer, state, source):
+    """Teacher and student must share an architecture (paper §6): every LoRA factor must name a linear
+    layer of this transformer with matching in/out features. Raise an error naming the first mismatch."""
+    modules = dict(transformer.named_modules())
+    for key, w in state.items():
+        path, kind = key.rsplit(".lora_", 1)
+        layer = modules.get(path)
+        if layer is None:
+            raise ValueError(f"adapter {source!r} does not fit this model: it has weights for {path!r}, which "
+                             f"this transformer lacks (was it trained on another base model?)")
+        base = getattr(layer, "base_layer", layer)
+        want = base.in_features if kind.startswith("A") else base.out_features
+        got = w.shape[1] if kind.startswith("A") else w.shape[0]
+        if want != got:
+            raise ValueError(f"adapter {source!r} does not fit this model: {path} has "
+                             f"{'in' if kind.startswith('A') else 'out'}_features={want}, the adapter's "
+                             f"lora_{kind} expects {got} (teacher and student must share one architecture)")
 
 
 def load_world_model(path, device="cpu"):
@@ -278,7 +314,7 @@ def load_world_model(path, device="cpu"):
     if not os.path.isdir(os.path.join(path, "transformer")):
         raise FileNotFoundError(f"no world model at {path!r} (expected transformer/, vae/, text_encoder/, "
                                 f"tokenizer/); build one with `python train.py --stage pretrain`")
-    f32 = dict(torch_dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
     transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, "transformer"), **f32)
     vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), **f32)
     text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder"), **f32)
@@ -290,7 +326,7 @@ def load_world_model(path, device="cpu"):
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda"):
     """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface."""
     from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, torch_dtype=dtype).to(device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe))
     return model.requires_grad_(False).eval()

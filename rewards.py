@@ -411,6 +411,21 @@ REWARDS = {
 REWARD_SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}  # reward = REWARDS[k](...) / scale
 
 
+def combined_reward(images, records, weights):
+    """Weighted sum of registry rewards, each on 0-1 (raw deqa divided by 5): sum_k w_k r_k / scale_k.
+    `weights` maps a reward name, or "task" for each record's own task reward, to its weight."""
+    prompts, meta = [r["prompt"] for r in records], [r["metadata"] for r in records]
+    total = torch.zeros(len(records))
+    for name, w in weights.items():
+        if name == "task":
+            for task in {r["task"] for r in records}:
+                idx = [i for i, r in enumerate(records) if r["task"] == task]
+                total[idx] += w * REWARDS[task](images[idx], [prompts[i] for i in idx], [meta[i] for i in idx])
+        else:
+            total += w * REWARDS[name](images, prompts, meta) / REWARD_SCALE[name]
+    return total
+
+
 def ocr_char_accuracy(texts, images):
     """1 - (sum of Levenshtein distances) / (number of characters): per-character accuracy of recognise."""
     return 1 - sum(levenshtein(r, t) for r, t in zip(recognise(images), texts)) / sum(map(len, texts))

@@ -1,6 +1,10 @@
 """
 Flow-OPD training, one plain loop per stage (Flow-OPD §2.1 pipeline):
   pretrain   the miniature world's base: autoencoder, then flow matching on noisy captions (§2.2)
+  teachers   one Flow-GRPO LoRA expert per reward: geneval, ocr, pickscore, deqa (§2.1 stage 1, §4)
+  grpo_mix   the GRPO-Mix baseline: one LoRA on all tasks, each prompt rewarded by its task + deqa (§4)
+  distill    Flow-OPD: cold start (merge or SFT), then on-policy distillation from the routed teachers with
+             the MAR anchor on every prompt (§2.5-2.8). The main job.
 
 Usage: python train.py --stage pretrain [--key value ...]   (every Config field is a flag)
 Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
@@ -12,11 +16,21 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 import models
+import toy_world
 from eval import evaluate, format_metrics
-from flow_matching import pretrain
+from flow_matching import pretrain, pretrain_autoencoder, time_grid
+from cold_start import merge_into, sft_cold_start
+from grpo import group_advantages, grpo_loss, zero_std_fraction
+from mar import mar_loss
+from opd_loss import opd_loss
+from rewards import combined_reward
+from router import DEFAULT_TASK_WEIGHTS, groups_by_teacher, route, sample_tasks
+from sde_sampler import Trajectory, gaussian_logprob, rollout, sde_step
 
 
 @dataclass
@@ -35,12 +49,41 @@ class Config:
     caption_noise: float = 0.3       # share of corrupted captions (toy_world.corrupt_caption)
     cfg_dropout: float = 0.1         # share of empty captions, for classifier-free guidance
     snapshots: list = field(default_factory=list)  # extra pretrain steps at which to save base-STEP/
+    init_from: str = ""              # continue pretraining a saved world model (then ae_steps may be 0)
+    step_offset: int = 0             # steps already done by init_from, for snapshot names and logs
+    eval_at_end: bool = True         # print the four scores on the test prompts after the stage
     # --- sampling (§2.4) ---
     num_steps: int = 10              # T: training SDE steps
     eval_steps: int = 40             # ODE steps for evaluation
     cfg_scale: float = 4.5           # classifier-free guidance scale (released code; paper silent)
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
     eval_limit: int = 0              # prompts per task at evaluation (0 = all test prompts)
+    # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
+    teachers: list = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
+    teacher_dir: str = "checkpoints/teachers"
+    grpo_iters: int = 60             # GRPO iterations per teacher (one optimizer step each)
+    prompts_per_iter: int = 4        # prompts per iteration; each is sampled group_size times
+    group_size: int = 8              # G: images per prompt, one advantage group
+    micro_batch: int = 16            # samples per forward; independent of G (ECOSYSTEM asks #1-#3)
+    train_timesteps: int = 4         # SDE steps trained per iteration, drawn from the first T - 1
+    lora_rank: int = 32              # r (paper: 32)
+    lora_alpha: int = 64             # alpha (paper: 64)
+    lr: float = 3e-4
+    clip_range: float = 1e-4         # PPO epsilon (Flow-GRPO default)
+    beta: float = 0.0                # beta of the KL to the base; Flow-GRPO: 0.04 geneval/ocr, 0.01 pickscore
+    adv_std: str = "group"           # advantage std: per "group" or "global" (flow_grpo global_std)
+    # --- Flow-OPD (§2.5-2.8) ---
+    routes: list = field(default_factory=lambda: ["geneval", "ocr", "pickscore"])  # tasks with a teacher
+    cold_start: str = "merge"        # merge (exact mean dW) | merge_average (released A/B mean) | sft | none
+    mar_anchor: str = "deqa"         # deqa (the paper's aesthetic teacher) | base (released default) | none
+    mar_lambda: float = 0.02         # lambda = beta of MAR (paper 0.02; released 0.04)
+    estimator: str = "pathwise"      # pathwise | logratio | released (opd_loss.py)
+    opd_iters: int = 40              # distillation iterations (one optimizer step each)
+    opd_prompts: int = 16            # prompts per iteration
+    opd_group: int = 1               # samples per prompt (OPD needs no group baseline)
+    student_dir: str = "checkpoints/students"
+    name: str = ""                   # student name (default: <cold_start> or <cold_start>_no_mar)
+    compile: bool = torch.cuda.is_available()  # torch.compile the velocity-discrepancy core
 
     def __post_init__(self):
         assert self.noise_level >= 0, "noise_level must be >= 0"
@@ -53,7 +96,7 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if isinstance(default, list):
-            ap.add_argument(f"--{f.name}", nargs="*", type=int, default=default)
+            ap.add_argument(f"--{f.name}", nargs="*", type=type(default[0]) if default else int, default=default)
         elif isinstance(default, bool):
             ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
         else:
@@ -63,12 +106,17 @@ def parse_config(argv=None):
 
 def stage_pretrain(cfg):
     t0 = time.time()
-    model = models.build_world_model(seed=cfg.seed).to(cfg.device)
-    models.pretrain_autoencoder(model, cfg.ae_steps, seed=cfg.seed)
+    if cfg.init_from:
+        model = models.load_world_model(cfg.init_from, cfg.device)
+        models.trainable_positions(model.transformer)
+    else:
+        model = models.build_world_model(seed=cfg.seed).to(cfg.device)
+    if cfg.ae_steps:
+        pretrain_autoencoder(model, cfg.ae_steps, seed=cfg.seed)
 
     def snapshot(step):
-        if step in cfg.snapshots:
-            model.save(f"{cfg.base}-{step}")
+        if step + cfg.step_offset in cfg.snapshots:
+            model.save(f"{cfg.base}-{step + cfg.step_offset}")
     history = pretrain(model, cfg.pretrain_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
                        cfg_dropout=cfg.cfg_dropout, caption_noise=cfg.caption_noise, seed=cfg.seed,
                        dataset_size=cfg.pretrain_dataset, callback=snapshot)
@@ -78,12 +126,241 @@ def stage_pretrain(cfg):
         json.dump({"config": dataclasses.asdict(cfg), "minutes": minutes, "device": cfg.device,
                    "loss": history}, f)
     print(f"pretrained base saved to {cfg.base} in {minutes:.1f} min on {cfg.device}")
+    if not cfg.eval_at_end:
+        return
     base = models.load_world_model(cfg.base, cfg.device)
     print(format_metrics("base", evaluate(base, None, limit=cfg.eval_limit or None, steps=cfg.eval_steps,
                                           cfg_scale=cfg.cfg_scale, seed=cfg.seed)))
 
 
-STAGES = {"pretrain": stage_pretrain}
+# What each GRPO expert is rewarded with (rewards.combined_reward weights; "task" = the prompt's own
+# task reward) and which prompts it trains on. The paper's DeQA teacher blends DeQA and PickScore 4:6
+# on all three datasets; GRPO-Mix adds DeQA to the task reward 1:1 (the released config uses 0.8:0.2).
+TEACHER_REWARDS = {"geneval": {"task": 1.0}, "ocr": {"task": 1.0}, "pickscore": {"task": 1.0},
+                   "deqa": {"deqa": 0.4, "pickscore": 0.6}, "grpo_mix": {"task": 1.0, "deqa": 1.0}}
+TEACHER_TASKS = {"geneval": {"geneval": 1}, "ocr": {"ocr": 1}, "pickscore": {"pickscore": 1},
+                 "deqa": {t: 1 for t in toy_world.TASKS}, "grpo_mix": DEFAULT_TASK_WEIGHTS}
+
+
+def draw_records(task_weights, n, gen):
+    """n train records, the task of each drawn by weight (router.sample_tasks), then a prompt uniformly."""
+    out = []
+    for task in sample_tasks(task_weights, n, gen):
+        recs = toy_world.prompts(task, "train")
+        out.append(recs[torch.randint(len(recs), (1,), generator=gen).item()])
+    return out
+
+
+@torch.no_grad()
+def sample_rollouts(model, records, cfg, gen):
+    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images."""
+    sigmas = time_grid(cfg.num_steps).to(cfg.device)
+    trajs = []
+    for i in range(0, len(records), cfg.micro_batch):
+        prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
+        x1 = torch.randn(len(prompts), *model.latent_shape, generator=gen).to(cfg.device)
+        trajs.append(rollout(model.velocity_fn(prompts, cfg.cfg_scale), x1, sigmas, cfg.noise_level, gen))
+    per_sample = [torch.cat(f) for f in list(zip(*trajs))[:5]]  # x_t, x_next, mean, std, logp
+    traj = Trajectory(*per_sample, trajs[0].t, trajs[0].t_next)
+    return traj, model.decode(traj.x0).cpu()
+
+
+def policy_step_mean(model, traj, idx, j, prompts, cfg):
+    """Mean of the current policy's Gaussian step at the stored state x_t (idx samples, step j), with CFG."""
+    t, t_next = traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
+    v = model.velocity(traj.x_t[idx, j], t, *cfg_conds(model, prompts, cfg))
+    return sde_step(traj.x_t[idx, j], v, t, t_next, cfg.noise_level, noise=torch.zeros_like(v)).mean
+
+
+def cfg_conds(model, prompts, cfg):
+    return model.encode_prompts(prompts), model.encode_prompts([""] * len(prompts)), cfg.cfg_scale
+
+
+def train_grpo(model, name, cfg, log):
+    """Flow-GRPO on one LoRA adapter `name`: sample G SDE trajectories per prompt, reward the images,
+    group-normalise, and take one clipped policy-gradient step over random trained timesteps."""
+    model.add_lora(name, cfg.lora_rank, cfg.lora_alpha)
+    model.adapter(name)
+    params = model.lora_parameters(name)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = cfg.prompts_per_iter * cfg.group_size
+    print(f"[{name}] GRPO: {cfg.prompts_per_iter} prompts x G={cfg.group_size} = {n} samples per iteration "
+          f"in micro-batches of {cfg.micro_batch}; {cfg.train_timesteps} of {cfg.num_steps - 1} steps trained; "
+          f"1 optimizer step per iteration ({-(-n // cfg.micro_batch) * cfg.train_timesteps} accumulated "
+          f"micro-steps), {cfg.grpo_iters} iterations")
+    for it in tqdm(range(cfg.grpo_iters), desc=name):
+        prompts_rec = draw_records(TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
+        records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
+        traj, images = sample_rollouts(model, records, cfg, gen)
+        rewards = combined_reward(images, records, TEACHER_REWARDS[name])
+        adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
+        steps = torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
+        stats = []
+        for j in steps:
+            for i in range(0, n, cfg.micro_batch):
+                idx = torch.arange(i, min(i + cfg.micro_batch, n))
+                prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
+                mean = policy_step_mean(model, traj, idx, j, prompts, cfg)
+                ref_mean = None
+                if cfg.beta > 0:
+                    with torch.no_grad():
+                        model.adapter(None)
+                        ref_mean = policy_step_mean(model, traj, idx, j, prompts, cfg)
+                        model.adapter(name)
+                std = traj.std[idx, j]
+                logp = gaussian_logprob(traj.x_next[idx, j], mean, std)
+                out = grpo_loss(logp, traj.logp[idx, j], adv[idx], cfg.clip_range, cfg.beta, mean, ref_mean, std)
+                (out.loss * len(idx) / (n * len(steps))).backward()
+                stats.append(out)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        log(stage=name, iter=it, reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
+            ratio_min=min(s.ratio_min.item() for s in stats), ratio_max=max(s.ratio_max.item() for s in stats),
+            clipfrac=float(np.mean([s.clipfrac.item() for s in stats])), kl=float(np.mean([s.kl.mean().item() for s in stats])))
+
+
+def jsonl_logger(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    f = open(path, "a")
+
+    def log(**metrics):
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+    return log
+
+
+def stage_teachers(cfg, names=None):
+    """Train each missing teacher (skip those already saved) and print its scores beside the base's."""
+    log = jsonl_logger(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
+    for name in names or cfg.teachers:
+        path = os.path.join(cfg.teacher_dir, name)
+        if os.path.isdir(path):
+            print(f"[{name}] found {path}, skipping (delete it to retrain)")
+            continue
+        t0 = time.time()
+        model = models.load_world_model(cfg.base, cfg.device)
+        torch.manual_seed(cfg.seed)
+        train_grpo(model, name, cfg, log)
+        model.save_adapter(name, path)
+        minutes = (time.time() - t0) / 60
+        log(stage=name, minutes=minutes)
+        print(f"[{name}] saved {path} after {minutes:.1f} min")
+        if cfg.eval_at_end:
+            kw = dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+            print(format_metrics(name, evaluate(model, name, **kw)))
+
+
+def stage_grpo_mix(cfg):
+    stage_teachers(cfg, names=["grpo_mix"])
+
+
+def opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, noise_level, estimator, lam):
+    """The velocity-discrepancy core: Gaussian-step means of student, teacher and anchor at the student's
+    states, the OPD estimator and MAR. Pure tensor code, so torch.compile can fuse it; the means are in
+    fp32 (sde_step casts) because bf16 loses the small sigma^2 dt terms and the ratio leaves 1."""
+    zero = torch.zeros_like(x_t)
+    mean = lambda v: sde_step(x_t, v, t, t_next, noise_level, noise=zero).mean  # (B, C, h, w)
+    mean_s = mean(v_s)
+    out = opd_loss(estimator, mean_s, mean(v_T), std, x_next, old_logp, dt=(t_next - t))
+    mar = mar_loss(mean_s, mean(v_A), std, lam).mean() if v_A is not None else torch.zeros(())
+    return out.loss + mar, out.kl, mar.detach()
+
+
+def load_teachers(model, cfg, names):
+    """Load the teacher adapters `names` from cfg.teacher_dir; train (with a message) any that is missing."""
+    missing = [n for n in names if not os.path.isdir(os.path.join(cfg.teacher_dir, n))]
+    if missing:
+        print(f"teachers {missing} not found in {cfg.teacher_dir}: training them now with `--stage teachers`")
+        stage_teachers(dataclasses.replace(cfg, eval_at_end=False), names=missing)
+    for n in names:
+        model.load_adapter(os.path.join(cfg.teacher_dir, n), n)
+
+
+def make_student(model, cfg, teachers):
+    """The cold start (§3): a student adapter merged from the routed teachers, fitted to their samples, or
+    a fresh LoRA (none)."""
+    if cfg.cold_start in ("merge", "merge_average"):
+        res = merge_into(model, "student", teachers, mode="delta" if cfg.cold_start == "merge" else "average")
+        print(f"cold start {cfg.cold_start}: rank {res.rank}, alpha {res.alpha}, "
+              f"max relative error vs mean dW {res.max_rel_error:.3g}")
+    elif cfg.cold_start == "sft":
+        loss = sft_cold_start(model, "student", {t: t for t in cfg.routes}, rank=cfg.lora_rank,
+                              alpha=cfg.lora_alpha, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+        print(f"cold start sft: final flow-matching loss {loss:.4f}")
+    elif cfg.cold_start == "none":
+        model.add_lora("student", cfg.lora_rank, cfg.lora_alpha)
+    else:
+        raise SystemExit(f"unknown --cold_start {cfg.cold_start!r}; choose merge, merge_average, sft or none")
+
+
+def stage_distill(cfg):
+    t0 = time.time()
+    name = cfg.name or cfg.cold_start + ("" if cfg.mar_anchor != "none" else "_no_mar")
+    model = models.load_world_model(cfg.base, cfg.device)
+    anchor = {"deqa": "deqa", "base": None, "none": None}[cfg.mar_anchor]
+    load_teachers(model, cfg, cfg.routes + ([anchor] if anchor else []))
+    teachers = {task: task for task in cfg.routes}  # task -> teacher adapter (hard routing, §2.5)
+    make_student(model, cfg, list(teachers.values()))
+    kw = dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+    cold = evaluate(model, "student", **kw) if cfg.eval_at_end else None
+    model.adapter("student")
+    params = model.lora_parameters("student")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    core = torch.compile(opd_core) if cfg.compile else opd_core
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log = jsonl_logger(os.path.join(cfg.student_dir, name, "train_log.jsonl"))
+    weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers}
+    for it in tqdm(range(cfg.opd_iters), desc="distill"):
+        drawn = sorted(draw_records(weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
+        records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
+        traj, images = sample_rollouts(model, records, cfg, gen)
+        routed = route([r["task"] for r in records], teachers)
+        steps = torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
+        n, kls, mars = len(records), [], []
+        for j in steps:
+            for i in range(0, n, cfg.micro_batch):
+                idx = torch.arange(i, min(i + cfg.micro_batch, n))
+                prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
+                conds = cfg_conds(model, prompts, cfg)
+                x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
+                with torch.no_grad():  # teachers and anchor at the student's own states
+                    v_T = torch.empty_like(x_t)
+                    for teacher, sub in groups_by_teacher(routed[i:i + cfg.micro_batch]).items():
+                        model.adapter(teacher)
+                        v_T[sub] = model.velocity(x_t[sub], t[sub], *cfg_conds(model, [prompts[k] for k in sub], cfg))
+                    v_A = None
+                    if cfg.mar_anchor != "none":
+                        model.adapter(anchor)
+                        v_A = model.velocity(x_t, t, *conds)
+                model.adapter("student")
+                v_s = model.velocity(x_t, t, *conds)
+                loss, kl, mar = core(x_t, traj.x_next[idx, j], v_s, v_T, v_A, t, traj.t_next[j].expand(len(idx)),
+                                     traj.std[idx, j], traj.logp[idx, j], cfg.noise_level, cfg.estimator, cfg.mar_lambda)
+                (loss * len(idx) / (n * len(steps))).backward()
+                kls.append(kl)
+                mars.append(mar)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        rewards = combined_reward(images, records, {"task": 1.0})
+        log(stage="distill", iter=it, kl=torch.cat(kls).mean().item(), mar=torch.stack(mars).mean().item(),
+            **{f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()
+               for t in sorted(set(r["task"] for r in records))})
+    path = os.path.join(cfg.student_dir, name)
+    model.save_adapter("student", os.path.join(path, "adapter"))
+    print(f"student saved to {path}/adapter after {(time.time() - t0) / 60:.1f} min")
+    if cfg.eval_at_end:
+        print(format_metrics(f"cold start ({cfg.cold_start})", cold))
+        for teacher in teachers.values():
+            print(format_metrics(f"teacher/{teacher}", evaluate(model, teacher, **kw)))
+        print(format_metrics(f"flow_opd/{name}", evaluate(model, "student", **kw)))
+    print(f"total {(time.time() - t0) / 60:.1f} min")
+
+
+STAGES = {"pretrain": stage_pretrain, "teachers": stage_teachers, "grpo_mix": stage_grpo_mix,
+          "distill": stage_distill}
 
 
 def main(argv=None):
