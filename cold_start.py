@@ -139,8 +139,8 @@ def merge_into(model, name, teachers, mode="delta", out_rank=None):
         res = merge_delta(sds, cfg0.lora_alpha, cfg0.r, out_rank=out_rank)
     else:
         raise ValueError(f"merge mode must be 'delta' or 'average', got {mode!r}")
-    model.transformer.add_adapter(LoraConfig(r=res.rank, lora_alpha=res.alpha, init_lora_weights="gaussian",
-                                             target_modules=list(cfg0.target_modules)), adapter_name=name)
+    model.add_adapter(LoraConfig(r=res.rank, lora_alpha=res.alpha, init_lora_weights="gaussian",
+                                 target_modules=list(cfg0.target_modules)), name)
     set_peft_model_state_dict(model.transformer, res.state_dict, adapter_name=name)
     return res
 

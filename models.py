@@ -35,6 +35,8 @@ import torch.nn as nn
 import toy_world
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_TARGETS_WIDE = LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                                    "norm1.linear", "norm1_context.linear"]
 
 
 class WorldTokenizer:
@@ -229,6 +231,9 @@ class T2IModel(nn.Module):
     # ------------------------------------------------------------------ LoRA adapters on one backbone
     def adapter(self, name):
         """Activate one adapter by name, or the base (all adapters disabled) for None."""
+        if name == getattr(self, "_active", "unset"):
+            return  # switching costs ~10 ms even on the tiny model; skip it when nothing changes
+        self._active = name
         if name is None:
             if getattr(self.transformer, "_hf_peft_config_loaded", False):
                 self.transformer.disable_adapters()
@@ -236,12 +241,17 @@ class T2IModel(nn.Module):
         self.transformer.enable_adapters()
         self.transformer.set_adapter(name)
 
-    def add_lora(self, name, rank=32, alpha=64):
-        """A fresh LoRA adapter on the attention projections (Flow-GRPO's targets); B = 0, so it starts
-        as the base (PEFT's gaussian init)."""
+    def add_lora(self, name, rank=32, alpha=64, targets=LORA_TARGETS):
+        """A fresh LoRA adapter, by default on the attention projections (Flow-GRPO's targets); B = 0, so
+        it starts as the base (PEFT's gaussian init)."""
         from peft import LoraConfig
-        self.transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                target_modules=LORA_TARGETS), adapter_name=name)
+        self.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=list(targets)), name)
+
+    def add_adapter(self, lora_config, name):
+        """Inject an adapter; diffusers makes the new one active, so the cached active name is reset."""
+        self.transformer.add_adapter(lora_config, adapter_name=name)
+        self._active = "unset"
 
     def lora_parameters(self, name):
         return [p for n, p in self.transformer.named_parameters() if f".{name}." in n and "lora_" in n]
@@ -273,7 +283,7 @@ class T2IModel(nn.Module):
                                     f"adapter_config.json in PEFT format)")
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
         check_adapter_fits(self.transformer, state, path)
-        self.transformer.add_adapter(LoraConfig.from_pretrained(path), adapter_name=name)
+        self.add_adapter(LoraConfig.from_pretrained(path), name)
         set_peft_model_state_dict(self.transformer, state, adapter_name=name)
 
     def save(self, path, dtype=torch.float16):

@@ -60,7 +60,9 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time, noise_leve
     mean = x + (v + sig**2 / (2 * t) * (x + (1 - t) * v)) * dt  # (B, C, H, W)
     std = sig * torch.sqrt(-dt)  # (B, 1, 1, 1): variance σ_t²·|Δt|
     if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        # drawn on the generator's own device (a CPU generator gives the same stream on any device)
+        gen_device = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x.device)
     return SDEStep(x_next=mean + std * noise.float(), mean=mean, std=std)
 
 

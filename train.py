@@ -61,14 +61,17 @@ class Config:
     # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
     teachers: list = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
     teacher_dir: str = "checkpoints/teachers"
-    grpo_iters: int = 60             # GRPO iterations per teacher (one optimizer step each)
+    grpo_iters: int = 150            # GRPO iterations per teacher (one optimizer step each)
     prompts_per_iter: int = 4        # prompts per iteration; each is sampled group_size times
     group_size: int = 8              # G: images per prompt, one advantage group
     micro_batch: int = 16            # samples per forward; independent of G (ECOSYSTEM asks #1-#3)
     train_timesteps: int = 4         # SDE steps trained per iteration, drawn from the first T - 1
+    sde_window: int = 2              # >0: Flow-GRPO-Fast, SDE on this many consecutive early steps, ODE
+                                     # elsewhere, and only those steps trained (sharper credit assignment)
+    shared_noise: bool = True        # a group's G samples start from one x1 (branching at the SDE window)
     lora_rank: int = 32              # r (paper: 32)
     lora_alpha: int = 64             # alpha (paper: 64)
-    lr: float = 3e-4
+    lr: float = 5e-4                 # AdamW on the LoRA parameters (GRPO stages)
     clip_range: float = 1e-4         # PPO epsilon (Flow-GRPO default)
     beta: float = 0.0                # beta of the KL to the base; Flow-GRPO: 0.04 geneval/ocr, 0.01 pickscore
     adv_std: str = "group"           # advantage std: per "group" or "global" (flow_grpo global_std)
@@ -81,6 +84,7 @@ class Config:
     opd_iters: int = 40              # distillation iterations (one optimizer step each)
     opd_prompts: int = 16            # prompts per iteration
     opd_group: int = 1               # samples per prompt (OPD needs no group baseline)
+    opd_lr: float = 1e-3             # AdamW on the student LoRA
     student_dir: str = "checkpoints/students"
     name: str = ""                   # student name (default: <cold_start> or <cold_start>_no_mar)
     compile: bool = torch.cuda.is_available()  # torch.compile the velocity-discrepancy core
@@ -152,14 +156,17 @@ def draw_records(task_weights, n, gen):
 
 
 @torch.no_grad()
-def sample_rollouts(model, records, cfg, gen):
-    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images."""
+def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
+    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
+    share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
     sigmas = time_grid(cfg.num_steps).to(cfg.device)
+    x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
     trajs = []
     for i in range(0, len(records), cfg.micro_batch):
         prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
-        x1 = torch.randn(len(prompts), *model.latent_shape, generator=gen).to(cfg.device)
-        trajs.append(rollout(model.velocity_fn(prompts, cfg.cfg_scale), x1, sigmas, cfg.noise_level, gen))
+        x1 = x1_all[i:i + cfg.micro_batch].to(cfg.device)
+        v_fn = model.velocity_fn(prompts, cfg.cfg_scale)
+        trajs.append(rollout(v_fn, x1, sigmas, cfg.noise_level, gen, sde_steps))
     per_sample = [torch.cat(f) for f in list(zip(*trajs))[:5]]  # x_t, x_next, mean, std, logp
     traj = Trajectory(*per_sample, trajs[0].t, trajs[0].t_next)
     return traj, model.decode(traj.x0).cpu()
@@ -174,6 +181,16 @@ def policy_step_mean(model, traj, idx, j, prompts, cfg):
 
 def cfg_conds(model, prompts, cfg):
     return model.encode_prompts(prompts), model.encode_prompts([""] * len(prompts)), cfg.cfg_scale
+
+
+def trained_steps(cfg, gen, window):
+    """Step indices trained this iteration: a random subset of the first T - 1 (the last step only adds a
+    little noise to the final sample; Flow-GRPO skips it too), or with sde_window a random window of
+    consecutive steps in the first half, the only SDE steps of the rollout."""
+    if window:
+        start = torch.randint(max(1, cfg.num_steps // 2 - window + 1), (1,), generator=gen).item()
+        return list(range(start, start + window))
+    return torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
 
 
 def train_grpo(model, name, cfg, log):
@@ -192,10 +209,11 @@ def train_grpo(model, name, cfg, log):
     for it in tqdm(range(cfg.grpo_iters), desc=name):
         prompts_rec = draw_records(TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
         records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
-        traj, images = sample_rollouts(model, records, cfg, gen)
+        steps = trained_steps(cfg, gen, cfg.sde_window)
+        traj, images = sample_rollouts(model, records, cfg, gen, steps if cfg.sde_window else None,
+                                       share=cfg.group_size if cfg.shared_noise else 1)
         rewards = combined_reward(images, records, TEACHER_REWARDS[name])
         adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
-        steps = torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
         stats = []
         for j in steps:
             for i in range(0, n, cfg.micro_batch):
@@ -295,6 +313,42 @@ def make_student(model, cfg, teachers):
         raise SystemExit(f"unknown --cold_start {cfg.cold_start!r}; choose merge, merge_average, sft or none")
 
 
+def opd_iteration(model, records, routed, anchor, cfg, core, gen):
+    """One Flow-OPD iteration up to the optimizer step (§2.10's loop): the student samples SDE trajectories;
+    at each trained step, the routed teacher and the MAR anchor give their velocities at the student's own
+    states (adapter switches on the one backbone, no grad), then the student's forward and the core's loss
+    are backpropagated. Returns the decoded images and the mean step KL and MAR terms."""
+    model.adapter("student")
+    traj, images = sample_rollouts(model, records, cfg, gen)
+    steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
+    n, kls, mars = len(records), [], []
+    for j in steps:
+        for i in range(0, n, cfg.micro_batch):
+            idx = torch.arange(i, min(i + cfg.micro_batch, n))
+            prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
+            conds = cfg_conds(model, prompts, cfg)
+            x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
+            with torch.no_grad():
+                v_T = torch.empty_like(x_t)
+                for teacher, sub in groups_by_teacher(routed[i:i + cfg.micro_batch]).items():
+                    model.adapter(teacher)
+                    (c, pc), (u, pu) = conds[0], conds[1]
+                    v = model.velocity(x_t[sub], t[sub], (c[sub], pc[sub]), (u[sub], pu[sub]), cfg.cfg_scale)
+                    v_T[sub] = v.to(v_T.dtype)
+                v_A = None
+                if cfg.mar_anchor != "none":
+                    model.adapter(anchor)  # None = the base, adapters disabled
+                    v_A = model.velocity(x_t, t, *conds)
+            model.adapter("student")  # re-enables the student's gradients before its forward
+            v_s = model.velocity(x_t, t, *conds)
+            loss, kl, mar = core(x_t, traj.x_next[idx, j], v_s, v_T, v_A, t, traj.t_next[j].expand(len(idx)),
+                                 traj.std[idx, j], traj.logp[idx, j], cfg.noise_level, cfg.estimator, cfg.mar_lambda)
+            (loss * len(idx) / (n * len(steps))).backward()
+            kls.append(kl)
+            mars.append(mar)
+    return images, torch.cat(kls).mean().item(), torch.stack(mars).mean().item()
+
+
 def stage_distill(cfg):
     t0 = time.time()
     name = cfg.name or cfg.cold_start + ("" if cfg.mar_anchor != "none" else "_no_mar")
@@ -307,7 +361,7 @@ def stage_distill(cfg):
     cold = evaluate(model, "student", **kw) if cfg.eval_at_end else None
     model.adapter("student")
     params = model.lora_parameters("student")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
     core = torch.compile(opd_core) if cfg.compile else opd_core
     gen = torch.Generator().manual_seed(cfg.seed)
     log = jsonl_logger(os.path.join(cfg.student_dir, name, "train_log.jsonl"))
@@ -315,37 +369,13 @@ def stage_distill(cfg):
     for it in tqdm(range(cfg.opd_iters), desc="distill"):
         drawn = sorted(draw_records(weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
         records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
-        traj, images = sample_rollouts(model, records, cfg, gen)
-        routed = route([r["task"] for r in records], teachers)
-        steps = torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
-        n, kls, mars = len(records), [], []
-        for j in steps:
-            for i in range(0, n, cfg.micro_batch):
-                idx = torch.arange(i, min(i + cfg.micro_batch, n))
-                prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
-                conds = cfg_conds(model, prompts, cfg)
-                x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
-                with torch.no_grad():  # teachers and anchor at the student's own states
-                    v_T = torch.empty_like(x_t)
-                    for teacher, sub in groups_by_teacher(routed[i:i + cfg.micro_batch]).items():
-                        model.adapter(teacher)
-                        v_T[sub] = model.velocity(x_t[sub], t[sub], *cfg_conds(model, [prompts[k] for k in sub], cfg))
-                    v_A = None
-                    if cfg.mar_anchor != "none":
-                        model.adapter(anchor)
-                        v_A = model.velocity(x_t, t, *conds)
-                model.adapter("student")
-                v_s = model.velocity(x_t, t, *conds)
-                loss, kl, mar = core(x_t, traj.x_next[idx, j], v_s, v_T, v_A, t, traj.t_next[j].expand(len(idx)),
-                                     traj.std[idx, j], traj.logp[idx, j], cfg.noise_level, cfg.estimator, cfg.mar_lambda)
-                (loss * len(idx) / (n * len(steps))).backward()
-                kls.append(kl)
-                mars.append(mar)
+        images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
+                                        anchor, cfg, core, gen)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         rewards = combined_reward(images, records, {"task": 1.0})
-        log(stage="distill", iter=it, kl=torch.cat(kls).mean().item(), mar=torch.stack(mars).mean().item(),
+        log(stage="distill", iter=it, kl=kl, mar=mar,
             **{f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()
                for t in sorted(set(r["task"] for r in records))})
     path = os.path.join(cfg.student_dir, name)

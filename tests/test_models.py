@@ -240,8 +240,8 @@ def test_lora_adapters_on_one_backbone():
         assert base.abs().max() > 1e-3
 
         for name in ["a", "b"]:
-            model.transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
-                                                          target_modules=LORA_TARGETS), adapter_name=name)
+            model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian",
+                                              target_modules=LORA_TARGETS), name)
         lora_b = {n: m for n, m in model.transformer.named_modules() if hasattr(m, "lora_B")}
         assert len(lora_b) == 8 * SMALL.layers - 1  # last block is context_pre_only: no to_add_out
         for m in lora_b.values():

@@ -1,0 +1,382 @@
+"""
+Speed and peak memory of one Flow-OPD distillation iteration: our loop against the released loop structure.
+
+One iteration = the student samples SDE trajectories (10 steps, CFG 4.5), then at each trained timestep and
+micro-batch the routed teacher and the MAR anchor give velocities at the student's states (no grad, CFG), the
+student's forward (CFG) and the pathwise-KL + lambda*MAR loss (train.opd_core) are backpropagated, and the
+optimizer steps. Two loop structures, same model, data sizes, steps, seeds and loss maths:
+
+  ours      ONE frozen transformer; the three routed teachers (geneval, ocr, pickscore), the MAR anchor (deqa)
+            and the student are LoRA adapters on it, switched per routed group of samples (per-sample routing).
+            Runs train.opd_iteration + train.opd_core unchanged (this benchmark imports train.py on purpose),
+            then one clip + AdamW step per iteration, as train.stage_distill does.
+  released  the loop structure of the released Flow-OPD code (ECOSYSTEM.md §2.2), re-implemented here: a
+            separate full transformer per routed teacher (3) and another for the MAR anchor (1), each a
+            copy.deepcopy with its LoRA fused in (fp32 unless --ref_dtype bf16), the student a LoRA on its own
+            transformer; one teacher per iteration (epoch-level routing, geneval:ocr:pickscore = 3:1:1 in turn);
+            optimizer step after EVERY trained timestep (accumulating over micro-batches only).
+            Fusing the LoRA makes its teacher forwards slightly cheaper than the released PeftModel copies.
+
+Both hold four reference networks (3 teachers + anchor) and one student; "released" holds them as four full
+copies, "ours" as four adapters. Adapters come from --teacher_dir when present (tiny only), otherwise they are
+random LoRAs (rank 32, alpha 64, random lora_B so they are not the identity): this measures speed and memory,
+not quality. Prompt lengths are fixed (padded), so drawing one task per iteration vs mixed tasks costs the same.
+
+Memory: each variant runs in its own fresh subprocess. CPU: peak RSS of that process (getrusage ru_maxrss; it
+includes Python, torch, the VAE and text encoder, so a "floor" subprocess that only loads the model is
+reported too). CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats() once the shared
+backbone is built. "weights" = bytes of unique transformer parameters and buffers held (deterministic).
+Time: median over --iters timed iterations after one warm-up iteration (which also holds torch.compile's
+compile time in the compile comparison).
+
+  python bench.py                                   # tiny world model on CPU (checkpoints/base)
+  python bench.py --device cuda --config sd35m      # random SD3.5-Medium-sized transformer, 512 px, bf16 autocast
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import models
+import train
+from router import DEFAULT_TASK_WEIGHTS, route
+
+ROUTES, ANCHOR = ["geneval", "ocr", "pickscore"], "deqa"
+EPOCH_CYCLE = ["geneval"] * 3 + ["ocr", "pickscore"]   # released: one dataset (and teacher) per epoch, 3:1:1
+# SD3.5-Medium transformer, as in stabilityai/stable-diffusion-3.5-medium transformer/config.json (diffusers
+# SD3Transformer2DModel; 24 layers with dual attention in blocks 0-12, qk rms-norm). Run at 512 px = 64x64 latents.
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+             dual_attention_layers=tuple(range(13)))
+SD35M_TOKENS, SD35M_LATENT = 333, 64   # 77 CLIP + 256 T5 prompt tokens; 512 px / 8
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--config", default="tiny", choices=["tiny", "sd35m"])
+    ap.add_argument("--iters", type=int, default=3, help="timed iterations per variant, after 1 warm-up")
+    ap.add_argument("--prompts", type=int, default=None, help="samples per iteration (tiny 16, sd35m 4)")
+    ap.add_argument("--micro_batch", type=int, default=None, help="tiny 16 (train.Config), sd35m 2")
+    ap.add_argument("--train_timesteps", type=int, default=4, help="trained SDE steps per iteration (of 9)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--ref_dtype", default="fp32", choices=["fp32", "bf16"], help="released: reference copies")
+    ap.add_argument("--base", default="checkpoints/base")
+    ap.add_argument("--teacher_dir", default="checkpoints/teachers")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip_compile", action="store_true", help="skip the eager vs torch.compile(opd_core) part")
+    ap.add_argument("--out", default="", help="also append the markdown report to this file")
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)   # internal: run one variant, print JSON
+    args = ap.parse_args(argv)
+    big = args.config == "sd35m"
+    args.prompts = args.prompts or (4 if big else 16)
+    args.micro_batch = args.micro_batch or (2 if big else 16)
+    return args
+
+
+def make_cfg(args):
+    return train.Config(device=args.device, seed=args.seed, num_steps=10, cfg_scale=4.5, noise_level=0.7,
+                        opd_prompts=args.prompts, micro_batch=args.micro_batch, train_timesteps=args.train_timesteps,
+                        routes=list(ROUTES), mar_anchor=ANCHOR, estimator="pathwise", compile=False)
+
+
+class RandomTextSD3(models.T2IModel):
+    """An SD3 transformer behind T2IModel's velocity interface with random prompt embeddings in place of the
+    three text encoders (B, 333, 4096) + pooled (B, 2048), and no VAE (decode returns the latents)."""
+
+    @property
+    def latent_shape(self):
+        return (self.transformer.config.in_channels, SD35M_LATENT, SD35M_LATENT)
+
+    def encode_prompts(self, prompts):
+        dev, n, c = self.transformer.device, len(prompts), self.transformer.config
+        kw = dict(device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(n))
+        return torch.randn(n, SD35M_TOKENS, c.joint_attention_dim, **kw), torch.randn(n, c.pooled_projection_dim, **kw)
+
+    def velocity(self, *a, **kw):   # fp32 out: train.opd_iteration scatters bf16 teacher velocities into an fp32
+        return super().velocity(*a, **kw).float()   # buffer (v_T[sub] = ...), which fails for bf16 models
+
+    def decode(self, latents):
+        return latents
+
+
+def load_backbone(args):
+    if args.config == "tiny":
+        return models.load_world_model(args.base, args.device)
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(args.seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)   # build straight in bf16: no transient fp32 copy on the GPU
+    try:
+        with torch.device(args.device):
+            transformer = SD3Transformer2DModel(**SD35M)
+    finally:
+        torch.set_default_dtype(default)
+    return RandomTextSD3(transformer.to(torch.bfloat16), None, None).requires_grad_(False).eval()
+
+
+def attach_lora(model, name, seed, cfg, args):
+    """Load adapter `name` from --teacher_dir (tiny), else a random LoRA with non-zero lora_B. Returns its source."""
+    path = os.path.join(args.teacher_dir, name)
+    if args.config == "tiny" and os.path.isdir(path) and name != "student":
+        model.load_adapter(path, name)
+        return path
+    model.add_lora(name, cfg.lora_rank, cfg.lora_alpha)
+    g = torch.Generator().manual_seed(seed)   # both factors seeded here: PEFT's own init uses the global RNG
+    with torch.no_grad():
+        for n, p in model.transformer.named_parameters():
+            if f".{name}." in n and "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if "lora_B" in n else 1 / cfg.lora_rank))
+    return "random"
+
+
+def build_ours(model, cfg, args):
+    sources = {name: attach_lora(model, name, 100 + k, cfg, args) for k, name in enumerate(ROUTES + [ANCHOR])}
+    attach_lora(model, "student", 99, cfg, args)
+    model.adapter("student")
+    return sources
+
+
+def fused_copy(model, name, dtype):
+    """A full, separate transformer with adapter `name` fused into its weights and no PEFT layers left."""
+    t = copy.deepcopy(model.transformer)
+    t.set_adapter(name)
+    t.fuse_lora(adapter_names=[name])
+    t.unload_lora()
+    return type(model)(t.to(dtype).requires_grad_(False).eval(), model.vae, model.encoder)
+
+
+def build_released(model, cfg, args):
+    sources = build_ours(model, cfg, args)                    # the same adapters, seeds and student
+    dtype = torch.float32 if args.ref_dtype == "fp32" else torch.bfloat16
+    refs = {name: fused_copy(model, name, dtype) for name in ROUTES}
+    refs["anchor"] = fused_copy(model, ANCHOR, dtype)         # MAR: another full copy, even if it is a teacher
+    model.transformer.delete_adapters(ROUTES + [ANCHOR])      # the student transformer keeps only its LoRA
+    model.adapter("student")
+    return sources, refs
+
+
+def opt_step(opt, params):
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def iter_ours(model, cfg, gen, core, opt, params, it):
+    weights = {t: DEFAULT_TASK_WEIGHTS[t] for t in ROUTES}
+    records = sorted(train.draw_records(weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
+    routed = route([r["task"] for r in records], {t: t for t in ROUTES})
+    train.opd_iteration(model, records, routed, ANCHOR, cfg, core, gen)
+    opt_step(opt, params)
+    return 1
+
+
+def iter_released(student, refs, cfg, gen, core, opt, params, it):
+    task = EPOCH_CYCLE[it % len(EPOCH_CYCLE)]
+    records = train.draw_records({task: 1.0}, cfg.opd_prompts, gen)
+    teacher, anchor, n = refs[task], refs["anchor"], len(records)
+    traj, _ = train.sample_rollouts(student, records, cfg, gen)
+    steps = train.trained_steps(cfg, gen, window=0)
+    for j in steps:
+        for i in range(0, n, cfg.micro_batch):
+            idx = torch.arange(i, min(i + cfg.micro_batch, n))
+            conds = train.cfg_conds(student, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg)
+            x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
+            with torch.no_grad():
+                v_T, v_A = teacher.velocity(x_t, t, *conds), anchor.velocity(x_t, t, *conds)
+            v_s = student.velocity(x_t, t, *conds)
+            loss, _, _ = core(x_t, traj.x_next[idx, j], v_s, v_T, v_A, t, traj.t_next[j].expand(len(idx)),
+                              traj.std[idx, j], traj.logp[idx, j], cfg.noise_level, cfg.estimator, cfg.mar_lambda)
+            (loss * len(idx) / n).backward()
+        opt_step(opt, params)                                 # one optimizer step per trained timestep
+    return len(steps)
+
+
+def weight_bytes(*transformers):
+    seen = {}
+    for t in transformers:
+        for x in list(t.parameters()) + list(t.buffers()):
+            seen[x.data_ptr()] = x.numel() * x.element_size()
+    return sum(seen.values())
+
+
+def time_core(core, cfg, model, device, reps=20):
+    """Forward + backward of the velocity-discrepancy core alone on one micro-batch of random states."""
+    g = torch.Generator().manual_seed(0)
+    B, shape = cfg.micro_batch, (cfg.micro_batch, *model.latent_shape)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)
+    x, xn, vT, vA = r(*shape), r(*shape), r(*shape), r(*shape)
+    t, tn, std, lp = torch.full((B,), 0.5, device=device), torch.full((B,), 0.4, device=device), r(B).abs(), r(B)
+    times = []
+    for k in range(reps + 2):
+        vs = r(*shape).requires_grad_(True)
+        sync(device)
+        t0 = time.perf_counter()
+        core(x, xn, vs, vT, vA, t, tn, std, lp, cfg.noise_level, cfg.estimator, cfg.mar_lambda)[0].backward()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[2:])
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_variant(args):
+    """Build one variant, time 1 + iters iterations, return a dict of results (run in a fresh process)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    torch.manual_seed(args.seed)   # also seeds the CUDA RNG used just below
+    if cuda:   # train.sample_rollouts hands its CPU generator to sde_step's torch.randn(device=cuda), which raises;
+        from sde_sampler import rollout   # draw the SDE noise from the seeded global CUDA RNG instead
+        train.rollout = lambda v, x1, sig, a, gen=None, steps=None: rollout(v, x1, sig, a, None, steps)
+    cfg = make_cfg(args)
+    model = load_backbone(args)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    res = dict(variant=args.variant, threads=torch.get_num_threads())
+    if args.variant == "floor":
+        return dict(res, peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer) / 2**20)
+    refs = {}
+    if args.variant == "released":
+        res["sources"], refs = build_released(model, cfg, args)
+        step = lambda it: iter_released(model, refs, cfg, gen, core, opt, params, it)
+    else:
+        res["sources"] = build_ours(model, cfg, args)
+        step = lambda it: iter_ours(model, cfg, gen, core, opt, params, it)
+    if cuda:   # on the student's grad-enabled forwards only (diffusers skips it under no_grad)
+        model.transformer.enable_gradient_checkpointing()
+    params = model.lora_parameters("student")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    core = torch.compile(train.opd_core) if args.variant == "ours_compiled" else train.opd_core
+    gen = torch.Generator().manual_seed(args.seed)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    times, opt_steps = [], 0
+    with amp:
+        for it in range(1 + args.iters):
+            sync(args.device)
+            t0 = time.perf_counter()
+            opt_steps = step(it)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        if args.variant != "released":
+            res["core_ms"] = time_core(core, cfg, model, args.device)
+    res.update(warmup_s=times[0], times_s=times[1:], median_s=statistics.median(times[1:]), opt_steps=opt_steps,
+               peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer, *(m.transformer for m in
+                                                                                        refs.values())) / 2**20)
+    return res
+
+
+def peak_mib(cuda):
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def spawn(variant, argv):
+    """Run one variant in a fresh interpreter; its last stdout line is 'BENCH_RESULT {json}'."""
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--variant", variant],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return dict(variant=variant, error=f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def machine(args):
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (unavailable)"
+    else:
+        name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+                    platform.processor()) + f", {os.cpu_count()} logical CPUs"
+    return name
+
+
+def report(args, argv, results, load):
+    R = {r["variant"]: r for r in results}
+    mem = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS"
+    holds = {"floor": "the backbone model only, no iteration (memory floor)",
+             "ours": "1 transformer + 4 LoRA (3 teachers, anchor) + student LoRA",
+             "released": f"student transformer + LoRA, 4 full {args.ref_dtype} copies (3 teachers, anchor)",
+             "ours_compiled": "as ours, torch.compile(opd_core)"}
+    src = next((r["sources"] for r in results if "sources" in r), {})
+    threads = next((r["threads"] for r in results if "threads" in r), "?")
+    out = [f"## Flow-OPD distill iteration: ours vs released loop structure ({args.config}, {args.device})", "",
+           f"- command: `{' '.join(shlex.quote(a) for a in ['python', 'bench.py', *argv])}`",
+           f"- machine: {machine(args)}; torch {torch.__version__}; torch threads {threads}; "
+           f"1-min load average at start {load:.2f}",
+           f"- per iteration: {args.prompts} samples, micro-batch {args.micro_batch}, 10 SDE steps, "
+           f"{args.train_timesteps} trained timesteps, CFG 4.5 (student, teachers, anchor), seed {args.seed}",
+           f"- adapters: " + ", ".join(f"{k}={v}" for k, v in src.items()) + "; student = random LoRA r32",
+           f"- time: median of {args.iters} iterations after 1 warm-up; memory: one fresh process per variant", "",
+           f"| variant | holds | opt steps/iter | s/iter (median) | timed iters (s) | warm-up (s) | {mem} (MiB) "
+           f"| transformer weights (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for v, r in R.items():
+        if "error" in r:
+            out.append(f"| {v} | {holds[v]} | | **{r['error']}** | | | | |")
+            continue
+        ts = ", ".join(f"{x:.2f}" for x in r.get("times_s", []))
+        med, warm = (f"{r[k]:.3f}" if k in r else "-" for k in ("median_s", "warmup_s"))
+        out.append(f"| {v} | {holds[v]} | {r.get('opt_steps', '-')} | {med} | {ts or '-'} | {warm} | "
+                   f"{r['peak_mib']:.0f} | {r['weights_mib']:.1f} |")
+    o, rel, fl = R.get("ours", {}), R.get("released", {}), R.get("floor", {})
+    if "median_s" in o and "median_s" in rel:
+        out += ["", f"**released / ours**: time {rel['median_s'] / o['median_s']:.2f}x, "
+                f"{mem} {rel['peak_mib'] / o['peak_mib']:.2f}x, transformer weights "
+                f"{rel['weights_mib'] / o['weights_mib']:.2f}x"]
+        if "peak_mib" in fl:
+            out[-1] += (f"; above the floor ({fl['peak_mib']:.0f} MiB): "
+                        f"{(rel['peak_mib'] - fl['peak_mib']) / max(o['peak_mib'] - fl['peak_mib'], 1e-9):.2f}x")
+    c = R.get("ours_compiled", {})
+    if "median_s" in c and "median_s" in o:
+        out += ["", "| opd_core | warm-up iter (s) | s/iter (median, warm) | core fwd+bwd (ms/call) |",
+                "|---|---|---|---|",
+                f"| eager | {o['warmup_s']:.2f} | {o['median_s']:.3f} | {o['core_ms']:.2f} |",
+                f"| torch.compile | {c['warmup_s']:.2f} | {c['median_s']:.3f} | {c['core_ms']:.2f} |", "",
+                f"compile cost ~ {c['warmup_s'] - o['warmup_s']:.1f} s (warm-up difference); warm iteration "
+                f"eager/compiled {o['median_s'] / c['median_s']:.2f}x, core alone {o['core_ms'] / c['core_ms']:.2f}x"]
+    elif "error" in c:
+        out += ["", f"torch.compile(opd_core): {c['error']}"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.variant:
+        try:
+            res = run_variant(args)
+        except torch.OutOfMemoryError as e:   # the released structure at SD3.5-M size may not fit
+            res = dict(variant=args.variant, error=f"OOM ({str(e).splitlines()[0][:120]})")
+        print("BENCH_RESULT " + json.dumps(res))
+        return res
+    load = os.getloadavg()[0]   # other work on the machine skews CPU timings: reported
+    variants = ["floor", "ours", "released"] + ([] if args.skip_compile else ["ours_compiled"])
+    results = []
+    for v in variants:
+        t0 = time.time()
+        results.append(spawn(v, argv))
+        print(f"[bench] {v} done in {time.time() - t0:.0f} s", file=sys.stderr)
+    text = report(args, argv, results, load)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

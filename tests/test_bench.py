@@ -1,0 +1,63 @@
+"""Smoke test of bench.py (seconds): the released structure's fused copies equal our adapters, both loop
+structures run one iteration, and the SD3.5-M path runs on a shrunken SD3 config on the CPU."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import bench  # noqa: E402
+import train  # noqa: E402
+
+SMALL = ["--prompts", "2", "--micro_batch", "2", "--train_timesteps", "1", "--iters", "1"]
+HAVE_BASE = os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "checkpoints", "base", "transformer"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))
+
+
+@pytest.mark.skipif(not HAVE_BASE, reason="needs the committed checkpoints/base")
+def test_fused_copies_equal_adapters():
+    args = bench.parse(SMALL)
+    cfg = bench.make_cfg(args)
+    torch.manual_seed(0)
+    released = bench.load_backbone(args)
+    _, refs = bench.build_released(released, cfg, args)
+    ours = bench.load_backbone(args)
+    bench.build_ours(ours, cfg, args)
+    assert set(refs) == {"geneval", "ocr", "pickscore", "anchor"}
+    assert list(released.transformer.peft_config) == ["student"]
+    x, t = torch.randn(2, *ours.latent_shape), torch.tensor([0.7, 0.3])
+    conds = train.cfg_conds(ours, ["a photo of two circles", 'a sign that says "K7"'], cfg)
+    for name, key in [("ocr", "ocr"), (bench.ANCHOR, "anchor")]:
+        ours.adapter(name)
+        v = ours.velocity(x, t, *conds)
+        torch.testing.assert_close(refs[key].velocity(x, t, *conds), v, rtol=1e-4, atol=1e-4)
+        ours.adapter(None)
+        assert (ours.velocity(x, t, *conds) - v).abs().max() > 1e-2   # random LoRAs are not the identity
+
+
+@pytest.mark.skipif(not HAVE_BASE, reason="needs the committed checkpoints/base")
+@pytest.mark.parametrize("variant", ["ours", "released"])
+def test_one_iteration_each(variant):
+    res = bench.run_variant(bench.parse(SMALL + ["--variant", variant]))
+    assert res["median_s"] > 0 and res["peak_mib"] > 0
+    assert res["opt_steps"] == 1   # 1 trained timestep: one step either way
+    other = dict(res, variant="released" if variant == "ours" else "ours")
+    report = bench.report(bench.parse(SMALL), SMALL, [res, other], load=0.0)
+    assert "released / ours" in report
+
+
+def test_sd35m_path_on_a_small_sd3(monkeypatch):
+    small = dict(bench.SD35M, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                 caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=8, sample_size=8,
+                 dual_attention_layers=(0,))
+    monkeypatch.setattr(bench, "SD35M", small)
+    monkeypatch.setattr(bench, "SD35M_TOKENS", 7)
+    monkeypatch.setattr(bench, "SD35M_LATENT", 8)
+    for variant in ("ours", "released"):
+        res = bench.run_variant(bench.parse(["--config", "sd35m", "--iters", "1", "--variant", variant]))
+        assert res["median_s"] > 0 and res["weights_mib"] > 0
