@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import models
 import toy_world
-from eval import evaluate, format_metrics
+from eval import evaluate, evaluate_cached, format_metrics
 from flow_matching import pretrain, pretrain_autoencoder, time_grid
 from cold_start import merge_into, sft_cold_start
 from grpo import group_advantages, grpo_loss, zero_std_fraction
@@ -57,7 +57,7 @@ class Config:
     eval_steps: int = 40             # ODE steps for evaluation
     cfg_scale: float = 4.5           # classifier-free guidance scale (released code; paper silent)
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
-    eval_limit: int = 0              # prompts per task at evaluation (0 = all test prompts)
+    eval_limit: int = 32             # prompts per task in end-of-stage evaluations (0 = all; eval.py: all)
     # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
     teachers: list = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
     teacher_dir: str = "checkpoints/teachers"
@@ -86,12 +86,23 @@ class Config:
     opd_group: int = 1               # samples per prompt (OPD needs no group baseline)
     opd_lr: float = 1e-3             # AdamW on the student LoRA
     student_dir: str = "checkpoints/students"
+    cold_start_dir: str = "checkpoints/cold_start"
     name: str = ""                   # student name (default: <cold_start> or <cold_start>_no_mar)
     compile: bool = torch.cuda.is_available()  # torch.compile the velocity-discrepancy core
 
     def __post_init__(self):
-        assert self.noise_level >= 0, "noise_level must be >= 0"
-        assert self.num_steps >= 1 and self.eval_steps >= 1, "step counts must be >= 1"
+        if self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
+        if self.num_steps < 2 or self.eval_steps < 1:
+            raise ValueError("num_steps must be >= 2 and eval_steps >= 1")
+
+
+def _bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def parse_config(argv=None):
@@ -102,7 +113,7 @@ def parse_config(argv=None):
         if isinstance(default, list):
             ap.add_argument(f"--{f.name}", nargs="*", type=type(default[0]) if default else int, default=default)
         elif isinstance(default, bool):
-            ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+            ap.add_argument(f"--{f.name}", type=_bool, default=default)
         else:
             ap.add_argument(f"--{f.name}", type=type(default), default=default)
     return Config(**vars(ap.parse_args(argv)))
@@ -202,10 +213,11 @@ def train_grpo(model, name, cfg, log):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = cfg.prompts_per_iter * cfg.group_size
+    k = cfg.sde_window or min(cfg.train_timesteps, cfg.num_steps - 1)
     print(f"[{name}] GRPO: {cfg.prompts_per_iter} prompts x G={cfg.group_size} = {n} samples per iteration "
-          f"in micro-batches of {cfg.micro_batch}; {cfg.train_timesteps} of {cfg.num_steps - 1} steps trained; "
-          f"1 optimizer step per iteration ({-(-n // cfg.micro_batch) * cfg.train_timesteps} accumulated "
-          f"micro-steps), {cfg.grpo_iters} iterations")
+          f"in micro-batches of {cfg.micro_batch}; {k} of {cfg.num_steps} steps trained"
+          f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
+          f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), {cfg.grpo_iters} iterations")
     for it in tqdm(range(cfg.grpo_iters), desc=name):
         prompts_rec = draw_records(TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
         records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
@@ -266,8 +278,11 @@ def stage_teachers(cfg, names=None):
         log(stage=name, minutes=minutes)
         print(f"[{name}] saved {path} after {minutes:.1f} min")
         if cfg.eval_at_end:
-            kw = dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
-            print(format_metrics(name, evaluate(model, name, **kw)))
+            print(format_metrics(name, evaluate_cached(model, name, path, **eval_settings(cfg))))
+
+
+def eval_settings(cfg):
+    return dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
 
 
 def stage_grpo_mix(cfg):
@@ -297,8 +312,16 @@ def load_teachers(model, cfg, names):
 
 
 def make_student(model, cfg, teachers):
-    """The cold start (§3): a student adapter merged from the routed teachers, fitted to their samples, or
-    a fresh LoRA (none)."""
+    """The cold start (§3) as adapter "student": loaded from cfg.cold_start_dir if built before, else
+    merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved."""
+    path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
+    routes_file = os.path.join(path, "routes.json")
+    if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == teachers:
+        print(f"cold start: using {path} (delete it to rebuild, e.g. after retraining teachers)")
+        model.load_adapter(path, "student")
+        return path
+    if os.path.isdir(path):
+        print(f"cold start: {path} was built from other teachers than {teachers}; rebuilding it")
     if cfg.cold_start in ("merge", "merge_average"):
         res = merge_into(model, "student", teachers, mode="delta" if cfg.cold_start == "merge" else "average")
         print(f"cold start {cfg.cold_start}: rank {res.rank}, alpha {res.alpha}, "
@@ -311,6 +334,10 @@ def make_student(model, cfg, teachers):
         model.add_lora("student", cfg.lora_rank, cfg.lora_alpha)
     else:
         raise SystemExit(f"unknown --cold_start {cfg.cold_start!r}; choose merge, merge_average, sft or none")
+    model.save_adapter("student", path)
+    with open(routes_file, "w") as f:
+        json.dump(teachers, f)
+    return path
 
 
 def opd_iteration(model, records, routed, anchor, cfg, core, gen):
@@ -356,9 +383,9 @@ def stage_distill(cfg):
     anchor = {"deqa": "deqa", "base": None, "none": None}[cfg.mar_anchor]
     load_teachers(model, cfg, cfg.routes + ([anchor] if anchor else []))
     teachers = {task: task for task in cfg.routes}  # task -> teacher adapter (hard routing, §2.5)
-    make_student(model, cfg, list(teachers.values()))
-    kw = dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
-    cold = evaluate(model, "student", **kw) if cfg.eval_at_end else None
+    cold_path = make_student(model, cfg, list(teachers.values()))
+    kw = eval_settings(cfg)
+    cold = evaluate_cached(model, "student", cold_path, **kw) if cfg.eval_at_end else None
     model.adapter("student")
     params = model.lora_parameters("student")
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
@@ -384,7 +411,8 @@ def stage_distill(cfg):
     if cfg.eval_at_end:
         print(format_metrics(f"cold start ({cfg.cold_start})", cold))
         for teacher in teachers.values():
-            print(format_metrics(f"teacher/{teacher}", evaluate(model, teacher, **kw)))
+            folder = os.path.join(cfg.teacher_dir, teacher)
+            print(format_metrics(f"teacher/{teacher}", evaluate_cached(model, teacher, folder, **kw)))
         print(format_metrics(f"flow_opd/{name}", evaluate(model, "student", **kw)))
     print(f"total {(time.time() - t0) / 60:.1f} min")
 

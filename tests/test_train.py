@@ -1,0 +1,270 @@
+"""
+Smoke and behaviour tests for train.py: the Config flags, each stage end to end at tiny size (every output
+goes to pytest's tmp_path; nothing under checkpoints/ is written), a GRPO run whose reward rises, and the
+OPD core's loss and gradient scale. The committed base (checkpoints/base) is loaded once and deep-copied.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_train.py
+"""
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import eval as evaluation  # noqa: E402
+import models  # noqa: E402
+import toy_world  # noqa: E402
+import train  # noqa: E402
+from opd_loss import kl_weight  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
+
+BASE = os.path.join(ROOT, "checkpoints", "base")
+TINY = ["--grpo_iters", "2", "--prompts_per_iter", "2", "--group_size", "2", "--micro_batch", "4",
+        "--train_timesteps", "1", "--num_steps", "4", "--eval_steps", "2", "--eval_limit", "2",
+        "--device", "cpu", "--base", BASE]
+_real_load = models.load_world_model
+_cache = {}
+
+
+def _load_base():
+    if "base" not in _cache:
+        _cache["base"] = _real_load(BASE, "cpu")
+    return copy.deepcopy(_cache["base"])
+
+
+@pytest.fixture
+def fast_load(monkeypatch):
+    """models.load_world_model for the committed base returns a deep copy of one cached load (~5 s saved
+    per stage run); any other path (e.g. a freshly pretrained base) is loaded for real."""
+    def load(path, device="cpu"):
+        if os.path.abspath(path) == os.path.abspath(BASE):
+            return _load_base().to(device)
+        return _real_load(path, device)
+    monkeypatch.setattr(models, "load_world_model", load)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """Four small LoRA teachers (random B, so they differ from the base and from one another) in PEFT format."""
+    root = tmp_path_factory.mktemp("teachers")
+    model = _load_base()
+    torch.manual_seed(0)
+    for name in ("geneval", "ocr", "pickscore", "deqa"):
+        model.add_lora(name, rank=4, alpha=8)
+        with torch.no_grad():
+            for n, p in model.transformer.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.normal_(0, 0.01)
+        model.save_adapter(name, str(root / name))
+    return root
+
+
+def _jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------- config
+def test_parse_config():
+    cfg = train.parse_config(["--grpo_iters", "7", "--lr", "2e-4", "--eval_at_end", "false", "--compile", "True",
+                              "--teachers", "ocr", "deqa", "--snapshots", "10", "20", "--estimator", "logratio"])
+    assert cfg.grpo_iters == 7 and isinstance(cfg.grpo_iters, int)
+    assert cfg.lr == 2e-4 and isinstance(cfg.lr, float)
+    assert cfg.eval_at_end is False and cfg.compile is True
+    assert cfg.teachers == ["ocr", "deqa"] and all(isinstance(t, str) for t in cfg.teachers)
+    assert cfg.snapshots == [10, 20]
+    assert cfg.estimator == "logratio"
+    default = train.parse_config([])
+    assert default.teachers == ["geneval", "ocr", "pickscore", "deqa"] and default.eval_at_end is True
+    assert default.routes == ["geneval", "ocr", "pickscore"] and default.mar_anchor == "deqa"
+    assert train.parse_config(["--noise_level", "0"]).noise_level == 0.0
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--stage", "nonsense"])
+    msg = str(exc.value)
+    assert "nonsense" in msg and all(s in msg for s in ("pretrain", "teachers", "grpo_mix", "distill"))
+
+    with pytest.raises((AssertionError, ValueError), match="noise_level"):
+        train.Config(noise_level=-0.1)
+    with pytest.raises((AssertionError, ValueError), match="noise_level"):
+        train.parse_config(["--noise_level", "-1"])
+
+
+# --------------------------------------------------------------------------------------------- stages
+def test_pretrain_stage_smoke(tmp_path):
+    base = tmp_path / "base"
+    train.main(["--stage", "pretrain", "--ae_steps", "2", "--pretrain_steps", "2", "--pretrain_batch", "4",
+                "--pretrain_dataset", "500", "--eval_at_end", "false", "--base", str(base), "--device", "cpu"])
+    model = models.load_world_model(str(base))
+    assert model.latent_shape == (8, 8, 8)
+    with torch.no_grad():
+        imgs = evaluation.sample_images(model, ["a photo of a circle"], steps=2)
+    assert imgs.shape == (1, 3, 32, 32) and torch.isfinite(imgs).all()
+    log = json.load(open(base / "pretrain_log.json"))
+    assert log["config"]["pretrain_steps"] == 2 and log["device"] == "cpu"
+    assert [step for step, _ in log["loss"]] == [0, 1]
+    assert not (tmp_path / "base.tmp").exists()
+
+
+def test_teachers_stage_smoke(tmp_path, fast_load, capsys):
+    argv = ["--stage", "teachers", "--teachers", "ocr", "--teacher_dir", str(tmp_path), "--lora_rank", "4",
+            "--lora_alpha", "8"] + TINY
+    train.main(argv)
+    folder = tmp_path / "ocr"
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    assert state and all(k.startswith("base_model.model.") for k in state)
+    assert any(".lora_A." in k for k in state) and any(".lora_B." in k for k in state)
+    conf = json.load(open(folder / "adapter_config.json"))
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8
+    assert set(conf["target_modules"]) == set(models.LORA_TARGETS)
+    assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k)  # trained: B left zero
+
+    model = _load_base()
+    model.load_adapter(str(folder), "ocr")  # loadable by the project's own loader
+
+    rows = [r for r in _jsonl(tmp_path / "train_log.jsonl") if "reward" in r]
+    assert [r["iter"] for r in rows] == [0, 1] and all(r["stage"] == "ocr" for r in rows)
+    for r in rows:
+        assert 0.0 <= r["reward"] <= 1.0
+        # on-policy, fp32, one optimizer step per iteration: the ratio is exactly 1 before the update
+        assert r["ratio_min"] == 1.0 and r["ratio_max"] == 1.0 and r["clipfrac"] == 0.0
+    assert (folder / "eval.json").exists()  # the end-of-stage evaluation, cached next to the adapter
+
+    capsys.readouterr()
+    mtime = os.path.getmtime(folder / "adapter_model.safetensors")
+    train.main(argv)
+    assert "skipping" in capsys.readouterr().out
+    assert os.path.getmtime(folder / "adapter_model.safetensors") == mtime
+
+
+def test_grpo_reward_rises(monkeypatch):
+    """Reward = mean brightness of the decoded image, which the base does not maximise; a short GRPO run
+    (fixed seed, lr tuned once: 5e-3 rose on seeds 0, 1 and 2; 1e-2 overshot on seed 2) must raise it."""
+    monkeypatch.setitem(train.TEACHER_TASKS, "bright", {"geneval": 1})
+    monkeypatch.setitem(train.TEACHER_REWARDS, "bright", {})
+    monkeypatch.setattr(train, "combined_reward", lambda images, records, weights: images.mean((1, 2, 3)))
+    cfg = train.parse_config(["--grpo_iters", "9", "--prompts_per_iter", "2", "--group_size", "4",
+                              "--micro_batch", "8", "--num_steps", "4", "--lr", "5e-3", "--seed", "0",
+                              "--device", "cpu"])
+    model = _load_base()
+    prompts = [r["prompt"] for r in toy_world.prompts("geneval", "test")[:8]]
+    before = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
+    rows = []
+    torch.manual_seed(0)
+    train.train_grpo(model, "bright", cfg, lambda **kw: rows.append(kw))
+    rewards = [r["reward"] for r in rows]
+    assert len(rewards) == 9
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.01, rewards
+    model.adapter("bright")
+    after = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
+    assert after > before + 0.05, (before, after)
+    model.adapter(None)  # the base itself is untouched by the adapter's training
+    again = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
+    assert again == pytest.approx(before, abs=1e-6)
+
+
+def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
+    students, cold = tmp_path / "students", tmp_path / "cold"
+    common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(students),
+              "--cold_start_dir", str(cold), "--opd_iters", "2", "--opd_prompts", "3", "--compile", "false"] + TINY
+
+    train.main(common)  # with the end-of-stage evaluation (eval_steps 2, eval_limit 2)
+    out = capsys.readouterr().out
+    assert "cold start merge" in out and "flow_opd/merge" in out
+    assert (cold / "merge" / "adapter_model.safetensors").exists()
+    conf = json.load(open(cold / "merge" / "adapter_config.json"))
+    assert conf["r"] == 4 * 3 and conf["lora_alpha"] == 8 * 3  # exact mean dW of 3 routed rank-4 teachers
+    assert (students / "merge" / "adapter" / "adapter_model.safetensors").exists()
+    rows = _jsonl(students / "merge" / "train_log.jsonl")
+    assert [r["iter"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["kl"] > 0 and r["mar"] > 0  # random teachers differ from the merge and from the anchor
+        assert any(k.startswith("reward/") for k in r)
+    model = _load_base()
+    model.load_adapter(str(students / "merge" / "adapter"), "student")
+
+    fast = ["--eval_at_end", "false"]
+    train.main(common + fast + ["--name", "again"])  # the cold start is reused, not rebuilt
+    assert "cold start: using" in capsys.readouterr().out
+    assert len(_jsonl(students / "again" / "train_log.jsonl")) == 2
+
+    train.main(common + fast + ["--mar_anchor", "none"])
+    capsys.readouterr()
+    rows = _jsonl(students / "merge_no_mar" / "train_log.jsonl")
+    assert (students / "merge_no_mar" / "adapter" / "adapter_model.safetensors").exists()
+    assert all(r["mar"] == 0.0 for r in rows)
+
+    for est in ("logratio", "released"):
+        train.main(common + fast + ["--estimator", est, "--name", est])
+        rows = _jsonl(students / est / "train_log.jsonl")
+        assert len(rows) == 2 and all(torch.isfinite(torch.tensor([r["kl"], r["mar"]])).all() for r in rows)
+        assert (students / est / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_missing_teacher_is_built_not_traceback(tmp_path, fast_load, capsys):
+    teachers = tmp_path / "teachers"
+    train.main(["--stage", "distill", "--teacher_dir", str(teachers), "--student_dir", str(tmp_path / "students"),
+                "--cold_start_dir", str(tmp_path / "cold"), "--routes", "ocr", "--mar_anchor", "base",
+                "--grpo_iters", "1", "--lora_rank", "4", "--lora_alpha", "8", "--opd_iters", "1",
+                "--opd_prompts", "2", "--compile", "false", "--eval_at_end", "false"] + TINY)
+    out = capsys.readouterr().out
+    assert "not found" in out and "training them now" in out and "'ocr'" in out
+    assert (teachers / "ocr" / "adapter_model.safetensors").exists()
+    assert not (teachers / "deqa").exists()  # anchor "base" needs no DeQA teacher
+    assert not (teachers / "ocr" / "eval.json").exists()  # built with eval_at_end off
+    assert (tmp_path / "students" / "merge" / "adapter" / "adapter_model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------------- OPD core
+def _core_inputs(seed=0, B=3, shape=(2, 4, 4), a=0.7):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(B, *shape, generator=g)
+    t = torch.rand(B, generator=g) * 0.7 + 0.2
+    t_next = t - 0.1
+    v_s = torch.randn(B, *shape, generator=g)
+    step = sde_step(x_t, v_s, t, t_next, a, generator=g)
+    old_logp = gaussian_logprob(step.x_next, step.mean, step.std)
+    return x_t, step.x_next, v_s, t, t_next, step.std.reshape(B), old_logp, g
+
+
+def test_opd_core_gradient():
+    a, lam = 0.7, 0.02
+    x_t, x_next, v, t, t_next, std, old_logp, g = _core_inputs(a=a)
+    B, D = x_t.shape[0], x_t[0].numel()
+
+    for est in ("pathwise", "logratio", "released"):  # student == teacher == anchor: nothing to learn
+        v_s = v.clone().requires_grad_(True)
+        loss, kl, mar = train.opd_core(x_t, x_next, v_s, v.clone(), v.clone(), t, t_next, std, old_logp, a, est, lam)
+        assert loss.abs().item() < 1e-7, est
+        assert torch.equal(kl, torch.zeros(B)) and mar.item() == 0.0
+
+    v_T = v + 0.3 * torch.randn(v.shape, generator=g)
+    v_A = v + 0.5 * torch.randn(v.shape, generator=g)
+    v_s = v.clone().requires_grad_(True)
+    loss, kl, mar = train.opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, a, "pathwise", lam)
+    loss.backward()
+
+    w = kl_weight(t, t_next, a)  # (B,)
+    v_s_ref = v.clone().requires_grad_(True)
+    sq = lambda u: (v_s_ref - u).pow(2).flatten(1).sum(1)  # noqa: E731
+    opd_term = (w * sq(v_T)).mean() / D
+    mar_term = lam * (w * sq(v_A)).mean() / D
+    (opd_term + mar_term).backward()
+
+    assert torch.allclose(loss, opd_term + mar_term, rtol=1e-4)
+    assert torch.allclose(kl, w * (v - v_T).pow(2).flatten(1).sum(1), rtol=1e-4)  # exact summed step KL
+    assert torch.allclose(mar, mar_term.detach(), rtol=1e-4)
+    assert torch.allclose(v_s.grad, v_s_ref.grad, rtol=1e-4, atol=1e-9)
+
+    # no anchor: the MAR term vanishes and the gradient is the OPD term's alone
+    v_s2 = v.clone().requires_grad_(True)
+    loss2, _, mar2 = train.opd_core(x_t, x_next, v_s2, v_T, None, t, t_next, std, old_logp, a, "pathwise", lam)
+    loss2.backward()
+    assert mar2.item() == 0.0 and torch.allclose(loss2, opd_term.detach(), rtol=1e-4)
+    v_ref2 = v.clone().requires_grad_(True)
+    ((w * (v_ref2 - v_T).pow(2).flatten(1).sum(1)).mean() / D).backward()
+    assert torch.allclose(v_s2.grad, v_ref2.grad, rtol=1e-4, atol=1e-9)
