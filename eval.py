@@ -12,6 +12,8 @@ so two models are compared on the same noise.
 Self-check: python eval.py --model checkpoints/base
 """
 import argparse
+import json
+import os
 
 import torch
 
@@ -65,6 +67,20 @@ def evaluate(model, adapter=None, split="test", limit=None, steps=40, cfg_scale=
     metrics = {k: torch.cat(v).mean().item() for k, v in per_metric.items()}
     metrics["avg"] = (metrics["geneval"] + metrics["ocr"] + metrics["deqa"] / 5 + metrics["pickscore"]) / 4
     return metrics
+
+
+def evaluate_cached(model, adapter, folder, **kw):
+    """evaluate(), remembered in folder/eval.json per setting. The adapter folder is replaced whole when
+    it is retrained (save_adapter writes a new folder and renames it), so a cached score never outlives
+    its weights; sampling is seeded, so a cached score equals a fresh one."""
+    path, key = os.path.join(folder, "eval.json"), json.dumps(kw, sort_keys=True)
+    cache = json.load(open(path)) if os.path.isfile(path) else {}
+    if key not in cache:
+        cache[key] = evaluate(model, adapter, **kw)
+        with open(path + ".tmp", "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return cache[key]
 
 
 def format_metrics(name, m):
