@@ -85,6 +85,8 @@ class Config:
     opd_prompts: int = 16            # prompts per iteration
     opd_group: int = 1               # samples per prompt (OPD needs no group baseline)
     opd_lr: float = 1e-3             # AdamW on the student LoRA
+    eval_every: int = 0              # evaluate the student every N distill iterations (0: only at the end)
+    checkpoint_every: int = 0        # save the student adapter to <student>/checkpoint-N every N iterations
     student_dir: str = "checkpoints/students"
     cold_start_dir: str = "checkpoints/cold_start"
     name: str = ""                   # student name (default: <cold_start> or <cold_start>_no_mar)
@@ -405,6 +407,12 @@ def stage_distill(cfg):
         log(stage="distill", iter=it, kl=kl, mar=mar,
             **{f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()
                for t in sorted(set(r["task"] for r in records))})
+        done = it + 1
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            model.save_adapter("student", os.path.join(cfg.student_dir, name, f"checkpoint-{done}"))
+        if cfg.eval_every and done % cfg.eval_every == 0:
+            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in evaluate(model, "student", **kw).items()})
+            model.adapter("student")
     path = os.path.join(cfg.student_dir, name)
     model.save_adapter("student", os.path.join(path, "adapter"))
     print(f"student saved to {path}/adapter after {(time.time() - t0) / 60:.1f} min")

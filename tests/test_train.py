@@ -188,9 +188,14 @@ def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     model.load_adapter(str(students / "merge" / "adapter"), "student")
 
     fast = ["--eval_at_end", "false"]
-    train.main(common + fast + ["--name", "again"])  # the cold start is reused, not rebuilt
+    # the cold start is reused, not rebuilt; periodic checkpoints and evaluation during distillation
+    train.main(common + fast + ["--name", "again", "--checkpoint_every", "1", "--eval_every", "2"])
     assert "cold start: using" in capsys.readouterr().out
-    assert len(_jsonl(students / "again" / "train_log.jsonl")) == 2
+    rows = _jsonl(students / "again" / "train_log.jsonl")
+    assert [r["stage"] for r in rows] == ["distill", "distill", "distill_eval"]
+    assert {"eval/geneval", "eval/ocr", "eval/pickscore", "eval/deqa", "eval/avg"} <= set(rows[-1])
+    for n in (1, 2):
+        assert (students / "again" / f"checkpoint-{n}" / "adapter_model.safetensors").exists()
 
     train.main(common + fast + ["--mar_anchor", "none"])
     capsys.readouterr()
