@@ -6,8 +6,12 @@ Flow-OPD training, one plain loop per stage (Flow-OPD §2.1 pipeline):
   distill    Flow-OPD: cold start (merge or SFT), then on-policy distillation from the routed teachers with
              the MAR anchor on every prompt (§2.5-2.8). The main job.
 
-Usage: python train.py --stage pretrain [--key value ...]   (every Config field is a flag)
+Usage: python train.py --stage distill [--key value ...]   (every Config field is a flag)
 Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
+Departures: 1) teachers use Flow-GRPO-Fast (SDE on a 2-step early window, shared noise per group; README);
+2) one optimizer step per iteration, so every PPO ratio is exactly 1 (released: 2 per epoch); 3) a random
+subset of `train_timesteps` of the first T-1 steps is trained per distill iteration (paper: all T);
+4) routing is per sample (released: per epoch); 5) the MAR anchor defaults to the deqa teacher (paper).
 """
 import argparse
 import dataclasses
