@@ -9,9 +9,8 @@ Flow-OPD training, one plain loop per stage (Flow-OPD §2.1 pipeline):
 Usage: python train.py --stage distill [--key value ...]   (every Config field is a flag)
 Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
 Departures: 1) teachers use Flow-GRPO-Fast (SDE on a 2-step early window, shared noise per group; README);
-2) one optimizer step per iteration, so every PPO ratio is exactly 1 (released: 2 per epoch); 3) a random
-subset of `train_timesteps` of the first T-1 steps is trained per distill iteration (paper: all T);
-4) routing is per sample (released: per epoch); 5) the MAR anchor defaults to the deqa teacher (paper).
+2) one optimizer step per iteration, so every PPO ratio is exactly 1 (released: 2 per epoch); 3) distill trains
+`train_timesteps` random steps of the first T-1 per iteration (paper: all T); 4) per-sample routing.
 """
 import argparse
 import dataclasses
@@ -189,15 +188,24 @@ def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
     return traj, model.decode(traj.x0).cpu()
 
 
-def policy_step_mean(model, traj, idx, j, prompts, cfg):
+def policy_step_mean(model, traj, idx, j, conds, cfg):
     """Mean of the current policy's Gaussian step at the stored state x_t (idx samples, step j), with CFG."""
     t, t_next = traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
-    v = model.velocity(traj.x_t[idx, j], t, *cfg_conds(model, prompts, cfg))
+    v = model.velocity(traj.x_t[idx, j], t, *conds)
     return sde_step(traj.x_t[idx, j], v, t, t_next, cfg.noise_level, noise=torch.zeros_like(v)).mean
 
 
 def cfg_conds(model, prompts, cfg):
+    """(cond, uncond, cfg_scale): the arguments of model.velocity after (x, t)."""
     return model.encode_prompts(prompts), model.encode_prompts([""] * len(prompts)), cfg.cfg_scale
+
+
+@torch.no_grad()
+def micro_batch_conds(model, records, cfg):
+    """cfg_conds per micro-batch of records, encoded once per iteration (the text encoder is frozen) and
+    reused at every trained step."""
+    return [cfg_conds(model, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg)
+            for i in range(0, len(records), cfg.micro_batch)]
 
 
 def trained_steps(cfg, gen, window):
@@ -232,17 +240,17 @@ def train_grpo(model, name, cfg, log):
                                        share=cfg.group_size if cfg.shared_noise else 1)
         rewards = combined_reward(images, records, TEACHER_REWARDS[name])
         adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
-        stats = []
+        stats, conds_mb = [], micro_batch_conds(model, records, cfg)
         for j in steps:
             for i in range(0, n, cfg.micro_batch):
                 idx = torch.arange(i, min(i + cfg.micro_batch, n))
-                prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
-                mean = policy_step_mean(model, traj, idx, j, prompts, cfg)
+                conds = conds_mb[i // cfg.micro_batch]
+                mean = policy_step_mean(model, traj, idx, j, conds, cfg)
                 ref_mean = None
                 if cfg.beta > 0:
                     with torch.no_grad():
                         model.adapter(None)
-                        ref_mean = policy_step_mean(model, traj, idx, j, prompts, cfg)
+                        ref_mean = policy_step_mean(model, traj, idx, j, conds, cfg)
                         model.adapter(name)
                 std = traj.std[idx, j]
                 logp = gaussian_logprob(traj.x_next[idx, j], mean, std)
@@ -258,13 +266,14 @@ def train_grpo(model, name, cfg, log):
 
 
 def jsonl_logger(path):
+    """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    f = open(path, "a")
+    return lambda **metrics: _append(path, json.dumps(metrics) + "\n")
 
-    def log(**metrics):
-        f.write(json.dumps(metrics) + "\n")
-        f.flush()
-    return log
+
+def _append(path, line):
+    with open(path, "a") as f:
+        f.write(line)
 
 
 def stage_teachers(cfg, names=None):
@@ -289,10 +298,6 @@ def stage_teachers(cfg, names=None):
 
 def eval_settings(cfg):
     return dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
-
-
-def stage_grpo_mix(cfg):
-    stage_teachers(cfg, names=["grpo_mix"])
 
 
 def opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, noise_level, estimator, lam):
@@ -354,12 +359,11 @@ def opd_iteration(model, records, routed, anchor, cfg, core, gen):
     model.adapter("student")
     traj, images = sample_rollouts(model, records, cfg, gen)
     steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
-    n, kls, mars = len(records), [], []
+    n, kls, mars, conds_mb = len(records), [], [], micro_batch_conds(model, records, cfg)
     for j in steps:
         for i in range(0, n, cfg.micro_batch):
             idx = torch.arange(i, min(i + cfg.micro_batch, n))
-            prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
-            conds = cfg_conds(model, prompts, cfg)
+            conds = conds_mb[i // cfg.micro_batch]
             x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
             with torch.no_grad():
                 v_T = torch.empty_like(x_t)
@@ -429,8 +433,8 @@ def stage_distill(cfg):
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
-STAGES = {"pretrain": stage_pretrain, "teachers": stage_teachers, "grpo_mix": stage_grpo_mix,
-          "distill": stage_distill}
+STAGES = {"pretrain": stage_pretrain, "teachers": stage_teachers, "distill": stage_distill,
+          "grpo_mix": lambda cfg: stage_teachers(cfg, ["grpo_mix"])}  # one GRPO LoRA on the mixed rewards
 
 
 def main(argv=None):
