@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 import toy_world
+from flow_matching import cfg as guide
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 LORA_TARGETS_WIDE = LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -207,8 +208,7 @@ class T2IModel(nn.Module):
         v = self.transformer(hidden_states=x_in.to(dtype), encoder_hidden_states=embeds.to(dtype),
                              pooled_projections=pooled.to(dtype), timestep=1000 * t_in, return_dict=False)[0]
         if x_in is not x:
-            v_u, v_c = v.chunk(2)
-            v = v_u + cfg_scale * (v_c - v_u)
+            v = guide(*v.chunk(2), cfg_scale)  # (v_uncond, v_cond): flow_matching.cfg
         return v
 
     def velocity_fn(self, prompts, cfg_scale=1.0):

@@ -149,8 +149,7 @@ def stage_pretrain(cfg):
     if not cfg.eval_at_end:
         return
     base = models.load_world_model(cfg.base, cfg.device)
-    print(format_metrics("base", evaluate(base, None, limit=cfg.eval_limit or None, steps=cfg.eval_steps,
-                                          cfg_scale=cfg.cfg_scale, seed=cfg.seed)))
+    print(format_metrics("base", evaluate(base, None, **eval_settings(cfg))))
 
 
 # What each GRPO expert is rewarded with (rewards.combined_reward weights; "task" = the prompt's own
