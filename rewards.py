@@ -272,18 +272,19 @@ REWARDS = {
 REWARD_SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}  # reward = REWARDS[k](...) / scale
 
 
-def combined_reward(images, records, weights):
+def combined_reward(images, records, weights, rewards=REWARDS):
     """Weighted sum of registry rewards, each on 0-1 (raw deqa divided by 5): sum_k w_k r_k / scale_k.
-    `weights` maps a reward name, or "task" for each record's own task reward, to its weight."""
+    `weights` maps a reward name, or "task" for each record's own task reward, to its weight; `rewards` is
+    the registry (the world's, or reward_backends.make_rewards for real images)."""
     prompts, meta = [r["prompt"] for r in records], [r["metadata"] for r in records]
     total = torch.zeros(len(records))
     for name, w in weights.items():
         if name == "task":
             for task in {r["task"] for r in records}:
                 idx = [i for i, r in enumerate(records) if r["task"] == task]
-                total[idx] += w * REWARDS[task](images[idx], [prompts[i] for i in idx], [meta[i] for i in idx])
+                total[idx] += w * rewards[task](images[idx], [prompts[i] for i in idx], [meta[i] for i in idx])
         else:
-            total += w * REWARDS[name](images, prompts, meta) / REWARD_SCALE[name]
+            total += w * rewards[name](images, prompts, meta) / REWARD_SCALE[name]
     return total
 
 
@@ -323,6 +324,12 @@ def _ocr_accuracy_report(rng):
 
 
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--check"]:   # python rewards.py --check: which real-image backends are usable here
+        from reward_backends import check
+        for name, backend, usable, note in check():
+            print(f"{name:9s} {backend:8s} {'usable' if usable else 'missing':7s} {note}")
+        sys.exit(0)
     import toy_world as tw   # the self-check renders test images; the rewards themselves never call it
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
