@@ -1,0 +1,233 @@
+"""
+Training checkpoints, exact resume, an EMA of the trained weights, and LoRA export for other tools.
+The released Flow-GRPO/Flow-OPD code saves only the LoRA (`save_ckpt`); a resumed run there restarts its
+optimizer moments and random streams, so it is not the run it continues. Here a resumed run is bit-identical
+to an uninterrupted one on the same device (tests/test_checkpoint.py).
+
+A checkpoint is one folder, run_dir/checkpoint-{step}/:
+    adapter_model.safetensors, adapter_config.json   the trained LoRA in PEFT format (as models.save_adapter)
+    optimizer.pt                                     optimizer.state_dict()
+    ema.safetensors                                  EMA.state_dict(), when an EMA is kept
+    state.json                                       {"step", "adapter", "config"}
+    rng.pt                                           torch CPU/CUDA, numpy, python `random`, named torch.Generators
+It is written into run_dir/.checkpoint-{step}.tmp, fsynced, then renamed: a crash never leaves a half checkpoint
+under the final name, and names starting with "." are never taken for checkpoints. Only rank 0 should save.
+.pt files are read with torch.load(weights_only=True), so loading a checkpoint runs no pickled code.
+
+Export (`export_lora`) writes the LoRA both in PEFT format and in diffusers' SD3 LoRA format (the file that
+`StableDiffusion3Pipeline.load_lora_weights` reads); infer.load_lora reads either back into a T2IModel.
+"""
+import json
+import os
+import random
+import re
+import shutil
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+
+
+class EMA:
+    """shadow <- decay * shadow + (1 - decay) * param, after each optimizer step, for a list of parameters."""
+
+    def __init__(self, params, decay=0.999):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - self.decay)  # s + (1 - decay)(p - s)
+
+    def state_dict(self):
+        return {f"shadow.{i}": s for i, s in enumerate(self.shadow)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        keys = list(self.state_dict())
+        if sorted(state) != sorted(keys) or any(state[k].shape != s.shape for k, s in zip(keys, self.shadow)):
+            raise ValueError(f"the EMA state ({len(state)} tensors) does not fit this EMA ({len(keys)} parameters); "
+                             "was it made for another adapter?")
+        for k, s in zip(keys, self.shadow):
+            s.copy_(state[k])
+
+    @contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """`with ema.applied(): evaluate(...)` runs with the averaged weights, then puts the trained ones back."""
+        backup = [p.detach().clone() for p in self.params]
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+        try:
+            yield
+        finally:
+            for p, b in zip(self.params, backup):
+                p.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def rng_state(generators=None):
+    # numpy's global state holds a uint32 array; stored as a tensor so weights_only loading accepts it
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+            "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+
+
+def set_rng_state(state, generators=None, source="rng.pt"):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    for name, g in (generators or {}).items():
+        if name not in state["generators"]:
+            raise KeyError(f"{source} has no state for generator {name!r} (saved: {sorted(state['generators'])})")
+        g.set_state(state["generators"][name])
+
+
+# ---------------------------------------------------------------------------------------------- save, find
+def list_checkpoints(run_dir):
+    """[(step, path)] of the complete checkpoints in run_dir, oldest first; temp folders are not listed."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = CHECKPOINT.fullmatch(name)
+        if m and os.path.isdir(os.path.join(run_dir, name)):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir):
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def _fsync_tree(folder):
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the folder's entries (new files, a rename) durable
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir, step, model, adapter, optimizer, config, ema=None, generators=None, keep=None):
+    """Write run_dir/checkpoint-{step} atomically; with `keep`, delete all but the newest `keep`. Returns its path."""
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None (keep all), got {keep}")
+    os.makedirs(run_dir, exist_ok=True)
+    for name in os.listdir(run_dir):  # temp folders left by a save that was killed
+        if name.startswith(".checkpoint-"):
+            shutil.rmtree(os.path.join(run_dir, name))
+    tmp, final = os.path.join(run_dir, f".checkpoint-{step}.tmp"), os.path.join(run_dir, f"checkpoint-{step}")
+    try:
+        model.save_adapter(adapter, tmp)  # creates tmp with the PEFT files
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
+                      os.path.join(tmp, "ema.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "adapter": adapter, "config": config}, f, indent=1)
+        torch.save(rng_state(generators), os.path.join(tmp, "rng.pt"))
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final):  # the same step saved again (e.g. right after a resume); rename can't replace a folder
+        os.replace(final, os.path.join(run_dir, f".checkpoint-{step}.old"))
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    shutil.rmtree(os.path.join(run_dir, f".checkpoint-{step}.old"), ignore_errors=True)
+    if keep is not None:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def resolve_resume(arg, run_dir):
+    """--resume_from_checkpoint: None or "" -> None (a fresh run), "latest" -> the newest checkpoint in run_dir,
+    anything else -> that checkpoint folder. Raises FileNotFoundError naming what was searched."""
+    if not arg:
+        return None
+    if arg == "latest":
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {run_dir!r}")
+        return path
+    if not os.path.isfile(os.path.join(arg, "state.json")):
+        raise FileNotFoundError(f"--resume_from_checkpoint {arg!r}: no checkpoint there (expected a checkpoint-N "
+                                f"folder with state.json); checkpoints in {run_dir!r}: "
+                                f"{[os.path.basename(p) for _, p in list_checkpoints(run_dir)] or 'none'}")
+    return arg
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _load_into_adapter(model, adapter, path):
+    """Copy the checkpoint's LoRA into the existing adapter in place, so the optimizer keeps its parameters."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    configs = getattr(model.transformer, "peft_config", {})
+    if adapter not in configs:
+        raise ValueError(f"the model has no adapter {adapter!r} to load {path!r} into; create it first "
+                         f"(model.add_lora) with the run's rank and targets (adapters now: {sorted(configs)})")
+    saved = load_file(os.path.join(path, "adapter_model.safetensors"))
+    saved = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
+    current = model.adapter_state(adapter)
+    for key in sorted(saved.keys() | current.keys()):
+        want, got = current.get(key), saved.get(key)
+        if want is None or got is None or want.shape != got.shape:
+            raise ValueError(f"checkpoint {path!r} does not fit adapter {adapter!r}: {key} has shape "
+                             f"{None if got is None else tuple(got.shape)} there and "
+                             f"{None if want is None else tuple(want.shape)} in the model")
+    alpha = LoraConfig.from_pretrained(path).lora_alpha
+    if alpha != configs[adapter].lora_alpha:
+        raise ValueError(f"checkpoint {path!r} has lora_alpha {alpha}, adapter {adapter!r} has "
+                         f"{configs[adapter].lora_alpha}")
+    set_peft_model_state_dict(model.transformer, saved, adapter_name=adapter)
+
+
+def load_checkpoint(path, model, adapter, optimizer, ema=None, generators=None):
+    """Restore everything save_checkpoint wrote, in place. Returns {"step", "config"}."""
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise FileNotFoundError(f"no checkpoint at {path!r} (expected state.json, adapter_model.safetensors, "
+                                f"adapter_config.json, optimizer.pt, rng.pt)")
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    _load_into_adapter(model, adapter, path)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    if ema is not None:
+        if not os.path.isfile(os.path.join(path, "ema.safetensors")):
+            raise FileNotFoundError(f"an EMA was passed but {path!r} has no ema.safetensors (saved without one)")
+        ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
+    set_rng_state(rng, generators, source=os.path.join(path, "rng.pt"))
+    return {"step": state["step"], "config": state["config"]}
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_lora(model, adapter, out_dir):
+    """out_dir/peft/ (PEFT) and out_dir/pytorch_lora_weights.safetensors (diffusers' SD3 LoRA format, with the
+    LoraConfig as metadata so alpha/r survives: without it diffusers assumes alpha = r). Returns out_dir."""
+    from diffusers import StableDiffusion3Pipeline
+    model.save_adapter(adapter, os.path.join(out_dir, "peft"))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state(adapter).items()}
+    StableDiffusion3Pipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=state,
+        transformer_lora_adapter_metadata=model.transformer.peft_config[adapter].to_dict())
+    return out_dir
