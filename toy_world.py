@@ -67,7 +67,7 @@ def _article(word):
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _obj(color, shape, count=1):
+def noun_phrase(color, shape, count=1):
     """Noun phrase for `count` objects: 'a red circle', 'three squares'."""
     noun = shape if count == 1 else shape + "s"
     words = ([color] if color else []) + [noun]
@@ -75,7 +75,8 @@ def _obj(color, shape, count=1):
     return " ".join([head] + words)
 
 
-def _clause(shape, count=1, color=None, position=None):
+def include_clause(shape, count=1, color=None, position=None):
+    """One GenEval include clause; optional keys are left out, as GenEval's metadata does."""
     c = {"class": shape, "count": count}
     if color:
         c["color"] = color
@@ -92,21 +93,21 @@ def _geneval_records():
         out.append({"prompt": prompt, "task": "geneval",
                     "metadata": {"tag": tag, "include": include, "exclude": [], "prompt": prompt}})
     for s in SHAPES:
-        add("single_object", f"a photo of {_obj(None, s)}", [_clause(s)])
+        add("single_object", f"a photo of {noun_phrase(None, s)}", [include_clause(s)])
     for a, b in itertools.permutations(SHAPES, 2):
-        add("two_object", f"a photo of {_obj(None, a)} and {_obj(None, b)}", [_clause(a), _clause(b)])
+        add("two_object", f"a photo of {noun_phrase(None, a)} and {noun_phrase(None, b)}", [include_clause(a), include_clause(b)])
     for s, n in itertools.product(SHAPES, (2, 3, 4)):
-        add("counting", f"a photo of {_obj(None, s, n)}", [_clause(s, n)])
+        add("counting", f"a photo of {noun_phrase(None, s, n)}", [include_clause(s, n)])
     for s, c in itertools.product(SHAPES, PALETTE):
-        add("colors", f"a photo of {_obj(c, s)}", [_clause(s, 1, c)])
+        add("colors", f"a photo of {noun_phrase(c, s)}", [include_clause(s, 1, c)])
     for (a, b), rel in itertools.product(itertools.permutations(SHAPES, 2), RELATIONS):
         # GenEval: "A right of B" -> include [B, A with position (rel, 0)]
-        add("position", f"a photo of {_obj(None, a)} {rel} {_obj(None, b)}",
-            [_clause(b), _clause(a, position=[rel, 0])])
+        add("position", f"a photo of {noun_phrase(None, a)} {rel} {noun_phrase(None, b)}",
+            [include_clause(b), include_clause(a, position=[rel, 0])])
     for (a, b) in itertools.permutations(SHAPES, 2):
         for ca, cb in itertools.product(PALETTE, PALETTE):
-            add("color_attr", f"a photo of {_obj(ca, a)} and {_obj(cb, b)}",
-                [_clause(a, 1, ca), _clause(b, 1, cb)])
+            add("color_attr", f"a photo of {noun_phrase(ca, a)} and {noun_phrase(cb, b)}",
+                [include_clause(a, 1, ca), include_clause(b, 1, cb)])
     return out
 
 

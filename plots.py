@@ -1,0 +1,186 @@
+"""
+Pictures to look at: a labelled grid of samples (models x prompts, as the paper's qualitative figures) and
+training curves from the JSON-lines logs train.py writes ({"stage", "iter", "reward", "kl", ...} for
+teachers; {"stage": "distill", "iter", "kl", "mar", "reward/<task>"} for students).
+
+PIL only, no matplotlib: the curves are a few lines per panel, PIL is already pinned for the world and
+the rewards, and one fewer dependency keeps the CPU install small; the price is plain axes (min, middle
+and max ticks, no log scale). Layout constants are module-level so a caller (or a test) knows the size:
+  image_grid       width  LABEL_WIDTH + N (scale W + PAD),
+                   height PAD + (HEADER_LINES LINE if col_labels) + rows (scale H + PAD)
+  training_curves  width, len(keys) * panel_height
+Run the self-check (writes samples_grid.png and training_curves.png to a folder):  python plots.py /tmp
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+FONT_SIZE, LINE, PAD = 11, 13, 4   # text size, px per text line, px between cells
+LABEL_WIDTH = 112                  # row-label column of image_grid
+HEADER_LINES = 3                   # lines of a column label (longer prompts end in an ellipsis)
+MARGIN = (48, LINE + PAD, 12, LINE + PAD)   # curve panel: left (y ticks), top (title), right, bottom (x ticks)
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def _font():
+    return ImageFont.load_default(size=FONT_SIZE)
+
+
+def _truncate(draw, text, font, width):
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _fit(draw, text, font, width, max_lines):
+    """Greedy word wrap into at most max_lines lines of `width` px; what does not fit ends in '…'."""
+    lines, words = [], text.split()
+    while words:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [" ".join(lines[max_lines - 1:])]
+    return [_truncate(draw, s, font, width) for s in lines]
+
+
+def _draw_lines(draw, xy, lines, font, fill=(0, 0, 0)):
+    for k, s in enumerate(lines):
+        draw.text((xy[0], xy[1] + k * LINE), s, fill=fill, font=font)
+
+
+def image_grid(rows, col_labels=None, scale=4, path=None):
+    """A PIL image of rows {name: (N, 3, H, W) in [0, 1]}, names on the left, col_labels (N strings, e.g.
+    prompts) on top, each image upscaled `scale` times by nearest neighbour (32 px samples stay crisp).
+    Saved as PNG when path is given."""
+    names = list(rows)
+    n, _, h, w = rows[names[0]].shape
+    if any(rows[k].shape[0] != n or tuple(rows[k].shape[2:]) != (h, w) for k in names):
+        raise ValueError(f"every row needs {n} images of {h}x{w}: {[tuple(rows[k].shape) for k in names]}")
+    if col_labels is not None and len(col_labels) != n:
+        raise ValueError(f"{len(col_labels)} column labels for {n} columns")
+    cw, ch = w * scale, h * scale
+    top = PAD + (HEADER_LINES * LINE if col_labels is not None else 0)
+    canvas = Image.new("RGB", (LABEL_WIDTH + n * (cw + PAD), top + len(names) * (ch + PAD)), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for j, label in enumerate(col_labels or []):
+        _draw_lines(draw, (LABEL_WIDTH + j * (cw + PAD), PAD), _fit(draw, label, font, cw, HEADER_LINES), font)
+    for i, name in enumerate(names):
+        y = top + i * (ch + PAD)
+        lines = _fit(draw, name, font, LABEL_WIDTH - 2 * PAD, max(1, ch // LINE))
+        _draw_lines(draw, (PAD, y + (ch - len(lines) * LINE) // 2), lines, font)
+        pixels = (rows[name].detach().float().clamp(0, 1) * 255).round().to(torch.uint8)   # (N, 3, H, W)
+        for j, img in enumerate(pixels.permute(0, 2, 3, 1).cpu().numpy()):
+            canvas.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (LABEL_WIDTH + j * (cw + PAD), y))
+    if path:
+        canvas.save(path)
+    return canvas
+
+
+def moving_average(y, window):
+    """Trailing mean over the last `window` values (fewer at the start), same length as y."""
+    c = np.concatenate([[0.0], np.cumsum(y, dtype=float)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, i - window)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def _series(name, entries):
+    """{label: entries} split by stage and by restarts (iter not increasing: a rerun appended to the log)."""
+    runs, prev = [], None
+    for e in entries:
+        if "iter" not in e:          # summary lines such as {"stage", "minutes"} have no x
+            continue
+        if prev is None or e.get("stage") != prev.get("stage") or e["iter"] <= prev["iter"]:
+            runs.append((e.get("stage"), []))
+        runs[-1][1].append(e)
+        prev = e
+    out = {}
+    for stage, run in runs:
+        label = name if len(runs) == 1 else f"{name}:{stage}"
+        k = sum(lbl == label or lbl.startswith(label + " #") for lbl in out)
+        out[label if k == 0 else f"{label} #{k + 1}"] = run
+    return out
+
+
+def _load(logs):
+    """{name: path or list of dicts} or [paths] -> {label: entries}."""
+    logs = logs if isinstance(logs, dict) else {str(p): p for p in logs}
+    out = {}
+    for name, src in logs.items():
+        if isinstance(src, (str, os.PathLike)):
+            with open(src) as f:
+                src = [json.loads(s) for s in f if s.strip()]
+        out.update(_series(name, src))
+    return out
+
+
+def _points(run, key):
+    xy = [(e["iter"], e[key]) for e in run if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])]
+    return np.array(xy, dtype=float).reshape(-1, 2)
+
+
+def _panel(draw, box, key, series, colours, smooth, font):
+    """One key: faint raw curves, bold moving averages, min/middle/max ticks, title and legend."""
+    x0, y0, x1, y1 = box[0] + MARGIN[0], box[1] + MARGIN[1], box[2] - MARGIN[2], box[3] - MARGIN[3]
+    pts = np.concatenate(list(series.values()))
+    (xlo, ylo), (xhi, yhi) = pts.min(0), pts.max(0)
+    xhi, yhi = max(xhi, xlo + 1), max(yhi, ylo + 1e-6)   # a single point or a flat curve still has a scale
+    to_px = lambda x, y: list(zip(x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)))
+    for f in (0, 0.5, 1):
+        yy = y1 - f * (y1 - y0)
+        draw.line([(x0, yy), (x1, yy)], fill=(225, 225, 225))
+        draw.text((box[0] + 2, yy - LINE // 2), f"{ylo + f * (yhi - ylo):.3g}", fill=(0, 0, 0), font=font)
+        draw.text((x0 + f * (x1 - x0) - 8, y1 + 2), f"{xlo + f * (xhi - xlo):.0f}", fill=(0, 0, 0), font=font)
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    x_text = x0 + draw.textlength(key, font=font) + 12
+    draw.text((x0, box[1] + 2), key, fill=(0, 0, 0), font=font)
+    for label, p in series.items():   # every raw curve first, so no faint line hides a bold one
+        faint = tuple(int(255 - 0.3 * (255 - v)) for v in colours[label])   # 30 % of the colour on white
+        draw.line(to_px(p[:, 0], p[:, 1]), fill=faint, width=1)
+    for label, p in series.items():
+        draw.line(to_px(p[:, 0], moving_average(p[:, 1], smooth)), fill=colours[label], width=2)
+        draw.text((x_text, box[1] + 2), label, fill=colours[label], font=font)
+        x_text += draw.textlength(label, font=font) + 10
+
+
+def training_curves(logs, keys, path=None, smooth=10, width=640, panel_height=200):
+    """A PIL image of one panel per key (stacked), one line per run: logs is {name: jsonl path or list of
+    dicts} or a list of paths; a log holding several stages or reruns gives one line each. Raw values are
+    drawn faint, their trailing `smooth`-iteration mean bold. Saved as PNG when path is given."""
+    runs = _load(logs)
+    colours = {label: COLOURS[i % len(COLOURS)] for i, label in enumerate(runs)}
+    canvas = Image.new("RGB", (width, panel_height * len(keys)), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for k, key in enumerate(keys):
+        series = {lbl: p for lbl, run in runs.items() if len(p := _points(run, key))}
+        if not series:
+            seen = sorted({name for run in runs.values() for e in run for name in e})
+            raise ValueError(f"no log has numeric values of {key!r}; keys seen: {seen}")
+        _panel(draw, (0, k * panel_height, width, (k + 1) * panel_height), key, series, colours, smooth, font)
+    if path:
+        canvas.save(path)
+    return canvas
+
+
+if __name__ == "__main__":
+    import sys
+
+    import toy_world
+    out = sys.argv[1] if len(sys.argv) > 1 else "."
+    recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:3]]
+    rows = {f"ground truth, seed {s}": toy_world.to_tensor([toy_world.render(r, np.random.default_rng(s))
+                                                            for r in recs]) for s in (0, 1)}
+    image_grid(rows, [r["prompt"] for r in recs], path=os.path.join(out, "samples_grid.png"))
+    logs = {"teachers": "checkpoints/teachers/train_log.jsonl",
+            "student": "checkpoints/students/merge/train_log.jsonl"}
+    training_curves(logs, ["reward", "kl", "reward/geneval", "mar"], os.path.join(out, "training_curves.png"))
+    print("wrote samples_grid.png and training_curves.png to", out)

@@ -1,0 +1,83 @@
+"""
+Tests for plots.py: PNGs have the documented pixel size, grid cells hold the images, curves are drawn.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_plots.py
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plots as P  # noqa: E402
+
+
+def grid_rows(n=3, h=32, w=32):
+    g = torch.Generator().manual_seed(0)
+    return {"base": torch.rand(n, 3, h, w, generator=g),
+            "teacher/geneval with a long name": torch.rand(n, 3, h, w, generator=g)}
+
+
+@pytest.mark.parametrize("labels", [None, ["a photo of a red circle left of a blue square", '"K7"', ""]])
+def test_image_grid_size_and_cell_pixels(tmp_path, labels):
+    rows, scale = grid_rows(), 4
+    path = str(tmp_path / "grid.png")
+    P.image_grid(rows, labels, scale=scale, path=path)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    top = P.PAD + (P.HEADER_LINES * P.LINE if labels else 0)
+    cell = 32 * scale
+    assert img.shape == (top + 2 * (cell + P.PAD), P.LABEL_WIDTH + 3 * (cell + P.PAD), 3)
+    for r, x in enumerate(rows.values()):
+        want = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # (N, H, W, 3)
+        for j in range(3):
+            y0, x0 = top + r * (cell + P.PAD), P.LABEL_WIDTH + j * (cell + P.PAD)
+            for i, k in [(0, 0), (5, 17), (31, 31)]:   # source pixel (i, k) fills a scale x scale block
+                block = img[y0 + i * scale:y0 + (i + 1) * scale, x0 + k * scale:x0 + (k + 1) * scale]
+                assert (block == want[j, i, k]).all(), (r, j, i, k)
+    assert (img[top:top + cell, :P.LABEL_WIDTH] < 128).any()          # a row label is written
+    assert (img[:top, P.LABEL_WIDTH:] < 128).any() == bool(labels)    # column labels only when given
+
+
+def test_image_grid_rejects_ragged_rows():
+    rows = {"a": torch.zeros(2, 3, 32, 32), "b": torch.zeros(3, 3, 32, 32)}
+    with pytest.raises(ValueError, match="every row"):
+        P.image_grid(rows)
+    with pytest.raises(ValueError, match="column labels"):
+        P.image_grid({"a": torch.zeros(2, 3, 32, 32)}, ["only one"])
+
+
+def test_moving_average_is_a_trailing_mean():
+    np.testing.assert_allclose(P.moving_average(np.array([1.0, 3, 5, 7]), 2), [1, 2, 4, 6])
+    np.testing.assert_allclose(P.moving_average(np.array([2.0, 4]), 10), [2, 3])
+
+
+def write_log(path, entries):
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return str(path)
+
+
+def test_training_curves_from_logs(tmp_path):
+    teachers = [{"stage": s, "iter": i, "reward": 0.3 + 0.01 * i, "kl": 0.0} for s in ("geneval", "ocr")
+                for i in range(30)] + [{"stage": "ocr", "minutes": 1.5}]
+    distill = [{"stage": "distill", "iter": i, "kl": 9 - 0.1 * i, "mar": 0.003, "reward/geneval": 0.4}
+               for i in range(40)]
+    logs = {"teachers": write_log(tmp_path / "t.jsonl", teachers), "student": distill}
+    path = str(tmp_path / "curves.png")
+    P.training_curves(logs, ["reward", "kl", "reward/geneval"], path, width=500, panel_height=150)
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (450, 500, 3)
+    colour_in = lambda panel, c: (img[panel * 150:(panel + 1) * 150] == c).all(-1).any()
+    # labels in order teachers:geneval, teachers:ocr, student -> COLOURS 0, 1, 2
+    assert colour_in(0, P.COLOURS[0]) and colour_in(0, P.COLOURS[1]) and not colour_in(0, P.COLOURS[2])
+    assert colour_in(1, P.COLOURS[2]) and colour_in(2, P.COLOURS[2]) and not colour_in(2, P.COLOURS[0])
+
+
+def test_training_curves_splits_reruns_and_rejects_unknown_keys(tmp_path):
+    rerun = [{"stage": "distill", "iter": i % 5, "kl": float(i)} for i in range(10)]   # iter restarts at 0
+    img = np.asarray(P.training_curves({"student": rerun}, ["kl"]))
+    assert (img == P.COLOURS[0]).all(-1).any() and (img == P.COLOURS[1]).all(-1).any()
+    with pytest.raises(ValueError, match="no log has numeric values of 'rewrad'"):
+        P.training_curves({"student": rerun}, ["rewrad"])
