@@ -48,11 +48,13 @@ import time
 import torch
 
 import models
+import toy_world
 import train
 from router import DEFAULT_TASK_WEIGHTS, route
 
 ROUTES, ANCHOR = ["geneval", "ocr", "pickscore"], "deqa"
 EPOCH_CYCLE = ["geneval"] * 3 + ["ocr", "pickscore"]   # released: one dataset (and teacher) per epoch, 3:1:1
+POOL = {t: toy_world.prompts(t, "train") for t in ROUTES}
 # SD3.5-Medium transformer, as in stabilityai/stable-diffusion-3.5-medium transformer/config.json (diffusers
 # SD3Transformer2DModel; 24 layers with dual attention in blocks 0-12, qk rms-norm). Run at 512 px = 64x64 latents.
 SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -175,7 +177,7 @@ def opt_step(opt, params):
 
 def iter_ours(model, cfg, gen, core, opt, params, it):
     weights = {t: DEFAULT_TASK_WEIGHTS[t] for t in ROUTES}
-    records = sorted(train.draw_records(weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
+    records = sorted(train.draw_records(POOL, weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
     routed = route([r["task"] for r in records], {t: t for t in ROUTES})
     train.opd_iteration(model, records, routed, ANCHOR, cfg, core, gen)
     opt_step(opt, params)
@@ -184,7 +186,7 @@ def iter_ours(model, cfg, gen, core, opt, params, it):
 
 def iter_released(student, refs, cfg, gen, core, opt, params, it):
     task = EPOCH_CYCLE[it % len(EPOCH_CYCLE)]
-    records = train.draw_records({task: 1.0}, cfg.opd_prompts, gen)
+    records = train.draw_records(POOL, {task: 1.0}, cfg.opd_prompts, gen)
     teacher, anchor, n = refs[task], refs["anchor"], len(records)
     traj, _ = train.sample_rollouts(student, records, cfg, gen)
     steps = train.trained_steps(cfg, gen, window=0)
@@ -320,7 +322,7 @@ def report(args, argv, results, load):
            f"1-min load average at start {load:.2f}",
            f"- per iteration: {args.prompts} samples, micro-batch {args.micro_batch}, 10 SDE steps, "
            f"{args.train_timesteps} trained timesteps, CFG 4.5 (student, teachers, anchor), seed {args.seed}",
-           f"- adapters: " + ", ".join(f"{k}={v}" for k, v in src.items()) + "; student = random LoRA r32",
+           "- adapters: " + ", ".join(f"{k}={v}" for k, v in src.items()) + "; student = random LoRA r32",
            f"- time: median of {args.iters} iterations after 1 warm-up; memory: one fresh process per variant", "",
            f"| variant | holds | opt steps/iter | s/iter (median) | timed iters (s) | warm-up (s) | {mem} (MiB) "
            f"| transformer weights (MiB) |", "|---|---|---|---|---|---|---|---|"]

@@ -9,7 +9,12 @@ avg = (geneval + ocr + deqa/5 + pickscore)/4 (the paper divides raw PickScore by
 Determinism: prompt i of a split always gets the initial noise drawn from seed + i, whatever the batching,
 so two models are compared on the same noise.
 
-Self-check: python eval.py --model checkpoints/base
+Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.json` writes
+{"rows": {ROW: {METRIC: {"mean", "std", "n"}}}, "meta"}; `--prompts FILE` evaluates any prompt file
+(prompts.py formats), `--ood` the out-of-domain composition set (compbench.py, scored per category).
+`python train.py --stage all` builds the paper's tables with these functions (results/main.json, ood.json).
+
+Self-check: python eval.py --model checkpoints/base --limit 8
 """
 import argparse
 import json
@@ -40,12 +45,12 @@ def sample_images(model, prompts, steps=40, cfg_scale=4.5, seed=0, batch_size=64
     return torch.cat(images)
 
 
-def score_task(task, images, records):
+def score_task(task, images, records, rewards=REWARDS):
     """Mean reward of images made for one task's records; deqa is reported on the raw 1-5 scale."""
     prompts, meta = [r["prompt"] for r in records], [r["metadata"] for r in records]
-    out = {"deqa": REWARDS["deqa"](images, prompts, meta)}
-    out[task] = REWARDS[task](images, prompts, meta)
-    if task == "geneval":
+    out = {"deqa": rewards["deqa"](images, prompts, meta)}
+    out[task] = rewards[task](images, prompts, meta)
+    if task == "geneval" and rewards["geneval"] is REWARDS["geneval"]:  # per-tag strict accuracy: world scorer
         _, strict = geneval_details(images, meta)
         out["geneval_strict"] = strict.float()
         for tag in toy_world.GENEVAL_TAGS:
@@ -55,32 +60,86 @@ def score_task(task, images, records):
     return out
 
 
-def evaluate(model, adapter=None, split="test", limit=None, steps=40, cfg_scale=4.5, seed=0):
-    """{metric: mean} for one adapter (None = base) over the tasks' prompts."""
+def world_records(split="test", limit=None):
+    """{task: records}: the miniature world's prompts of one split, the first `limit` of each task."""
+    return {task: toy_world.prompts(task, split)[:limit] for task in toy_world.TASKS}
+
+
+def evaluate(model, adapter=None, split="test", limit=None, steps=40, cfg_scale=4.5, seed=0, records=None,
+             rewards=REWARDS):
+    """{metric: mean} for one adapter (None = base) over `records` ({task: records}; default: the world's
+    `split` prompts, `limit` per task), each task scored by its own reward and by deqa."""
     model.adapter(adapter)
     per_metric = {}
-    for task in toy_world.TASKS:
-        records = toy_world.prompts(task, split)[:limit]
-        images = sample_images(model, [r["prompt"] for r in records], steps, cfg_scale, seed)
-        for k, v in score_task(task, images, records).items():
+    for task, recs in (records or world_records(split, limit)).items():
+        images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
+        for k, v in score_task(task, images, recs, rewards).items():
             per_metric.setdefault(k, []).append(v)
     metrics = {k: torch.cat(v).mean().item() for k, v in per_metric.items()}
-    metrics["avg"] = (metrics["geneval"] + metrics["ocr"] + metrics["deqa"] / 5 + metrics["pickscore"]) / 4
+    if all(k in metrics for k in ("geneval", "ocr", "pickscore", "deqa")):
+        metrics["avg"] = (metrics["geneval"] + metrics["ocr"] + metrics["deqa"] / 5 + metrics["pickscore"]) / 4
     return metrics
 
 
-def evaluate_cached(model, adapter, folder, **kw):
-    """evaluate(), remembered in folder/eval.json per setting. The adapter folder is replaced whole when
-    it is retrained (save_adapter writes a new folder and renames it), so a cached score never outlives
-    its weights; sampling is seeded, so a cached score equals a fresh one."""
-    path, key = os.path.join(folder, "eval.json"), json.dumps(kw, sort_keys=True)
+@torch.no_grad()
+def evaluate_ood(model, adapter=None, steps=40, cfg_scale=4.5, seed=0):
+    """Out-of-domain composition (compbench.py): the geneval score and strict accuracy per category."""
+    import compbench
+    model.adapter(adapter)
+    recs = compbench.records()
+    images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
+    return {k: v.float().mean().item() for k, v in compbench.score(images, recs).items()}
+
+
+def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
+    """fn(model, adapter, **kw) (evaluate or evaluate_ood), remembered in folder/eval.json per function and
+    setting. An adapter folder is replaced whole when it is retrained (save_adapter writes a new folder and
+    renames it), so a cached score never outlives its weights; sampling is seeded, so a cached score equals
+    a fresh one. Custom `records` or `rewards` are not cached."""
+    if "records" in kw or "rewards" in kw:
+        return fn(model, adapter, **kw)
+    key = json.dumps(kw, sort_keys=True) if fn is evaluate else json.dumps({fn.__name__: kw}, sort_keys=True)
+    path = os.path.join(folder, "eval.json")
     cache = json.load(open(path)) if os.path.isfile(path) else {}
     if key not in cache:
-        cache[key] = evaluate(model, adapter, **kw)
-        with open(path + ".tmp", "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(path + ".tmp", path)
+        cache[key] = fn(model, adapter, **kw)
+        _write_json(path, cache)
     return cache[key]
+
+
+def _write_json(path, obj):
+    """Write, then rename: a crash leaves the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables over seeds: {"rows": {ROW: {METRIC: {"mean": m, "std": s, "n": seeds}}}, "meta": {...}}
+
+def summarise(per_seed):
+    """{row: [metrics of seed 0, seed 1, ...]} -> {row: {metric: {mean, std, n}}} (std: sample std, 0 if n = 1)."""
+    rows = {}
+    for row, runs in per_seed.items():
+        rows[row] = {}
+        for k in runs[0]:
+            x = torch.tensor([r[k] for r in runs if k in r], dtype=torch.float64)
+            rows[row][k] = {"mean": x.mean().item(), "std": x.std().item() if len(x) > 1 else 0.0, "n": len(x)}
+    return rows
+
+
+def write_table(path, per_seed, meta):
+    _write_json(path, {"rows": summarise(per_seed), "meta": meta})
+
+
+def table_markdown(table, metrics=("geneval", "ocr", "pickscore", "deqa", "avg")):
+    """A markdown table of mean ± std (the rows and metrics of a written table)."""
+    lines = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for row, m in table["rows"].items():
+        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" if k in m else "" for k in metrics]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_metrics(name, m):
@@ -88,12 +147,52 @@ def format_metrics(name, m):
             f"deqa {m['deqa']:.2f}  avg {m['avg']:.3f}")
 
 
-if __name__ == "__main__":
-    import models
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="checkpoints/base")
-    ap.add_argument("--limit", type=int, default=None)
+def records_by_task(path):
+    """{task: records} of a prompt file (prompts.read_prompts: our jsonl, GenEval metadata jsonl, or txt)."""
+    import prompts as prompt_files
+    out = {}
+    for r in prompt_files.read_prompts(path):
+        out.setdefault(r["task"], []).append(r)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate the base and adapters; optionally write a table over seeds.")
+    ap.add_argument("--model", default="checkpoints/base", help="world model folder")
+    ap.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
+                    help="a PEFT adapter folder to evaluate as row ROW (repeatable); the base is always row 'base'")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds; the table has mean ± std")
+    ap.add_argument("--limit", type=int, default=None, help="prompts per task (default: all test prompts)")
     ap.add_argument("--steps", type=int, default=40)
-    args = ap.parse_args()
-    m = models.load_world_model(args.model)
-    print(format_metrics("base", evaluate(m, None, limit=args.limit, steps=args.steps)))
+    ap.add_argument("--cfg_scale", type=float, default=4.5)
+    ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
+    ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
+    ap.add_argument("--out", default=None, help="write results/NAME.json: {rows: {ROW: {METRIC: {mean, std, n}}}}")
+    args = ap.parse_args(argv)
+    import models
+    model = models.load_world_model(args.model)
+    rows = {"base": None}
+    for spec in args.adapter:
+        row, sep, path = spec.partition("=")
+        if not sep or not os.path.isdir(path):
+            raise SystemExit(f"--adapter expects ROW=PATH with PATH an adapter folder, got {spec!r}")
+        model.load_adapter(path, row)
+        rows[row] = row
+    records = records_by_task(args.prompts) if args.prompts else None
+    per_seed = {}
+    for row, adapter in rows.items():
+        for seed in args.seeds:
+            kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=seed)
+            m = (evaluate_ood(model, adapter, **kw) if args.ood
+                 else evaluate(model, adapter, limit=args.limit, records=records, **kw))
+            per_seed.setdefault(row, []).append(m)
+            print(f"{row:<24} seed {seed}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if "/" not in k))
+    if args.out:
+        write_table(args.out, per_seed, {"model": args.model, "seeds": args.seeds, "steps": args.steps,
+                                         "cfg_scale": args.cfg_scale, "limit": args.limit,
+                                         "prompts": args.prompts or ("compbench" if args.ood else "world test")})
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -186,12 +186,18 @@ class T2IModel(nn.Module):
     def __init__(self, transformer, vae, encoder):
         super().__init__()
         self.transformer, self.vae, self.encoder = transformer, vae, encoder
+        self.latent_side = transformer.config.sample_size  # SD3.5-M: 128 (1024 px); set_resolution(512) -> 64
 
     @property
     def latent_shape(self):
-        c = self.transformer.config
-        side = c.sample_size
-        return (c.in_channels, side, side)
+        return (self.transformer.config.in_channels, self.latent_side, self.latent_side)
+
+    def set_resolution(self, pixels):
+        """Sample at `pixels` x `pixels` (the paper trains SD3.5-M at 512): latent side = pixels / 2^(blocks-1)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if pixels % (factor * self.transformer.config.patch_size):
+            raise ValueError(f"resolution {pixels} must be a multiple of {factor * self.transformer.config.patch_size}")
+        self.latent_side = pixels // factor
 
     def encode_prompts(self, prompts):
         return self.encoder(list(prompts))

@@ -5,33 +5,44 @@ Flow-OPD training, one plain loop per stage (Flow-OPD §2.1 pipeline):
   grpo_mix   the GRPO-Mix baseline: one LoRA on all tasks, each prompt rewarded by its task + deqa (§4)
   distill    Flow-OPD: cold start (merge or SFT), then on-policy distillation from the routed teachers with
              the MAR anchor on every prompt (§2.5-2.8). The main job.
+  all        the whole pipeline for one --seed, resumable: the stages above, the Flow-OPD variants and
+             ablations, and the tables over the seeds run so far (results/main.json, results/ood.json)
 
 Usage: python train.py --stage distill [--key value ...]   (every Config field is a flag)
+SD3.5-Medium: the same stages with --model PIPELINE --teacher NAME=PEFT --mar PEFT --prompts TASK=FILE
+(README "Run on SD3.5-Medium"); several GPUs: torchrun --nproc_per_node=N train.py ... (distributed.py);
+--checkpoint_every N writes checkpoint-N/ folders, --resume_from_checkpoint latest continues one.
 Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
 Departures: 1) teachers use Flow-GRPO-Fast (SDE on a 2-step early window, shared noise per group; README);
 2) one optimizer step per iteration, so every PPO ratio is exactly 1 (released: 2 per epoch); 3) distill trains
 `train_timesteps` random steps of the first T-1 per iteration (paper: all T); 4) per-sample routing.
 """
 import argparse
+import contextlib
 import dataclasses
+import glob
 import json
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import distributed
 import models
 import toy_world
-from eval import evaluate, evaluate_cached, format_metrics
+from eval import (evaluate, evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown,
+                  write_table)
 from flow_matching import pretrain, pretrain_autoencoder, time_grid
 from cold_start import merge_into, sft_cold_start
 from grpo import group_advantages, grpo_loss, zero_std_fraction
 from mar import mar_loss
 from opd_loss import opd_loss
-from rewards import combined_reward
+from rewards import REWARDS, combined_reward
 from router import DEFAULT_TASK_WEIGHTS, groups_by_teacher, route, sample_tasks
 from sde_sampler import Trajectory, gaussian_logprob, rollout, sde_step
 
@@ -51,7 +62,7 @@ class Config:
     pretrain_dataset: int = 40_000   # images rendered and encoded once; captions are re-drawn every step
     caption_noise: float = 0.3       # share of corrupted captions (toy_world.corrupt_caption)
     cfg_dropout: float = 0.1         # share of empty captions, for classifier-free guidance
-    snapshots: list = field(default_factory=list)  # extra pretrain steps at which to save base-STEP/
+    snapshots: list[int] = field(default_factory=list)  # extra pretrain steps at which to save base-STEP/
     init_from: str = ""              # continue pretraining a saved world model (then ae_steps may be 0)
     step_offset: int = 0             # steps already done by init_from, for snapshot names and logs
     eval_at_end: bool = True         # print the four scores on the test prompts after the stage
@@ -62,7 +73,7 @@ class Config:
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
     eval_limit: int = 32             # prompts per task in end-of-stage evaluations (0 = all; eval.py: all)
     # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
-    teachers: list = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
+    teachers: list[str] = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
     teacher_dir: str = "checkpoints/teachers"
     grpo_iters: int = 150            # GRPO iterations per teacher (one optimizer step each)
     prompts_per_iter: int = 4        # prompts per iteration; each is sampled group_size times
@@ -79,8 +90,10 @@ class Config:
     beta: float = 0.0                # beta of the KL to the base; Flow-GRPO: 0.04 geneval/ocr, 0.01 pickscore
     adv_std: str = "group"           # advantage std: per "group" or "global" (flow_grpo global_std)
     # --- Flow-OPD (§2.5-2.8) ---
-    routes: list = field(default_factory=lambda: ["geneval", "ocr", "pickscore"])  # tasks with a teacher
+    routes: list[str] = field(default_factory=lambda: ["geneval", "ocr", "pickscore"])  # tasks with a teacher
     cold_start: str = "merge"        # merge (exact mean dW) | merge_average (released A/B mean) | sft | none
+    sft_samples: int = 256           # sft cold start: ODE samples per teacher ...
+    sft_steps: int = 200             # ... and flow-matching steps on them
     mar_anchor: str = "deqa"         # deqa (the paper's aesthetic teacher) | base (released default) | none
     mar_lambda: float = 0.02         # lambda = beta of MAR (paper 0.02; released 0.04)
     estimator: str = "pathwise"      # pathwise | logratio | released (opd_loss.py)
@@ -93,9 +106,35 @@ class Config:
     student_dir: str = "checkpoints/students"
     cold_start_dir: str = "checkpoints/cold_start"
     name: str = ""                   # student name (default: <cold_start> or <cold_start>_no_mar)
+    # --- the whole pipeline (--stage all) and its tables ---
+    runs_dir: str = "runs"           # seed-dependent outputs: runs/seed<S>/{grpo_mix, cold_start, students}
+    results_dir: str = "results"     # tables (seed<S>.json, main.json, ood.json), grids and curves
+    ablations: bool = True           # also train the estimator and cold-start ablations
+    # --- the real path (README "Run on SD3.5-Medium"): --model is then a pipeline folder or hub id ---
+    teacher: list[str] = field(default_factory=list)       # NAME=PATH_OR_ID PEFT teachers (default: the world's)
+    prompts: list[str] = field(default_factory=list)       # TASK=FILE train prompts (prompts.py; default: world)
+    eval_prompts: list[str] = field(default_factory=list)  # TASK=FILE test prompts (default: the world's)
+    resolution: int = 0              # pixels (paper: 512 on SD3.5-M); 0 = the model's native size
+    ocr_reward: str = "world"        # world | rapidocr                     (reward_backends.py)
+    pickscore_reward: str = "world"  # world | PATH_OR_ID of a PickScore CLIP
+    geneval_reward: str = "world"    # world | URL of a flow_grpo GenEval reward server
+    deqa_reward: str = "world"       # world | URL of a DeQA reward server
+    mixed_precision: str = "bf16" if torch.cuda.is_available() else "no"  # bf16 autocast of forwards (CUDA)
+    gradient_checkpointing: bool = False
+    # --- checkpoints (checkpoint.py) ---
+    resume_from_checkpoint: str = ""  # latest | PATH of a checkpoint-N folder
+    checkpoints_total_limit: int = 0  # keep only the newest N checkpoints (0: all)
+    ema_decay: float = 0.0           # EMA of the student LoRA, used for the saved student (0: off)
+    log_rewards: bool = True         # score the student's training samples every iteration (logs only)
     compile: bool = torch.cuda.is_available()  # torch.compile the velocity-discrepancy core
 
     def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for flag in ("teacher", "prompts", "eval_prompts"):
+            for spec in getattr(self, flag):
+                if "=" not in spec:
+                    raise ValueError(f"--{flag} expects NAME=PATH entries, got {spec!r}")
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if self.num_steps < 2 or self.eval_steps < 1:
@@ -110,18 +149,24 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
+# Flag aliases in the conventions of diffusers' scripts and of the paper's command lines.
+ALIASES = {"base": ["--model", "--pretrained_model_name_or_path"], "mar_anchor": ["--mar"]}
+
+
 def parse_config(argv=None):
-    """Every Config field is a `--name value` flag; list fields take several values."""
+    """Every Config field is a `--name value` flag. List fields take several values, and repeating the flag
+    adds more (`--teacher a=X --teacher b=Y`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
+        names = [f"--{f.name}"] + ALIASES.get(f.name, [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, list):
-            ap.add_argument(f"--{f.name}", nargs="*", type=type(default[0]) if default else int, default=default)
+        if isinstance(default, list):  # None: flag absent, the dataclass default applies
+            ap.add_argument(*names, dest=f.name, nargs="*", action="extend", type=typing.get_args(f.type)[0])
         elif isinstance(default, bool):
-            ap.add_argument(f"--{f.name}", type=_bool, default=default)
+            ap.add_argument(*names, dest=f.name, type=_bool, default=default)
         else:
-            ap.add_argument(f"--{f.name}", type=type(default), default=default)
-    return Config(**vars(ap.parse_args(argv)))
+            ap.add_argument(*names, dest=f.name, type=type(default), default=default)
+    return Config(**{k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None})
 
 
 def stage_pretrain(cfg):
@@ -161,13 +206,43 @@ TEACHER_TASKS = {"geneval": {"geneval": 1}, "ocr": {"ocr": 1}, "pickscore": {"pi
                  "deqa": {t: 1 for t in toy_world.TASKS}, "grpo_mix": DEFAULT_TASK_WEIGHTS}
 
 
-def draw_records(task_weights, n, gen):
-    """n train records, the task of each drawn by weight (router.sample_tasks), then a prompt uniformly."""
+def draw_records(pool, task_weights, n, gen):
+    """n records of pool ({task: records}), the task of each drawn by weight (router.sample_tasks, over the
+    tasks the pool has), then a prompt uniformly."""
+    weights = {t: w for t, w in task_weights.items() if t in pool}
+    if not weights:
+        raise SystemExit(f"no prompts for the tasks {sorted(task_weights)}: pass --prompts TASK=FILE for them")
     out = []
-    for task in sample_tasks(task_weights, n, gen):
-        recs = toy_world.prompts(task, "train")
-        out.append(recs[torch.randint(len(recs), (1,), generator=gen).item()])
+    for task in sample_tasks(weights, n, gen):
+        out.append(pool[task][torch.randint(len(pool[task]), (1,), generator=gen).item()])
     return out
+
+
+def amp(cfg):
+    """bf16/fp16 autocast of the model forwards on CUDA (mixed_precision); the Gaussian-step maths stays in
+    fp32 (sde_sampler casts), since bf16 loses the sigma^2 dt terms and moves PPO ratios off 1."""
+    if cfg.mixed_precision == "no" or not cfg.device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
+
+
+def optimizer_step(params, opt, ema=None):
+    """Average the LoRA gradients over processes (torchrun), clip, step, and update the EMA."""
+    distributed.average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+
+
+def trainable(model, name):
+    """The adapter's parameters, kept in fp32 for AdamW when the backbone is loaded in bf16."""
+    params = model.lora_parameters(name)
+    for p in params:
+        p.data = p.data.float()
+    distributed.broadcast_parameters(params)
+    return params
 
 
 @torch.no_grad()
@@ -181,7 +256,8 @@ def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
         prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
         x1 = x1_all[i:i + cfg.micro_batch].to(cfg.device)
         v_fn = model.velocity_fn(prompts, cfg.cfg_scale)
-        trajs.append(rollout(v_fn, x1, sigmas, cfg.noise_level, gen, sde_steps))
+        with amp(cfg):
+            trajs.append(rollout(v_fn, x1, sigmas, cfg.noise_level, gen, sde_steps))
     per_sample = [torch.cat(f) for f in list(zip(*trajs))[:5]]  # x_t, x_next, mean, std, logp
     traj = Trajectory(*per_sample, trajs[0].t, trajs[0].t_next)
     return traj, model.decode(traj.x0).cpu()
@@ -217,51 +293,57 @@ def trained_steps(cfg, gen, window):
     return torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
 
 
-def train_grpo(model, name, cfg, log):
+def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0):
     """Flow-GRPO on one LoRA adapter `name`: sample G SDE trajectories per prompt, reward the images,
-    group-normalise, and take one clipped policy-gradient step over random trained timesteps."""
+    group-normalise, and take one clipped policy-gradient step over random trained timesteps.
+    pool: {task: train records} (default: the world's); rewards_fns: the reward registry (default: the world's)."""
+    pool = pool or prompt_pool([], "train")
     model.add_lora(name, cfg.lora_rank, cfg.lora_alpha)
     model.adapter(name)
-    params = model.lora_parameters(name)
+    params = trainable(model, name)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)  # rank > 0: other prompts and noise (distributed.py)
     n = cfg.prompts_per_iter * cfg.group_size
     k = cfg.sde_window or min(cfg.train_timesteps, cfg.num_steps - 1)
-    print(f"[{name}] GRPO: {cfg.prompts_per_iter} prompts x G={cfg.group_size} = {n} samples per iteration "
-          f"in micro-batches of {cfg.micro_batch}; {k} of {cfg.num_steps} steps trained"
-          f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
-          f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), {cfg.grpo_iters} iterations")
-    for it in tqdm(range(cfg.grpo_iters), desc=name):
-        prompts_rec = draw_records(TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
+    if rank == 0:
+        print(f"[{name}] GRPO: {cfg.prompts_per_iter} prompts x G={cfg.group_size} = {n} samples per iteration "
+              f"in micro-batches of {cfg.micro_batch}; {k} of {cfg.num_steps} steps trained"
+              f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
+              f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), {cfg.grpo_iters} iterations")
+    for it in tqdm(range(cfg.grpo_iters), desc=name, disable=rank != 0):
+        prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
         records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
         steps = trained_steps(cfg, gen, cfg.sde_window)
         traj, images = sample_rollouts(model, records, cfg, gen, steps if cfg.sde_window else None,
                                        share=cfg.group_size if cfg.shared_noise else 1)
-        rewards = combined_reward(images, records, TEACHER_REWARDS[name])
+        rewards = combined_reward(images, records, TEACHER_REWARDS[name], rewards_fns or REWARDS)
         adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
         stats, conds_mb = [], micro_batch_conds(model, records, cfg)
         for j in steps:
             for i in range(0, n, cfg.micro_batch):
                 idx = torch.arange(i, min(i + cfg.micro_batch, n))
                 conds = conds_mb[i // cfg.micro_batch]
-                mean = policy_step_mean(model, traj, idx, j, conds, cfg)
-                ref_mean = None
-                if cfg.beta > 0:
-                    with torch.no_grad():
-                        model.adapter(None)
-                        ref_mean = policy_step_mean(model, traj, idx, j, conds, cfg)
-                        model.adapter(name)
+                with amp(cfg):
+                    mean = policy_step_mean(model, traj, idx, j, conds, cfg)
+                    ref_mean = None
+                    if cfg.beta > 0:
+                        with torch.no_grad():
+                            model.adapter(None)
+                            ref_mean = policy_step_mean(model, traj, idx, j, conds, cfg)
+                            model.adapter(name)
                 std = traj.std[idx, j]
                 logp = gaussian_logprob(traj.x_next[idx, j], mean, std)
                 out = grpo_loss(logp, traj.logp[idx, j], adv[idx], cfg.clip_range, cfg.beta, mean, ref_mean, std)
                 (out.loss * len(idx) / (n * len(steps))).backward()
                 stats.append(out)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log(stage=name, iter=it, reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
-            ratio_min=min(s.ratio_min.item() for s in stats), ratio_max=max(s.ratio_max.item() for s in stats),
-            clipfrac=float(np.mean([s.clipfrac.item() for s in stats])), kl=float(np.mean([s.kl.mean().item() for s in stats])))
+        optimizer_step(params, opt)
+        metrics = distributed.mean_over_processes(
+            dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
+                 clipfrac=float(np.mean([s.clipfrac.item() for s in stats])),
+                 kl=float(np.mean([s.kl.mean().item() for s in stats]))))
+        if rank == 0:
+            log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
+                ratio_max=max(s.ratio_max.item() for s in stats))
 
 
 def jsonl_logger(path):
@@ -277,22 +359,89 @@ def _append(path, line):
 
 def stage_teachers(cfg, names=None):
     """Train each missing teacher (skip those already saved) and print its scores beside the base's."""
+    rank, world, device = distributed.init(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
     log = jsonl_logger(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
+    pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
     for name in names or cfg.teachers:
         path = os.path.join(cfg.teacher_dir, name)
         if os.path.isdir(path):
             print(f"[{name}] found {path}, skipping (delete it to retrain)")
             continue
         t0 = time.time()
-        model = models.load_world_model(cfg.base, cfg.device)
+        model = load_model(cfg)
         torch.manual_seed(cfg.seed)
-        train_grpo(model, name, cfg, log)
-        model.save_adapter(name, path)
-        minutes = (time.time() - t0) / 60
-        log(stage=name, minutes=minutes)
-        print(f"[{name}] saved {path} after {minutes:.1f} min")
-        if cfg.eval_at_end:
-            print(format_metrics(name, evaluate_cached(model, name, path, **eval_settings(cfg))))
+        train_grpo(model, name, cfg, log, pool, rewards_fns, rank)
+        if rank == 0:
+            model.save_adapter(name, path)
+            minutes = (time.time() - t0) / 60
+            log(stage=name, minutes=minutes, processes=world)
+            print(f"[{name}] saved {path} after {minutes:.1f} min")
+            if cfg.eval_at_end and not cfg.prompts:
+                print(format_metrics(name, evaluate_cached(model, name, path, **eval_settings(cfg))))
+        distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a stage acts on, from the flags: the model, the teachers, the prompts, the rewards (the real path)
+
+def _pairs(specs):
+    """["NAME=PATH", ...] -> {NAME: PATH} (Config checked the form)."""
+    return dict(s.split("=", 1) for s in specs)
+
+
+def load_model(cfg):
+    """The world model (a folder with transformer/ and tokenizer/), or an SD3 pipeline (a folder with
+    model_index.json, or a hub id), loaded in bf16 when mixed_precision is bf16."""
+    local = os.path.isdir(cfg.base)
+    if local and not os.path.isfile(os.path.join(cfg.base, "model_index.json")):
+        model = models.load_world_model(cfg.base, cfg.device)
+    elif not local and (cfg.base.startswith((".", "/")) or cfg.base.count("/") != 1):
+        raise SystemExit(f"--model {cfg.base!r}: no such folder (and not a hub id). The world's base is built "
+                         f"by `python train.py --stage pretrain`; SD3 needs a pipeline folder or hub id")
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        model = models.load_sd3(cfg.base, dtype=dtype, device=cfg.device)
+    if cfg.resolution:
+        model.set_resolution(cfg.resolution)
+    if cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model
+
+
+def adapter_folder(name, spec):
+    """A PEFT adapter folder from a local path, or a hub id downloaded once by huggingface_hub."""
+    if os.path.isdir(spec):
+        return spec
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(spec)
+    except Exception as e:
+        raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded "
+                         f"({type(e).__name__}). Download it where the hub is reachable "
+                         f"(`hf download {spec} --local-dir DIR`) and pass {name}=DIR") from None
+
+
+def prompt_pool(specs, split):
+    """{task: records}: the TASK=FILE prompt files (prompts.py formats), else the world's `split` prompts."""
+    if not specs:
+        return {t: toy_world.prompts(t, split) for t in toy_world.TASKS}
+    import prompts
+    try:
+        return {task: prompts.read_prompts(path, task) for task, path in _pairs(specs).items()}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"prompt file: {e}") from None
+
+
+def reward_registry(cfg):
+    """The world's rewards (rewards.REWARDS), with real-image backends swapped in by the *_reward flags."""
+    import rewards
+    choice = dict(ocr=cfg.ocr_reward, pickscore=cfg.pickscore_reward, geneval=cfg.geneval_reward,
+                  deqa=cfg.deqa_reward)
+    if all(v == "world" for v in choice.values()):
+        return rewards.REWARDS
+    import reward_backends
+    return reward_backends.make_rewards(**choice)
 
 
 def eval_settings(cfg):
@@ -311,33 +460,55 @@ def opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, noise_level, 
     return out.loss + mar, out.kl, mar.detach()
 
 
-def load_teachers(model, cfg, names):
-    """Load the teacher adapters `names` from cfg.teacher_dir; train (with a message) any that is missing."""
-    missing = [n for n in names if not os.path.isdir(os.path.join(cfg.teacher_dir, n))]
-    if missing:
-        print(f"teachers {missing} not found in {cfg.teacher_dir}: training them now with `--stage teachers`")
-        stage_teachers(dataclasses.replace(cfg, eval_at_end=False), names=missing)
-    for n in names:
-        model.load_adapter(os.path.join(cfg.teacher_dir, n), n)
+def load_teachers(model, cfg):
+    """Load the routed teachers and the MAR anchor as adapters on the one backbone and return
+    ({task: teacher adapter}, anchor adapter or None for the base). --teacher NAME=PATH_OR_ID gives them
+    (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are used, and
+    any that is missing is trained first, with a message. --mar is deqa, base, none, or a PATH_OR_ID."""
+    anchor = {"deqa": "deqa", "base": None, "none": None}.get(cfg.mar_anchor, "anchor")
+    if cfg.teacher:
+        sources = _pairs(cfg.teacher)
+    else:
+        names = cfg.routes + (["deqa"] if anchor == "deqa" else [])
+        missing = [n for n in names if not os.path.isdir(os.path.join(cfg.teacher_dir, n))]
+        if missing:
+            print(f"teachers {missing} not found in {cfg.teacher_dir}: training them now with `--stage teachers`")
+            stage_teachers(dataclasses.replace(cfg, eval_at_end=False), names=missing)
+        sources = {n: os.path.join(cfg.teacher_dir, n) for n in names}
+    if anchor == "anchor":
+        sources["anchor"] = cfg.mar_anchor
+    elif anchor == "deqa" and "deqa" not in sources:
+        raise SystemExit("--mar deqa needs a deqa teacher: add --teacher deqa=PATH_OR_ID, or pass "
+                         "--mar PATH_OR_ID (e.g. the published DeQA teacher), --mar base or --mar none")
+    unrouted = [n for n in sources if n not in cfg.routes and n not in ("deqa", "anchor")]
+    if unrouted:
+        raise SystemExit(f"teachers {unrouted} have no route: name teachers by task ({cfg.routes}) or set --routes")
+    for name, spec in sources.items():
+        try:
+            model.load_adapter(adapter_folder(name, spec), name)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"teacher {name}: {e}") from None
+    return {n: n for n in sources if n in cfg.routes}, anchor
 
 
 def make_student(model, cfg, teachers):
     """The cold start (§3) as adapter "student": loaded from cfg.cold_start_dir if built before, else
     merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved."""
     path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
-    routes_file = os.path.join(path, "routes.json")
-    if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == teachers:
+    routes_file, names = os.path.join(path, "routes.json"), list(teachers.values())
+    if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == names:
         print(f"cold start: using {path} (delete it to rebuild, e.g. after retraining teachers)")
         model.load_adapter(path, "student")
         return path
     if os.path.isdir(path):
-        print(f"cold start: {path} was built from other teachers than {teachers}; rebuilding it")
+        print(f"cold start: {path} was built from other teachers than {names}; rebuilding it")
     if cfg.cold_start in ("merge", "merge_average"):
-        res = merge_into(model, "student", teachers, mode="delta" if cfg.cold_start == "merge" else "average")
+        res = merge_into(model, "student", names, mode="delta" if cfg.cold_start == "merge" else "average")
         print(f"cold start {cfg.cold_start}: rank {res.rank}, alpha {res.alpha}, "
               f"max relative error vs mean dW {res.max_rel_error:.3g}")
     elif cfg.cold_start == "sft":
-        loss = sft_cold_start(model, "student", {t: t for t in cfg.routes}, rank=cfg.lora_rank,
+        loss = sft_cold_start(model, "student", teachers, prompt_pool(cfg.prompts, "train"), steps=cfg.sft_steps,
+                              samples_per_teacher=cfg.sft_samples, rank=cfg.lora_rank,
                               alpha=cfg.lora_alpha, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
         print(f"cold start sft: final flow-matching loss {loss:.4f}")
     elif cfg.cold_start == "none":
@@ -346,7 +517,7 @@ def make_student(model, cfg, teachers):
         raise SystemExit(f"unknown --cold_start {cfg.cold_start!r}; choose merge, merge_average, sft or none")
     model.save_adapter("student", path)
     with open(routes_file, "w") as f:
-        json.dump(teachers, f)
+        json.dump(names, f)
     return path
 
 
@@ -364,7 +535,7 @@ def opd_iteration(model, records, routed, anchor, cfg, core, gen):
             idx = torch.arange(i, min(i + cfg.micro_batch, n))
             conds = conds_mb[i // cfg.micro_batch]
             x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
-            with torch.no_grad():
+            with torch.no_grad(), amp(cfg):
                 v_T = torch.empty_like(x_t)
                 for teacher, sub in groups_by_teacher(routed[i:i + cfg.micro_batch]).items():
                     model.adapter(teacher)
@@ -376,7 +547,8 @@ def opd_iteration(model, records, routed, anchor, cfg, core, gen):
                     model.adapter(anchor)  # None = the base, adapters disabled
                     v_A = model.velocity(x_t, t, *conds)
             model.adapter("student")  # re-enables the student's gradients before its forward
-            v_s = model.velocity(x_t, t, *conds)
+            with amp(cfg):
+                v_s = model.velocity(x_t, t, *conds)
             loss, kl, mar = core(x_t, traj.x_next[idx, j], v_s, v_T, v_A, t, traj.t_next[j].expand(len(idx)),
                                  traj.std[idx, j], traj.logp[idx, j], cfg.noise_level, cfg.estimator, cfg.mar_lambda)
             (loss * len(idx) / (n * len(steps))).backward()
@@ -387,52 +559,211 @@ def opd_iteration(model, records, routed, anchor, cfg, core, gen):
 
 def stage_distill(cfg):
     t0 = time.time()
+    rank, world, device = distributed.init(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
     name = cfg.name or cfg.cold_start + ("" if cfg.mar_anchor != "none" else "_no_mar")
-    model = models.load_world_model(cfg.base, cfg.device)
-    anchor = {"deqa": "deqa", "base": None, "none": None}[cfg.mar_anchor]
-    load_teachers(model, cfg, cfg.routes + ([anchor] if anchor else []))
-    teachers = {task: task for task in cfg.routes}  # task -> teacher adapter (hard routing, §2.5)
-    cold_path = make_student(model, cfg, list(teachers.values()))
-    kw = eval_settings(cfg)
-    cold = evaluate_cached(model, "student", cold_path, **kw) if cfg.eval_at_end else None
+    run_dir = os.path.join(cfg.student_dir, name)
+    model = load_model(cfg)
+    teachers, anchor = load_teachers(model, cfg)  # {task: adapter} (hard routing, §2.5); MAR anchor
+    cold_path = make_student(model, cfg, teachers) if rank == 0 else None
+    distributed.barrier()
+    if rank > 0:  # the cold start is built once, by rank 0, and loaded by the others
+        model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
+    pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
+    kw = dict(eval_settings(cfg), rewards=rewards_fns, records=prompt_pool(cfg.eval_prompts, "test") if cfg.eval_prompts else None)
+    evaluating = cfg.eval_at_end and rank == 0 and (not cfg.prompts or cfg.eval_prompts)
+    if cfg.eval_at_end and rank == 0 and not evaluating:
+        print("no --eval_prompts for the --prompts given: not evaluated")
+    cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None
     model.adapter("student")
-    params = model.lora_parameters("student")
+    params = trainable(model, "student")
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
+    ema = checkpoint.EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     core = torch.compile(opd_core) if cfg.compile else opd_core
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log = jsonl_logger(os.path.join(cfg.student_dir, name, "train_log.jsonl"))
+    gen = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own prompts and noise
+    start = resume(cfg, run_dir, model, opt, ema, gen, rank) if cfg.resume_from_checkpoint else 0
+    log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl")) if rank == 0 else None
     weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers}
-    for it in tqdm(range(cfg.opd_iters), desc="distill"):
-        drawn = sorted(draw_records(weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
+    if rank == 0:
+        print(f"distill {name}: teachers {teachers}, MAR anchor {anchor or ('base' if cfg.mar_anchor == 'base' else 'none')}, "
+              f"{cfg.opd_prompts} prompts x {cfg.opd_group} per iteration x {world} processes, "
+              f"iterations {start}..{cfg.opd_iters}")
+    for it in tqdm(range(start, cfg.opd_iters), desc="distill", disable=rank != 0):
+        drawn = sorted(draw_records(pool, weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
         records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
                                         anchor, cfg, core, gen)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        rewards = combined_reward(images, records, {"task": 1.0})
-        log(stage="distill", iter=it, kl=kl, mar=mar,
-            **{f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()
-               for t in sorted(set(r["task"] for r in records))})
+        optimizer_step(params, opt, ema)
+        metrics = {"kl": kl, "mar": mar}
+        if cfg.log_rewards:
+            rewards = combined_reward(images, records, {"task": 1.0}, rewards_fns)
+            metrics.update({f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()
+                            for t in sorted(weights)})  # nan for a task not drawn this iteration
+        metrics = distributed.mean_over_processes(metrics)
         done = it + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            model.save_adapter("student", os.path.join(cfg.student_dir, name, f"checkpoint-{done}"))
+            save_training_state(cfg, run_dir, done, model, opt, ema, gen, rank)
+        if rank > 0:
+            continue
+        log(stage="distill", iter=it, **metrics)
         if cfg.eval_every and done % cfg.eval_every == 0:
             log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in evaluate(model, "student", **kw).items()})
             model.adapter("student")
-    path = os.path.join(cfg.student_dir, name)
+    if world > 1:
+        print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}")
+    if rank == 0:
+        finish_student(cfg, model, ema, run_dir, teachers, cold, kw, evaluating, t0)
+    distributed.barrier()
+
+
+def finish_student(cfg, model, ema, path, teachers, cold, kw, evaluating, t0):
+    """Save the student (EMA weights if on) in PEFT and diffusers LoRA formats; print its scores beside the
+    cold start's and the teachers'."""
+    with ema.applied() if ema is not None else contextlib.nullcontext():
+        save_and_report(cfg, model, path, teachers, cold, kw, evaluating, t0)
+
+
+def save_and_report(cfg, model, path, teachers, cold, kw, evaluating, t0):
     model.save_adapter("student", os.path.join(path, "adapter"))
-    print(f"student saved to {path}/adapter after {(time.time() - t0) / 60:.1f} min")
-    if cfg.eval_at_end:
+    checkpoint.export_lora(model, "student", os.path.join(path, "export"))
+    print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
+          f"{(time.time() - t0) / 60:.1f} min")
+    if evaluating:
         print(format_metrics(f"cold start ({cfg.cold_start})", cold))
         for teacher in teachers.values():
             folder = os.path.join(cfg.teacher_dir, teacher)
-            print(format_metrics(f"teacher/{teacher}", evaluate_cached(model, teacher, folder, **kw)))
-        print(format_metrics(f"flow_opd/{name}", evaluate(model, "student", **kw)))
+            scores = evaluate_cached(model, teacher, folder, **kw) if not cfg.teacher else evaluate(model, teacher, **kw)
+            print(format_metrics(f"teacher/{teacher}", scores))
+        print(format_metrics(f"flow_opd/{os.path.basename(path)}", evaluate(model, "student", **kw)))
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
-STAGES = {"pretrain": stage_pretrain, "teachers": stage_teachers, "distill": stage_distill,
+def save_training_state(cfg, run_dir, step, model, opt, ema, gen, rank):
+    """checkpoint-<step>/ with the student, optimizer, EMA, RNG states (every process's sampling generator)
+    and config, written atomically by rank 0."""
+    states = distributed.gather_objects(gen.get_state())
+    if rank == 0:
+        gens = {f"sampling_rank{r}": torch.Generator().set_state(s) for r, s in enumerate(states)}
+        checkpoint.save_checkpoint(run_dir, step, model, "student", opt, dataclasses.asdict(cfg), ema, gens,
+                                   keep=cfg.checkpoints_total_limit or None)
+
+
+def resume(cfg, run_dir, model, opt, ema, gen, rank):
+    """Restore a checkpoint (--resume_from_checkpoint latest|PATH); returns the iteration to continue from."""
+    try:
+        path = checkpoint.resolve_resume(cfg.resume_from_checkpoint, run_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    state = checkpoint.load_checkpoint(path, model, "student", opt, ema, {f"sampling_rank{rank}": gen})
+    if rank == 0:
+        print(f"resumed from {path} at iteration {state['step']}")
+    return state["step"]
+
+# Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
+# the two ablations' (the OPD estimator; the cold start by A/B averaging, beside exact dW and SFT above).
+MAIN_VARIANTS = {"flow_opd/merge": dict(cold_start="merge"),
+                 "flow_opd/sft": dict(cold_start="sft"),
+                 "flow_opd/merge_no_mar": dict(cold_start="merge", mar_anchor="none")}
+ABLATION_VARIANTS = {"flow_opd/merge_logratio": dict(cold_start="merge", estimator="logratio"),
+                     "flow_opd/merge_released": dict(cold_start="merge", estimator="released"),
+                     "flow_opd/merge_average": dict(cold_start="merge_average")}
+
+
+def pipeline_rows(cfg, run):
+    """row -> adapter folder (None: the base) for every model --stage all evaluates."""
+    rows = {"base": None, **{f"teacher/{t}": os.path.join(cfg.teacher_dir, t) for t in toy_world.TASKS + ("deqa",)},
+            "grpo_mix": os.path.join(run, "grpo_mix")}
+    variants = {**MAIN_VARIANTS, **(ABLATION_VARIANTS if cfg.ablations else {})}
+    for row, overrides in variants.items():
+        cs = overrides["cold_start"]
+        rows[f"cold_start/{cs}"] = os.path.join(run, "cold_start", cs)
+    rows.update({row: os.path.join(run, "students", row.split("/")[1], "adapter") for row in variants})
+    return rows
+
+
+def stage_all(cfg):
+    """The whole pipeline for one seed, resumable stage by stage (what exists is reused): pretraining if no
+    base, the four teachers (shared by all seeds), then per seed GRPO-Mix, the cold starts and the Flow-OPD
+    variants, and the evaluation of every row (results/seed<S>.json, aggregated over seeds into
+    results/main.json and results/ood.json)."""
+    t0, run = time.time(), os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
+    timings = {}
+    if not os.path.isdir(cfg.base):
+        stage_pretrain(cfg)
+    stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
+    stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False), ["grpo_mix"])
+    timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
+    rows = pipeline_rows(cfg, run)
+    variants = {**MAIN_VARIANTS, **ABLATION_VARIANTS}
+    for row in [r for r in rows if r in variants]:
+        if os.path.isdir(rows[row]):
+            print(f"[{row}] found {rows[row]}, skipping")
+            continue
+        t1, name = time.time(), row.split("/")[1]
+        print(f"[{row}] distilling")
+        stage_distill(dataclasses.replace(cfg, name=name, student_dir=os.path.join(run, "students"),
+                                          cold_start_dir=os.path.join(run, "cold_start"), eval_at_end=False,
+                                          **variants[row]))
+        timings[row] = (time.time() - t1) / 60
+    evaluate_rows(cfg, rows, timings)
+    print(f"--stage all, seed {cfg.seed}: {(time.time() - t0) / 60:.1f} min")
+
+
+def evaluate_rows(cfg, rows, timings):
+    """Evaluate each row on the test prompts and the OOD set (noise seed = cfg.seed; cached in the adapter
+    folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
+    model = models.load_world_model(cfg.base, cfg.device)
+    kw = eval_settings(cfg)
+    ood_kw = {k: kw[k] for k in ("steps", "cfg_scale", "seed")}
+    main, ood = {}, {}
+    for row, folder in tqdm(rows.items(), desc="evaluate"):
+        adapter = None if folder is None else row
+        if folder is not None:
+            model.load_adapter(folder, row)
+        cache = folder or os.path.join(cfg.runs_dir, "base_eval")
+        main[row] = evaluate_cached(model, adapter, cache, **kw)
+        ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
+        print(format_metrics(row, main[row]))
+    os.makedirs(cfg.results_dir, exist_ok=True)
+    with open(os.path.join(cfg.results_dir, f"seed{cfg.seed}.json"), "w") as f:
+        json.dump({"main": main, "ood": ood, "minutes": timings, "eval": kw}, f, indent=1)
+    seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
+    runs = [json.load(open(p)) for p in seeds]
+    meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},
+            "note": "base and teachers are shared by all seeds (only their evaluation noise varies)"}
+    for part in ("main", "ood"):
+        per_seed = {row: [r[part][row] for r in runs if row in r[part]] for row in rows}
+        write_table(os.path.join(cfg.results_dir, f"{part}.json"), per_seed, meta)
+    print(table_markdown(json.load(open(os.path.join(cfg.results_dir, "main.json")))))
+    draw_pictures(cfg, model, rows)
+
+
+def draw_pictures(cfg, model, rows):
+    """results/grid_seed<S>.png: every row's samples on fixed prompts (2 test prompts per task and 4 OOD
+    compositions) from the same noise; results/curves_*.png: the training curves of the teachers and
+    GRPO-Mix, and of the Flow-OPD variants (per-task reward of the training samples, KL, MAR)."""
+    import compbench
+    import plots
+    recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:2]] + compbench.records()[::24][:4]
+    prompts = [r["prompt"] for r in recs]
+    samples = {}
+    for row, folder in rows.items():
+        model.adapter(None if folder is None else row)
+        samples[row] = sample_images(model, prompts, cfg.eval_steps, cfg.cfg_scale, cfg.seed)
+    out = lambda name: os.path.join(cfg.results_dir, name)
+    plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"))
+    run = os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
+    logs = {"": os.path.join(cfg.teacher_dir, "train_log.jsonl"), "seed": os.path.join(run, "train_log.jsonl")}
+    plots.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "kl"],
+                          out(f"curves_teachers_seed{cfg.seed}.png"))
+    logs = {row: os.path.join(os.path.dirname(folder), "train_log.jsonl") for row, folder in rows.items()
+            if row.startswith("flow_opd/")}
+    plots.training_curves(logs, ["kl", "mar", "reward/geneval", "reward/ocr", "reward/pickscore"],
+                          out(f"curves_distill_seed{cfg.seed}.png"))
+    print(f"pictures: {out(f'grid_seed{cfg.seed}.png')}, curves_*_seed{cfg.seed}.png")
+
+
+STAGES = {"all": stage_all, "pretrain": stage_pretrain, "teachers": stage_teachers, "distill": stage_distill,
           "grpo_mix": lambda cfg: stage_teachers(cfg, ["grpo_mix"])}  # one GRPO LoRA on the mixed rewards
 
 

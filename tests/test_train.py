@@ -146,7 +146,7 @@ def test_grpo_reward_rises(monkeypatch):
     (fixed seed, lr tuned once: 5e-3 rose on seeds 0, 1 and 2; 1e-2 overshot on seed 2) must raise it."""
     monkeypatch.setitem(train.TEACHER_TASKS, "bright", {"geneval": 1})
     monkeypatch.setitem(train.TEACHER_REWARDS, "bright", {})
-    monkeypatch.setattr(train, "combined_reward", lambda images, records, weights: images.mean((1, 2, 3)))
+    monkeypatch.setattr(train, "combined_reward", lambda images, *_: images.mean((1, 2, 3)))
     cfg = train.parse_config(["--grpo_iters", "9", "--prompts_per_iter", "2", "--group_size", "4",
                               "--micro_batch", "8", "--num_steps", "4", "--lr", "5e-3", "--seed", "0",
                               "--device", "cpu"])
@@ -273,3 +273,66 @@ def test_opd_core_gradient():
     v_ref2 = v.clone().requires_grad_(True)
     ((w * (v_ref2 - v_T).pow(2).flatten(1).sum(1)).mean() / D).backward()
     assert torch.allclose(v_s2.grad, v_ref2.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_resume_distill_matches_uninterrupted_run(tmp_path, teacher_dir, fast_load):
+    """A distill run stopped after its checkpoint at iteration 2 and resumed (--resume_from_checkpoint
+    latest) logs the same numbers and ends with the same student, bit for bit, as one run of 3 iterations."""
+    common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(tmp_path / "s"),
+              "--cold_start_dir", str(tmp_path / "cold"), "--opd_prompts", "3", "--compile", "false",
+              "--eval_at_end", "false", "--ema_decay", "0.5"] + TINY
+    train.main(common + ["--name", "whole", "--opd_iters", "3"])
+    train.main(common + ["--name", "cut", "--opd_iters", "2", "--checkpoint_every", "2"])
+    train.main(common + ["--name", "cut", "--opd_iters", "3", "--resume_from_checkpoint", "latest"])
+    whole, cut = _jsonl(tmp_path / "s" / "whole" / "train_log.jsonl"), _jsonl(tmp_path / "s" / "cut" / "train_log.jsonl")
+    assert [r["iter"] for r in cut] == [0, 1, 2] and cut == whole
+    a = load_file(tmp_path / "s" / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "s" / "cut" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "s" / "cut" / "export" / "pytorch_lora_weights.safetensors").exists()
+    with pytest.raises(SystemExit, match="checkpoint"):
+        train.main(common + ["--name", "never", "--resume_from_checkpoint", "latest"])
+
+
+def test_torchrun_ddp_distill_two_gloo_processes(tmp_path, teacher_dir):
+    """torchrun with 2 CPU processes (gloo): prompts are sharded, gradients averaged, and both replicas end
+    with identical student weights; rank 0 alone writes the log and the student."""
+    import subprocess
+    students = tmp_path / "students"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+           os.path.join(ROOT, "train.py"), "--stage", "distill", "--teacher_dir", str(teacher_dir),
+           "--student_dir", str(students), "--cold_start_dir", str(tmp_path / "cold"), "--opd_iters", "2",
+           "--opd_prompts", "2", "--compile", "false", "--eval_at_end", "false", "--checkpoint_every", "2"] + TINY
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    spreads = [line for line in out.stdout.splitlines() if "max parameter spread" in line]
+    assert len(spreads) == 2 and all(line.endswith(" 0") for line in spreads), out.stdout
+    assert "x 2 processes" in out.stdout
+    assert [r["iter"] for r in _jsonl(students / "merge" / "train_log.jsonl")] == [0, 1]
+    assert (students / "merge" / "checkpoint-2" / "rng.pt").exists()
+    assert (students / "merge" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher_dir, fast_load, capsys):
+    """--stage all at toy size from committed-style teachers: GRPO-Mix, three Flow-OPD variants with their
+    cold starts, the tables in the documented schema, a grid and curves; a second call reuses everything."""
+    argv = ["--stage", "all", "--teacher_dir", str(teacher_dir), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--ablations", "false", "--opd_iters", "1",
+            "--opd_prompts", "3", "--sft_samples", "4", "--sft_steps", "2", "--compile", "false"] + TINY
+    train.main(argv)
+    table = json.load(open(tmp_path / "results" / "main.json"))
+    assert list(table["rows"]) == ["base", "teacher/geneval", "teacher/ocr", "teacher/pickscore", "teacher/deqa",
+                                   "grpo_mix", "cold_start/merge", "cold_start/sft", "flow_opd/merge",
+                                   "flow_opd/sft", "flow_opd/merge_no_mar"]
+    cell = table["rows"]["flow_opd/merge"]["avg"]
+    assert set(cell) == {"mean", "std", "n"} and cell["n"] == 1 and 0 <= cell["mean"] <= 1
+    assert "geneval_strict/single_object" in table["rows"]["base"]
+    ood = json.load(open(tmp_path / "results" / "ood.json"))
+    assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
+    for png in ("grid_seed0.png", "curves_teachers_seed0.png", "curves_distill_seed0.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
+    capsys.readouterr()
+    train.main(argv)  # resumable: nothing is trained again
+    out = capsys.readouterr().out
+    assert "[grpo_mix] found" in out and out.count("skipping") >= 8 and "distilling" not in out
