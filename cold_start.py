@@ -164,7 +164,8 @@ def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teac
             model.adapter(teacher)
             for i in range(0, len(ps), 64):
                 noise = torch.randn(len(ps[i:i + 64]), *model.latent_shape, generator=gen).to(dev)
-                x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], cfg_scale), noise, time_grid(sample_steps).to(dev)))
+                sigmas = time_grid(sample_steps, model.shift).to(dev)
+                x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], cfg_scale), noise, sigmas))
             prompts += ps
     x0 = torch.cat(x0)                                                        # (N, C, h, w)
     model.add_lora(name, rank, alpha)

@@ -97,11 +97,8 @@ def main(argv=None):
     if args.lora:
         load_lora(model, args.lora, "lora")
     model.adapter("lora" if args.lora else None)
-    shift, pipe = args.shift, getattr(model.encoder, "pipe", None)
-    if shift is None:  # an SD3 pipeline's scheduler knows its model's shift; the world model trains at 1
-        shift = pipe.scheduler.config.get("shift", 1.0) if pipe is not None else 1.0
     images = sample_images(model, [args.prompt] * args.num_images, args.steps, args.cfg_scale, args.seed,
-                           shift=shift)  # (N, 3, H, W)
+                           shift=args.shift)  # (N, 3, H, W); shift None: the model's own (models.T2IModel.shift)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     image_grid(images, cols=int(np.ceil(np.sqrt(args.num_images)))).save(args.out)
     print(f"{args.num_images} images ({images.shape[-1]}x{images.shape[-2]}) -> {args.out}")

@@ -187,6 +187,7 @@ class T2IModel(nn.Module):
         super().__init__()
         self.transformer, self.vae, self.encoder = transformer, vae, encoder
         self.latent_side = transformer.config.sample_size  # SD3.5-M: 128 (1024 px); set_resolution(512) -> 64
+        self.shift = 1.0  # time shift of the sampling grid (flow_matching.shift_sigmas); SD3.5: its scheduler's 3.0
 
     @property
     def latent_shape(self):
@@ -345,6 +346,7 @@ def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda"):
     pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe))
+    model.shift = pipe.scheduler.config.get("shift", 1.0)  # SD3.5 samples on a shifted grid (3.0)
     return model.requires_grad_(False).eval()
 
 

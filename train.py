@@ -43,7 +43,7 @@ from grpo import group_advantages, grpo_loss, zero_std_fraction
 from mar import mar_loss
 from opd_loss import opd_loss
 from rewards import REWARDS, combined_reward
-from router import DEFAULT_TASK_WEIGHTS, groups_by_teacher, route, sample_tasks
+from router import DEFAULT_TASK_WEIGHTS, groups_by_teacher, mix_velocities, one_hot_weights, route, sample_tasks
 from sde_sampler import Trajectory, gaussian_logprob, rollout, sde_step
 
 
@@ -85,6 +85,7 @@ class Config:
     shared_noise: bool = True        # a group's G samples start from one x1 (branching at the SDE window)
     lora_rank: int = 32              # r (paper: 32)
     lora_alpha: int = 64             # alpha (paper: 64)
+    lora_targets: str = "attention"  # attention (Flow-GRPO's q/k/v/out projections) | wide (+ MLPs, adaLN)
     lr: float = 5e-4                 # AdamW on the LoRA parameters (GRPO stages)
     clip_range: float = 1e-4         # PPO epsilon (Flow-GRPO default)
     beta: float = 0.0                # beta of the KL to the base; Flow-GRPO: 0.04 geneval/ocr, 0.01 pickscore
@@ -101,6 +102,7 @@ class Config:
     opd_prompts: int = 16            # prompts per iteration
     opd_group: int = 1               # samples per prompt (OPD needs no group baseline)
     opd_lr: float = 1e-3             # AdamW on the student LoRA
+    soft_routing: float = 0.0        # eps > 0: mix all teachers, (1 - eps) own + eps / K each (router.py)
     eval_every: int = 0              # evaluate the student every N distill iterations (0: only at the end)
     checkpoint_every: int = 0        # save the student adapter to <student>/checkpoint-N every N iterations
     student_dir: str = "checkpoints/students"
@@ -129,6 +131,10 @@ class Config:
     compile: bool = torch.cuda.is_available()  # torch.compile the velocity-discrepancy core
 
     def __post_init__(self):
+        if self.lora_targets not in ("attention", "wide"):
+            raise ValueError(f"lora_targets must be attention or wide, got {self.lora_targets!r}")
+        if not 0 <= self.soft_routing <= 1:
+            raise ValueError(f"soft_routing must be in [0, 1], got {self.soft_routing}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         for flag in ("teacher", "prompts", "eval_prompts"):
@@ -249,7 +255,7 @@ def trainable(model, name):
 def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
     """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
     share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
-    sigmas = time_grid(cfg.num_steps).to(cfg.device)
+    sigmas = time_grid(cfg.num_steps, model.shift).to(cfg.device)  # SD3.5: its scheduler's shift, as Flow-GRPO
     x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
     trajs = []
     for i in range(0, len(records), cfg.micro_batch):
@@ -298,7 +304,8 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0):
     group-normalise, and take one clipped policy-gradient step over random trained timesteps.
     pool: {task: train records} (default: the world's); rewards_fns: the reward registry (default: the world's)."""
     pool = pool or prompt_pool([], "train")
-    model.add_lora(name, cfg.lora_rank, cfg.lora_alpha)
+    targets = {"attention": models.LORA_TARGETS, "wide": models.LORA_TARGETS_WIDE}[cfg.lora_targets]
+    model.add_lora(name, cfg.lora_rank, cfg.lora_alpha, targets)
     model.adapter(name)
     params = trainable(model, name)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
@@ -493,15 +500,20 @@ def load_teachers(model, cfg):
 
 def make_student(model, cfg, teachers):
     """The cold start (§3) as adapter "student": loaded from cfg.cold_start_dir if built before, else
-    merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved."""
+    merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved.
+    routes.json records what it was built from (the base, and each teacher's source), so a cold start is
+    never reused for other teachers or another model."""
     path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
-    routes_file, names = os.path.join(path, "routes.json"), list(teachers.values())
-    if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == names:
+    names = list(teachers.values())
+    sources = _pairs(cfg.teacher) if cfg.teacher else {n: os.path.join(cfg.teacher_dir, n) for n in names}
+    built_from = {"base": cfg.base, "teachers": {n: sources[n] for n in names}}
+    routes_file = os.path.join(path, "routes.json")
+    if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == built_from:
         print(f"cold start: using {path} (delete it to rebuild, e.g. after retraining teachers)")
         model.load_adapter(path, "student")
         return path
     if os.path.isdir(path):
-        print(f"cold start: {path} was built from other teachers than {names}; rebuilding it")
+        print(f"cold start: {path} was built from another base or other teachers than {built_from}; rebuilding it")
     if cfg.cold_start in ("merge", "merge_average"):
         res = merge_into(model, "student", names, mode="delta" if cfg.cold_start == "merge" else "average")
         print(f"cold start {cfg.cold_start}: rank {res.rank}, alpha {res.alpha}, "
@@ -517,15 +529,36 @@ def make_student(model, cfg, teachers):
         raise SystemExit(f"unknown --cold_start {cfg.cold_start!r}; choose merge, merge_average, sft or none")
     model.save_adapter("student", path)
     with open(routes_file, "w") as f:
-        json.dump(names, f)
+        json.dump(built_from, f, indent=1)
     return path
 
 
-def opd_iteration(model, records, routed, anchor, cfg, core, gen):
+def teacher_velocity(model, x_t, t, conds, routed, team, cfg):
+    """v_target at the student's states (§2.5). Hard routing: each sample's own teacher, each teacher run
+    once on its own samples. Soft routing (soft_routing = eps > 0; the paper's open question): every
+    teacher of `team` on every sample, mixed with alpha_k = (1 - eps) 1[k routed] + eps / K."""
+    if cfg.soft_routing:
+        vel = {}
+        for teacher in team:
+            model.adapter(teacher)
+            vel[teacher] = model.velocity(x_t, t, *conds).float()
+        alpha = (1 - cfg.soft_routing) * one_hot_weights(routed, team) + cfg.soft_routing / len(team)  # (B, K)
+        return mix_velocities(vel, alpha.to(x_t.device))
+    v_T = torch.empty_like(x_t)
+    (c, pc), (u, pu) = conds[0], conds[1]
+    for teacher, sub in groups_by_teacher(routed).items():
+        model.adapter(teacher)
+        v_T[sub] = model.velocity(x_t[sub], t[sub], (c[sub], pc[sub]), (u[sub], pu[sub]), cfg.cfg_scale).to(v_T.dtype)
+    return v_T
+
+
+def opd_iteration(model, records, routed, anchor, cfg, core, gen, team=None):
     """One Flow-OPD iteration up to the optimizer step (§2.10's loop): the student samples SDE trajectories;
     at each trained step, the routed teacher and the MAR anchor give their velocities at the student's own
     states (adapter switches on the one backbone, no grad), then the student's forward and the core's loss
-    are backpropagated. Returns the decoded images and the mean step KL and MAR terms."""
+    are backpropagated. team: every teacher adapter (soft routing mixes them all; default: those routed).
+    Returns the decoded images and the mean step KL and MAR terms."""
+    team = team or sorted(set(routed))
     model.adapter("student")
     traj, images = sample_rollouts(model, records, cfg, gen)
     steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
@@ -536,12 +569,7 @@ def opd_iteration(model, records, routed, anchor, cfg, core, gen):
             conds = conds_mb[i // cfg.micro_batch]
             x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
             with torch.no_grad(), amp(cfg):
-                v_T = torch.empty_like(x_t)
-                for teacher, sub in groups_by_teacher(routed[i:i + cfg.micro_batch]).items():
-                    model.adapter(teacher)
-                    (c, pc), (u, pu) = conds[0], conds[1]
-                    v = model.velocity(x_t[sub], t[sub], (c[sub], pc[sub]), (u[sub], pu[sub]), cfg.cfg_scale)
-                    v_T[sub] = v.to(v_T.dtype)
+                v_T = teacher_velocity(model, x_t, t, conds, routed[i:i + cfg.micro_batch], team, cfg)
                 v_A = None
                 if cfg.mar_anchor != "none":
                     model.adapter(anchor)  # None = the base, adapters disabled
@@ -570,7 +598,11 @@ def stage_distill(cfg):
     if rank > 0:  # the cold start is built once, by rank 0, and loaded by the others
         model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
     pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
-    kw = dict(eval_settings(cfg), rewards=rewards_fns, records=prompt_pool(cfg.eval_prompts, "test") if cfg.eval_prompts else None)
+    kw = eval_settings(cfg)  # + custom test prompts and real-image rewards (such evaluations are not cached)
+    if cfg.eval_prompts:
+        kw["records"] = prompt_pool(cfg.eval_prompts, "test")
+    if rewards_fns is not REWARDS:
+        kw["rewards"] = rewards_fns
     evaluating = cfg.eval_at_end and rank == 0 and (not cfg.prompts or cfg.eval_prompts)
     if cfg.eval_at_end and rank == 0 and not evaluating:
         print("no --eval_prompts for the --prompts given: not evaluated")
@@ -585,14 +617,15 @@ def stage_distill(cfg):
     log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl")) if rank == 0 else None
     weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers}
     if rank == 0:
-        print(f"distill {name}: teachers {teachers}, MAR anchor {anchor or ('base' if cfg.mar_anchor == 'base' else 'none')}, "
+        anchor_name = anchor or ("base" if cfg.mar_anchor == "base" else "none")
+        print(f"distill {name}: teachers {teachers}, MAR anchor {anchor_name}, "
               f"{cfg.opd_prompts} prompts x {cfg.opd_group} per iteration x {world} processes, "
               f"iterations {start}..{cfg.opd_iters}")
     for it in tqdm(range(start, cfg.opd_iters), desc="distill", disable=rank != 0):
         drawn = sorted(draw_records(pool, weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
         records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
-                                        anchor, cfg, core, gen)
+                                        anchor, cfg, core, gen, team=list(teachers.values()))
         optimizer_step(params, opt, ema)
         metrics = {"kl": kl, "mar": mar}
         if cfg.log_rewards:
@@ -607,7 +640,8 @@ def stage_distill(cfg):
             continue
         log(stage="distill", iter=it, **metrics)
         if cfg.eval_every and done % cfg.eval_every == 0:
-            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in evaluate(model, "student", **kw).items()})
+            scores = evaluate(model, "student", **kw)
+            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scores.items()})
             model.adapter("student")
     if world > 1:
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}")
@@ -632,7 +666,7 @@ def save_and_report(cfg, model, path, teachers, cold, kw, evaluating, t0):
         print(format_metrics(f"cold start ({cfg.cold_start})", cold))
         for teacher in teachers.values():
             folder = os.path.join(cfg.teacher_dir, teacher)
-            scores = evaluate_cached(model, teacher, folder, **kw) if not cfg.teacher else evaluate(model, teacher, **kw)
+            scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
             print(format_metrics(f"teacher/{teacher}", scores))
         print(format_metrics(f"flow_opd/{os.path.basename(path)}", evaluate(model, "student", **kw)))
     print(f"total {(time.time() - t0) / 60:.1f} min")
