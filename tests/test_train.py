@@ -336,3 +336,28 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
     train.main(argv)  # resumable: nothing is trained again
     out = capsys.readouterr().out
     assert "[grpo_mix] found" in out and out.count("skipping") >= 8 and "distilling" not in out
+
+
+def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir):
+    import dataclasses
+    model, names = _load_base(), ["geneval", "ocr", "pickscore"]
+    for n in names:
+        model.load_adapter(str(teacher_dir / n), n)
+    cfg = train.parse_config(["--device", "cpu"])
+    x = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 0.6)
+    conds = train.cfg_conds(model, ["a photo of a circle", 'a sign that says "K7"', "a photo of a square"], cfg)
+    routed = ["geneval", "ocr", "ocr"]
+    per = {}
+    for n in names:
+        model.adapter(n)
+        per[n] = model.velocity(x, t, *conds)
+    hard = train.teacher_velocity(model, x, t, conds, routed, names, cfg)
+    for b, n in enumerate(routed):
+        assert torch.allclose(hard[b], per[n][b], atol=1e-5)
+    eps = 0.3
+    soft = train.teacher_velocity(model, x, t, conds, routed, names, dataclasses.replace(cfg, soft_routing=eps))
+    for b, n in enumerate(routed):
+        want = (1 - eps) * per[n][b] + eps / 3 * sum(per[k][b] for k in names)
+        assert torch.allclose(soft[b], want, atol=1e-5)
+    assert not torch.allclose(soft, hard, atol=1e-4)  # the teachers differ, so mixing changes the target
