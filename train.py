@@ -644,7 +644,8 @@ def stage_distill(cfg):
             log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scores.items()})
             model.adapter("student")
     if world > 1:
-        print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}")
+        print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
+              flush=True)
     if rank == 0:
         finish_student(cfg, model, ema, run_dir, teachers, cold, kw, evaluating, t0)
     distributed.barrier()
