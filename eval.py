@@ -99,6 +99,7 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     a fresh one. Custom `records` or `rewards` are not cached."""
     if "records" in kw or "rewards" in kw:
         return fn(model, adapter, **kw)
+    # evaluate's keys are its bare settings (the committed caches use them); other functions are named
     key = json.dumps(kw, sort_keys=True) if fn is evaluate else json.dumps({fn.__name__: kw}, sort_keys=True)
     path = os.path.join(folder, "eval.json")
     cache = json.load(open(path)) if os.path.isfile(path) else {}

@@ -20,7 +20,6 @@ Departures: 1) teachers use Flow-GRPO-Fast (SDE on a 2-step early window, shared
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import time
@@ -35,8 +34,7 @@ import checkpoint
 import distributed
 import models
 import toy_world
-from eval import (evaluate, evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown,
-                  write_table)
+from eval import evaluate, evaluate_cached, format_metrics
 from flow_matching import pretrain, pretrain_autoencoder, time_grid
 from cold_start import merge_into, sft_cold_start
 from grpo import group_advantages, grpo_loss, zero_std_fraction
@@ -469,7 +467,7 @@ def opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, noise_level, 
 
 def load_teachers(model, cfg):
     """Load the routed teachers and the MAR anchor as adapters on the one backbone and return
-    ({task: teacher adapter}, anchor adapter or None for the base). --teacher NAME=PATH_OR_ID gives them
+    ({task: teacher adapter}, anchor adapter or None for the base, {adapter: folder or hub id}). --teacher NAME=PATH_OR_ID gives them
     (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are used, and
     any that is missing is trained first, with a message. --mar is deqa, base, none, or a PATH_OR_ID."""
     anchor = {"deqa": "deqa", "base": None, "none": None}.get(cfg.mar_anchor, "anchor")
@@ -495,17 +493,16 @@ def load_teachers(model, cfg):
             model.load_adapter(adapter_folder(name, spec), name)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"teacher {name}: {e}") from None
-    return {n: n for n in sources if n in cfg.routes}, anchor
+    return {n: n for n in sources if n in cfg.routes}, anchor, sources
 
 
-def make_student(model, cfg, teachers):
+def make_student(model, cfg, teachers, sources):
     """The cold start (§3) as adapter "student": loaded from cfg.cold_start_dir if built before, else
     merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved.
-    routes.json records what it was built from (the base, and each teacher's source), so a cold start is
-    never reused for other teachers or another model."""
+    routes.json records what it was built from (the base, and each teacher's source from load_teachers), so
+    a cold start is never reused for other teachers or another model."""
     path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
     names = list(teachers.values())
-    sources = _pairs(cfg.teacher) if cfg.teacher else {n: os.path.join(cfg.teacher_dir, n) for n in names}
     built_from = {"base": cfg.base, "teachers": {n: sources[n] for n in names}}
     routes_file = os.path.join(path, "routes.json")
     if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == built_from:
@@ -592,8 +589,8 @@ def stage_distill(cfg):
     name = cfg.name or cfg.cold_start + ("" if cfg.mar_anchor != "none" else "_no_mar")
     run_dir = os.path.join(cfg.student_dir, name)
     model = load_model(cfg)
-    teachers, anchor = load_teachers(model, cfg)  # {task: adapter} (hard routing, §2.5); MAR anchor
-    cold_path = make_student(model, cfg, teachers) if rank == 0 else None
+    teachers, anchor, sources = load_teachers(model, cfg)  # {task: adapter} (hard routing, §2.5); MAR anchor
+    cold_path = make_student(model, cfg, teachers, sources) if rank == 0 else None
     distributed.barrier()
     if rank > 0:  # the cold start is built once, by rank 0, and loaded by the others
         model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
@@ -647,18 +644,14 @@ def stage_distill(cfg):
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
               flush=True)
     if rank == 0:
-        finish_student(cfg, model, ema, run_dir, teachers, cold, kw, evaluating, t0)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            finish_student(cfg, model, run_dir, teachers, cold, kw, evaluating, t0)
     distributed.barrier()
 
 
-def finish_student(cfg, model, ema, path, teachers, cold, kw, evaluating, t0):
-    """Save the student (EMA weights if on) in PEFT and diffusers LoRA formats; print its scores beside the
-    cold start's and the teachers'."""
-    with ema.applied() if ema is not None else contextlib.nullcontext():
-        save_and_report(cfg, model, path, teachers, cold, kw, evaluating, t0)
-
-
-def save_and_report(cfg, model, path, teachers, cold, kw, evaluating, t0):
+def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
+    """Save the student in PEFT and diffusers LoRA formats; print its scores beside the cold start's and
+    the teachers'. The caller swaps in the EMA weights first, if any."""
     model.save_adapter("student", os.path.join(path, "adapter"))
     checkpoint.export_lora(model, "student", os.path.join(path, "export"))
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
@@ -694,108 +687,12 @@ def resume(cfg, run_dir, model, opt, ema, gen, rank):
         print(f"resumed from {path} at iteration {state['step']}")
     return state["step"]
 
-# Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
-# the two ablations' (the OPD estimator; the cold start by A/B averaging, beside exact dW and SFT above).
-MAIN_VARIANTS = {"flow_opd/merge": dict(cold_start="merge"),
-                 "flow_opd/sft": dict(cold_start="sft"),
-                 "flow_opd/merge_no_mar": dict(cold_start="merge", mar_anchor="none")}
-ABLATION_VARIANTS = {"flow_opd/merge_logratio": dict(cold_start="merge", estimator="logratio"),
-                     "flow_opd/merge_released": dict(cold_start="merge", estimator="released"),
-                     "flow_opd/merge_average": dict(cold_start="merge_average")}
-
-
-def pipeline_rows(cfg, run):
-    """row -> adapter folder (None: the base) for every model --stage all evaluates."""
-    rows = {"base": None, **{f"teacher/{t}": os.path.join(cfg.teacher_dir, t) for t in toy_world.TASKS + ("deqa",)},
-            "grpo_mix": os.path.join(run, "grpo_mix")}
-    variants = {**MAIN_VARIANTS, **(ABLATION_VARIANTS if cfg.ablations else {})}
-    for row, overrides in variants.items():
-        cs = overrides["cold_start"]
-        rows[f"cold_start/{cs}"] = os.path.join(run, "cold_start", cs)
-    rows.update({row: os.path.join(run, "students", row.split("/")[1], "adapter") for row in variants})
-    return rows
-
 
 def stage_all(cfg):
-    """The whole pipeline for one seed, resumable stage by stage (what exists is reused): pretraining if no
-    base, the four teachers (shared by all seeds), then per seed GRPO-Mix, the cold starts and the Flow-OPD
-    variants, and the evaluation of every row (results/seed<S>.json, aggregated over seeds into
-    results/main.json and results/ood.json)."""
-    t0, run = time.time(), os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
-    timings = {}
-    if not os.path.isdir(cfg.base):
-        stage_pretrain(cfg)
-    stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
-    stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False), ["grpo_mix"])
-    timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
-    rows = pipeline_rows(cfg, run)
-    variants = {**MAIN_VARIANTS, **ABLATION_VARIANTS}
-    for row in [r for r in rows if r in variants]:
-        if os.path.isdir(rows[row]):
-            print(f"[{row}] found {rows[row]}, skipping")
-            continue
-        t1, name = time.time(), row.split("/")[1]
-        print(f"[{row}] distilling")
-        stage_distill(dataclasses.replace(cfg, name=name, student_dir=os.path.join(run, "students"),
-                                          cold_start_dir=os.path.join(run, "cold_start"), eval_at_end=False,
-                                          **variants[row]))
-        timings[row] = (time.time() - t1) / 60
-    evaluate_rows(cfg, rows, timings)
-    print(f"--stage all, seed {cfg.seed}: {(time.time() - t0) / 60:.1f} min")
-
-
-def evaluate_rows(cfg, rows, timings):
-    """Evaluate each row on the test prompts and the OOD set (noise seed = cfg.seed; cached in the adapter
-    folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
-    model = models.load_world_model(cfg.base, cfg.device)
-    kw = eval_settings(cfg)
-    ood_kw = {k: kw[k] for k in ("steps", "cfg_scale", "seed")}
-    main, ood = {}, {}
-    for row, folder in tqdm(rows.items(), desc="evaluate"):
-        adapter = None if folder is None else row
-        if folder is not None:
-            model.load_adapter(folder, row)
-        cache = folder or os.path.join(cfg.runs_dir, "base_eval")
-        main[row] = evaluate_cached(model, adapter, cache, **kw)
-        ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
-        print(format_metrics(row, main[row]))
-    os.makedirs(cfg.results_dir, exist_ok=True)
-    with open(os.path.join(cfg.results_dir, f"seed{cfg.seed}.json"), "w") as f:
-        json.dump({"main": main, "ood": ood, "minutes": timings, "eval": kw}, f, indent=1)
-    seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
-    runs = [json.load(open(p)) for p in seeds]
-    meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},
-            "note": "base and teachers are shared by all seeds (only their evaluation noise varies)"}
-    for part in ("main", "ood"):
-        per_seed = {row: [r[part][row] for r in runs if row in r[part]] for row in rows}
-        write_table(os.path.join(cfg.results_dir, f"{part}.json"), per_seed, meta)
-    print(table_markdown(json.load(open(os.path.join(cfg.results_dir, "main.json")))))
-    draw_pictures(cfg, model, rows)
-
-
-def draw_pictures(cfg, model, rows):
-    """results/grid_seed<S>.png: every row's samples on fixed prompts (2 test prompts per task and 4 OOD
-    compositions) from the same noise; results/curves_*.png: the training curves of the teachers and
-    GRPO-Mix, and of the Flow-OPD variants (per-task reward of the training samples, KL, MAR)."""
-    import compbench
-    import plots
-    recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:2]] + compbench.records()[::24][:4]
-    prompts = [r["prompt"] for r in recs]
-    samples = {}
-    for row, folder in rows.items():
-        model.adapter(None if folder is None else row)
-        samples[row] = sample_images(model, prompts, cfg.eval_steps, cfg.cfg_scale, cfg.seed)
-    out = lambda name: os.path.join(cfg.results_dir, name)
-    plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"))
-    run = os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
-    logs = {"": os.path.join(cfg.teacher_dir, "train_log.jsonl"), "seed": os.path.join(run, "train_log.jsonl")}
-    plots.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "kl"],
-                          out(f"curves_teachers_seed{cfg.seed}.png"))
-    logs = {row: os.path.join(os.path.dirname(folder), "train_log.jsonl") for row, folder in rows.items()
-            if row.startswith("flow_opd/")}
-    plots.training_curves(logs, ["kl", "mar", "reward/geneval", "reward/ocr", "reward/pickscore"],
-                          out(f"curves_distill_seed{cfg.seed}.png"))
-    print(f"pictures: {out(f'grid_seed{cfg.seed}.png')}, curves_*_seed{cfg.seed}.png")
+    """--stage all: the whole pipeline and the paper's tables (pipeline.py, imported here because it
+    calls back into these stages)."""
+    import pipeline
+    pipeline.stage_all(cfg)
 
 
 STAGES = {"all": stage_all, "pretrain": stage_pretrain, "teachers": stage_teachers, "distill": stage_distill,

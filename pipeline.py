@@ -1,0 +1,131 @@
+"""
+`python train.py --stage all`: the whole Flow-OPD pipeline for one seed and the paper's tables in miniature
+(Flow-OPD §4-5: Table 1's rows, the MAR and cold-start ablations, T2I-CompBench as our compbench.py).
+
+Per seed S, resumable stage by stage (whatever exists is reused): pretraining if no base, the four teachers
+(shared by all seeds), GRPO-Mix, the cold starts and the Flow-OPD variants under runs/seedS/, then every row
+evaluated on the test prompts and the out-of-domain set (noise seed S; cached beside each adapter), written
+to results/seedS.json and aggregated over every seed present into results/main.json and results/ood.json
+(eval.write_table's schema), with a sample grid and training curves.
+Departure: the paper's tables are over one training run each; ours are mean ± std over seeds, and the
+teachers are not retrained per seed (only their evaluation noise varies).
+"""
+import dataclasses
+import glob
+import json
+import os
+import time
+
+from tqdm import tqdm
+
+import models
+import toy_world
+import train
+from eval import evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown, write_table
+
+
+# Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
+# the two ablations' (the OPD estimator; the cold start by A/B averaging, beside exact dW and SFT above).
+MAIN_VARIANTS = {"flow_opd/merge": dict(cold_start="merge"),
+                 "flow_opd/sft": dict(cold_start="sft"),
+                 "flow_opd/merge_no_mar": dict(cold_start="merge", mar_anchor="none")}
+ABLATION_VARIANTS = {"flow_opd/merge_logratio": dict(cold_start="merge", estimator="logratio"),
+                     "flow_opd/merge_released": dict(cold_start="merge", estimator="released"),
+                     "flow_opd/merge_average": dict(cold_start="merge_average")}
+
+
+def selected_variants(cfg):
+    return {**MAIN_VARIANTS, **(ABLATION_VARIANTS if cfg.ablations else {})}
+
+
+def pipeline_rows(cfg, run):
+    """row -> adapter folder (None: the base) for every model --stage all evaluates."""
+    rows = {"base": None, **{f"teacher/{t}": os.path.join(cfg.teacher_dir, t) for t in toy_world.TASKS + ("deqa",)},
+            "grpo_mix": os.path.join(run, "grpo_mix")}
+    variants = selected_variants(cfg)
+    for row, overrides in variants.items():
+        cs = overrides["cold_start"]
+        rows[f"cold_start/{cs}"] = os.path.join(run, "cold_start", cs)
+    rows.update({row: os.path.join(run, "students", row.split("/")[1], "adapter") for row in variants})
+    return rows
+
+
+def stage_all(cfg):
+    """The whole pipeline for one seed, resumable stage by stage (what exists is reused): pretraining if no
+    base, the four teachers (shared by all seeds), then per seed GRPO-Mix, the cold starts and the Flow-OPD
+    variants, and the evaluation of every row (results/seed<S>.json, aggregated over seeds into
+    results/main.json and results/ood.json)."""
+    t0, run = time.time(), os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
+    timings = {}
+    if not os.path.isdir(cfg.base):
+        train.stage_pretrain(cfg)
+    train.stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
+    train.stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False), ["grpo_mix"])
+    timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
+    rows = pipeline_rows(cfg, run)
+    for row, overrides in selected_variants(cfg).items():
+        if os.path.isdir(rows[row]):
+            print(f"[{row}] found {rows[row]}, skipping")
+            continue
+        t1, name = time.time(), row.split("/")[1]
+        print(f"[{row}] distilling")
+        train.stage_distill(dataclasses.replace(cfg, name=name, student_dir=os.path.join(run, "students"),
+                                                cold_start_dir=os.path.join(run, "cold_start"),
+                                                eval_at_end=False, **overrides))
+        timings[row] = (time.time() - t1) / 60
+    evaluate_rows(cfg, rows, timings)
+    print(f"--stage all, seed {cfg.seed}: {(time.time() - t0) / 60:.1f} min")
+
+
+def evaluate_rows(cfg, rows, timings):
+    """Evaluate each row on the test prompts and the OOD set (noise seed = cfg.seed; cached in the adapter
+    folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
+    model = models.load_world_model(cfg.base, cfg.device)
+    kw = train.eval_settings(cfg)
+    ood_kw = {k: kw[k] for k in ("steps", "cfg_scale", "seed")}
+    main, ood = {}, {}
+    for row, folder in tqdm(rows.items(), desc="evaluate"):
+        adapter = None if folder is None else row
+        if folder is not None:
+            model.load_adapter(folder, row)
+        cache = folder or os.path.join(cfg.runs_dir, "base_eval")
+        main[row] = evaluate_cached(model, adapter, cache, **kw)
+        ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
+        print(format_metrics(row, main[row]))
+    os.makedirs(cfg.results_dir, exist_ok=True)
+    with open(os.path.join(cfg.results_dir, f"seed{cfg.seed}.json"), "w") as f:
+        json.dump({"main": main, "ood": ood, "minutes": timings, "eval": kw}, f, indent=1)
+    seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
+    runs = [json.load(open(p)) for p in seeds]
+    meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},
+            "note": "base and teachers are shared by all seeds (only their evaluation noise varies)"}
+    for part in ("main", "ood"):
+        per_seed = {row: [r[part][row] for r in runs if row in r[part]] for row in rows}
+        write_table(os.path.join(cfg.results_dir, f"{part}.json"), per_seed, meta)
+    print(table_markdown(json.load(open(os.path.join(cfg.results_dir, "main.json")))))
+    draw_pictures(cfg, model, rows)
+
+
+def draw_pictures(cfg, model, rows):
+    """results/grid_seed<S>.png: every row's samples on fixed prompts (2 test prompts per task and 4 OOD
+    compositions) from the same noise; results/curves_*.png: the training curves of the teachers and
+    GRPO-Mix, and of the Flow-OPD variants (per-task reward of the training samples, KL, MAR)."""
+    import compbench
+    import plots
+    recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:2]] + compbench.records()[::24][:4]
+    prompts = [r["prompt"] for r in recs]
+    samples = {}
+    for row, folder in rows.items():
+        model.adapter(None if folder is None else row)
+        samples[row] = sample_images(model, prompts, cfg.eval_steps, cfg.cfg_scale, cfg.seed)
+    out = lambda name: os.path.join(cfg.results_dir, name)
+    plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"))
+    run = os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
+    logs = {"": os.path.join(cfg.teacher_dir, "train_log.jsonl"), "seed": os.path.join(run, "train_log.jsonl")}
+    plots.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "kl"],
+                          out(f"curves_teachers_seed{cfg.seed}.png"))
+    logs = {row: os.path.join(os.path.dirname(folder), "train_log.jsonl") for row, folder in rows.items()
+            if row.startswith("flow_opd/")}
+    plots.training_curves(logs, ["kl", "mar", "reward/geneval", "reward/ocr", "reward/pickscore"],
+                          out(f"curves_distill_seed{cfg.seed}.png"))
+    print(f"pictures: {out(f'grid_seed{cfg.seed}.png')}, curves_*_seed{cfg.seed}.png")
