@@ -25,13 +25,6 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 DIFFUSERS_PREFIX = "transformer."  # diffusers' prefix for the transformer's LoRA keys
 
 
-def load_model(path, device):
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        return models.load_world_model(path, device)  # its error names the folders it expects
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPUs
-    return models.load_sd3(path, dtype=dtype, device=device)
-
-
 def load_diffusers_lora(model, path, name):
     """A diffusers SD3 LoRA as adapter `name`: without the "transformer." prefix its keys are PEFT's own."""
     from diffusers import StableDiffusion3Pipeline
@@ -93,7 +86,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="samples.png")
     args = ap.parse_args(argv)
-    model = load_model(args.model, args.device)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPUs
+    model = models.load_model(args.model, args.device, dtype)
     if args.lora:
         load_lora(model, args.lora, "lora")
     model.adapter("lora" if args.lora else None)

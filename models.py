@@ -340,6 +340,19 @@ def load_world_model(path, device="cpu"):
     return model.requires_grad_(False).eval()
 
 
+def load_model(name_or_path, device="cpu", dtype=torch.float32):
+    """The world model (a folder without model_index.json; always fp32) or an SD3 pipeline (a folder with
+    model_index.json, or a hub id "org/name") in `dtype`."""
+    local = os.path.isdir(name_or_path)
+    if local and not os.path.isfile(os.path.join(name_or_path, "model_index.json")):
+        return load_world_model(name_or_path, device)  # its error names the folders it expects
+    looks_local = name_or_path.startswith((".", "/")) or os.path.isdir(os.path.dirname(name_or_path) or ".")
+    if not local and (looks_local or name_or_path.count("/") != 1):  # e.g. checkpoints/base not built yet
+        raise FileNotFoundError(f"{name_or_path!r}: no such folder, and not a hub id. The world's base is built "
+                                f"by `python train.py --stage pretrain`; SD3 needs a pipeline folder or hub id")
+    return load_sd3(name_or_path, dtype=dtype, device=device)
+
+
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda"):
     """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface."""
     from diffusers import StableDiffusion3Pipeline

@@ -396,17 +396,13 @@ def _pairs(specs):
 
 
 def load_model(cfg):
-    """The world model (a folder with transformer/ and tokenizer/), or an SD3 pipeline (a folder with
-    model_index.json, or a hub id), loaded in bf16 when mixed_precision is bf16."""
-    local = os.path.isdir(cfg.base)
-    if local and not os.path.isfile(os.path.join(cfg.base, "model_index.json")):
-        model = models.load_world_model(cfg.base, cfg.device)
-    elif not local and (cfg.base.startswith((".", "/")) or cfg.base.count("/") != 1):
-        raise SystemExit(f"--model {cfg.base!r}: no such folder (and not a hub id). The world's base is built "
-                         f"by `python train.py --stage pretrain`; SD3 needs a pipeline folder or hub id")
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-        model = models.load_sd3(cfg.base, dtype=dtype, device=cfg.device)
+    """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16), at
+    --resolution, with gradient checkpointing if asked."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    try:
+        model = models.load_model(cfg.base, cfg.device, dtype)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
     if cfg.gradient_checkpointing:

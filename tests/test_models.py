@@ -282,3 +282,8 @@ def test_lora_adapters_on_one_backbone():
     assert all(p.grad is not None for p in params_a) and all(p.grad is None for p in params_b)
     assert any(p.grad.abs().sum() > 0 for p in params_a)
     assert not any(p.requires_grad for n, p in model.transformer.named_parameters() if "lora_" not in n)
+
+
+def test_load_model_names_a_missing_world_base_instead_of_trying_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--stage pretrain"):
+        models.load_model(str(tmp_path / "base"))
