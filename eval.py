@@ -105,11 +105,11 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     cache = json.load(open(path)) if os.path.isfile(path) else {}
     if key not in cache:
         cache[key] = fn(model, adapter, **kw)
-        _write_json(path, cache)
+        write_json(path, cache)
     return cache[key]
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     """Write, then rename: a crash leaves the old file or the new one, never half of one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -132,7 +132,7 @@ def summarise(per_seed):
 
 
 def write_table(path, per_seed, meta):
-    _write_json(path, {"rows": summarise(per_seed), "meta": meta})
+    write_json(path, {"rows": summarise(per_seed), "meta": meta})
 
 
 def table_markdown(table, metrics=("geneval", "ocr", "pickscore", "deqa", "avg")):

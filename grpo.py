@@ -8,6 +8,8 @@ Flow-OPD paper §1 (Q1, the single-reward teachers) and §2.1 step 1; the Flow-G
   L_pg  = mean( max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) )                     PPO clipped surrogate (minimised)
   KL    = ‖μ_θ − μ_ref‖² / (2 std²),  std = σ_t √|Δt|                 exact Gaussian-step KL
   L     = L_pg + β·KL
+  κ     = mean_{i≠j} <g_i, g_j> / mean_i ‖g_i‖²                      signal share of one batch gradient
+                                                                      (a diagnosis, not in the paper)
 
 Differences from the paper / released code:
   1) Groups are contiguous blocks of G samples (sample i belongs to group i // G); flow_grpo groups by
@@ -133,6 +135,39 @@ def grpo_loss(logp, old_logp, adv, clip_range: float, beta: float = 0.0, mean=No
     return GRPOLoss(loss, pg.loss.detach(), kl, r.mean(), r.min(), r.max(), pg.clipfrac, pg.approx_kl)
 
 
+class GradientSignal(NamedTuple):
+    kappa: torch.Tensor            # () expected cosine of two independent batch gradients, ≈ SNR²/(1 + SNR²)
+    se: torch.Tensor               # () its jackknife standard error over the K batches
+    batches_for_snr1: torch.Tensor  # () (1 − κ)/κ: batches to average for a gradient with SNR 1 (inf if κ ≤ 0)
+
+
+def gradient_signal(grads) -> GradientSignal:
+    """How much of a policy gradient is signal, from K ≥ 3 independent batch gradients g_k = s + n_k (K, P).
+
+    κ = mean_{i≠j} <g_i, g_j> / mean_i ‖g_i‖² estimates ‖s‖² / E‖g‖² without bias in the numerator (the
+    cross terms of independent noises average to 0). Averaging m batches gives SNR² = m·κ/(1 − κ), hence
+    batches_for_snr1 = (1 − κ)/κ. While κ is small it grows about in proportion to the samples in a batch;
+    no step size makes up for a small κ (Adam moves as far on noise as on signal), only more samples do.
+    """
+    g = torch.as_tensor(grads, dtype=torch.float64)                   # (K, P)
+    K = g.shape[0]
+    if K < 3:
+        raise ValueError(f"gradient_signal needs at least 3 batch gradients, got {K}")
+    gram = g @ g.T                                                   # (K, K)
+    sq = gram.diagonal()                                             # (K,) ‖g_k‖²
+
+    def kappa_of(keep):                                              # κ over the batches in `keep`
+        G, d = gram[keep][:, keep], sq[keep]
+        k = d.shape[0]
+        return ((G.sum() - d.sum()) / (k * (k - 1))) / d.mean()
+
+    kappa = kappa_of(torch.arange(K))
+    loo = torch.stack([kappa_of(torch.cat([torch.arange(i), torch.arange(i + 1, K)])) for i in range(K)])  # (K,)
+    se = ((K - 1) / K * ((loo - loo.mean()) ** 2).sum()).sqrt()      # jackknife
+    need = (1 - kappa) / kappa if kappa > 0 else torch.tensor(float("inf"), dtype=torch.float64)
+    return GradientSignal(kappa.float(), se.float(), need.float())
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     G = 4
@@ -151,3 +186,7 @@ if __name__ == "__main__":
     dt = -0.1
     print("Δt-less form", reference_kl(m, m_ref, std, exact=False, dt=dt), " = exact·|Δt|/D",
           exact_sum * 0.1 / m[0].numel())
+    sig = torch.randn(1000)
+    sig = 0.2 * sig / sig.norm()                                      # ‖s‖² = 0.04, noise E‖n‖² = 1
+    noisy = sig + torch.randn(64, 1000) / 1000 ** 0.5
+    print("gradient_signal of s + n (expect kappa ≈ 0.04/1.04 = 0.038):", gradient_signal(noisy))

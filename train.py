@@ -3,6 +3,8 @@ Flow-OPD training, one plain loop per stage (Flow-OPD §2.1 pipeline):
   pretrain   the miniature world's base: autoencoder, then flow matching on noisy captions (§2.2)
   teachers   one Flow-GRPO LoRA expert per reward: geneval, ocr, pickscore, deqa (§2.1 stage 1, §4)
   grpo_mix   the GRPO-Mix baseline: one LoRA on all tasks, each prompt rewarded by its task + deqa (§4)
+  grpo_snr   a diagnosis, not a paper stage: how much of one GRPO gradient per teacher is signal
+             (grpo.gradient_signal over --snr_batches independent batches; RESULTS.md)
   distill    Flow-OPD: cold start (merge or SFT), then on-policy distillation from the routed teachers with
              the MAR anchor on every prompt (§2.5-2.8). The main job.
   all        the whole pipeline for one --seed, resumable: the stages above, the Flow-OPD variants and
@@ -34,10 +36,10 @@ import checkpoint
 import distributed
 import models
 import toy_world
-from eval import evaluate, evaluate_cached, format_metrics
+from eval import evaluate, evaluate_cached, format_metrics, write_json
 from flow_matching import pretrain, pretrain_autoencoder, time_grid
 from cold_start import merge_into, sft_cold_start
-from grpo import group_advantages, grpo_loss, zero_std_fraction
+from grpo import gradient_signal, group_advantages, grpo_loss, zero_std_fraction
 from mar import mar_loss
 from opd_loss import opd_loss
 from rewards import REWARDS, combined_reward
@@ -88,6 +90,7 @@ class Config:
     clip_range: float = 1e-4         # PPO epsilon (Flow-GRPO default)
     beta: float = 0.0                # beta of the KL to the base; Flow-GRPO: 0.04 geneval/ocr, 0.01 pickscore
     adv_std: str = "group"           # advantage std: per "group" or "global" (flow_grpo global_std)
+    snr_batches: int = 16            # --stage grpo_snr: independent batch gradients per teacher
     # --- Flow-OPD (§2.5-2.8) ---
     routes: list[str] = field(default_factory=lambda: ["geneval", "ocr", "pickscore"])  # tasks with a teacher
     cold_start: str = "merge"        # merge (exact mean dW) | merge_average (released A/B mean) | sft | none
@@ -302,10 +305,7 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0):
     group-normalise, and take one clipped policy-gradient step over random trained timesteps.
     pool: {task: train records} (default: the world's); rewards_fns: the reward registry (default: the world's)."""
     pool = pool or prompt_pool([], "train")
-    targets = {"attention": models.LORA_TARGETS, "wide": models.LORA_TARGETS_WIDE}[cfg.lora_targets]
-    model.add_lora(name, cfg.lora_rank, cfg.lora_alpha, targets)
-    model.adapter(name)
-    params = trainable(model, name)
+    params = new_grpo_lora(model, name, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # rank > 0: other prompts and noise (distributed.py)
     n = cfg.prompts_per_iter * cfg.group_size
@@ -316,31 +316,7 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0):
               f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
               f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), {cfg.grpo_iters} iterations")
     for it in tqdm(range(cfg.grpo_iters), desc=name, disable=rank != 0):
-        prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
-        records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
-        steps = trained_steps(cfg, gen, cfg.sde_window)
-        traj, images = sample_rollouts(model, records, cfg, gen, steps if cfg.sde_window else None,
-                                       share=cfg.group_size if cfg.shared_noise else 1)
-        rewards = combined_reward(images, records, TEACHER_REWARDS[name], rewards_fns or REWARDS)
-        adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
-        stats, conds_mb = [], micro_batch_conds(model, records, cfg)
-        for j in steps:
-            for i in range(0, n, cfg.micro_batch):
-                idx = torch.arange(i, min(i + cfg.micro_batch, n))
-                conds = conds_mb[i // cfg.micro_batch]
-                with amp(cfg):
-                    mean = policy_step_mean(model, traj, idx, j, conds, cfg)
-                    ref_mean = None
-                    if cfg.beta > 0:
-                        with torch.no_grad():
-                            model.adapter(None)
-                            ref_mean = policy_step_mean(model, traj, idx, j, conds, cfg)
-                            model.adapter(name)
-                std = traj.std[idx, j]
-                logp = gaussian_logprob(traj.x_next[idx, j], mean, std)
-                out = grpo_loss(logp, traj.logp[idx, j], adv[idx], cfg.clip_range, cfg.beta, mean, ref_mean, std)
-                (out.loss * len(idx) / (n * len(steps))).backward()
-                stats.append(out)
+        rewards, stats = grpo_gradient(model, name, cfg, pool, rewards_fns or REWARDS, gen)
         optimizer_step(params, opt)
         metrics = distributed.mean_over_processes(
             dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
@@ -349,6 +325,72 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0):
         if rank == 0:
             log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
                 ratio_max=max(s.ratio_max.item() for s in stats))
+
+
+def new_grpo_lora(model, name, cfg):
+    """Add a fresh LoRA `name` (rank, alpha and targets from cfg), make it active, return its fp32 parameters."""
+    targets = {"attention": models.LORA_TARGETS, "wide": models.LORA_TARGETS_WIDE}[cfg.lora_targets]
+    model.add_lora(name, cfg.lora_rank, cfg.lora_alpha, targets)
+    model.adapter(name)
+    return trainable(model, name)
+
+
+def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
+    """One GRPO iteration up to the optimizer step: sample G SDE trajectories per prompt, reward them,
+    group-normalise, and accumulate the clipped policy gradient of adapter `name` over the trained steps
+    into .grad. Returns (rewards (N,), per-micro-step GRPOLoss list)."""
+    n = cfg.prompts_per_iter * cfg.group_size
+    prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen)
+    records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
+    steps = trained_steps(cfg, gen, cfg.sde_window)
+    traj, images = sample_rollouts(model, records, cfg, gen, steps if cfg.sde_window else None,
+                                   share=cfg.group_size if cfg.shared_noise else 1)
+    rewards = combined_reward(images, records, TEACHER_REWARDS[name], rewards_fns)
+    adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
+    stats, conds_mb = [], micro_batch_conds(model, records, cfg)
+    for j in steps:
+        for i in range(0, n, cfg.micro_batch):
+            idx = torch.arange(i, min(i + cfg.micro_batch, n))
+            conds = conds_mb[i // cfg.micro_batch]
+            with amp(cfg):
+                mean = policy_step_mean(model, traj, idx, j, conds, cfg)
+                ref_mean = None
+                if cfg.beta > 0:
+                    with torch.no_grad():
+                        model.adapter(None)
+                        ref_mean = policy_step_mean(model, traj, idx, j, conds, cfg)
+                        model.adapter(name)
+            std = traj.std[idx, j]
+            logp = gaussian_logprob(traj.x_next[idx, j], mean, std)
+            out = grpo_loss(logp, traj.logp[idx, j], adv[idx], cfg.clip_range, cfg.beta, mean, ref_mean, std)
+            (out.loss * len(idx) / (n * len(steps))).backward()
+            stats.append(out)
+    return rewards, stats
+
+
+def stage_grpo_snr(cfg):
+    """--stage grpo_snr: how much of each teacher's first policy gradient is signal (grpo.gradient_signal).
+    cfg.snr_batches independent GRPO gradients of a fresh LoRA, no optimizer step; prints kappa, its standard
+    error and the batches needed for one gradient with SNR 1, and writes them to <results_dir>/grpo_snr.json."""
+    pool, rewards_fns, out = prompt_pool(cfg.prompts, "train"), reward_registry(cfg), {}
+    for name in cfg.teachers:
+        model = load_model(cfg)
+        torch.manual_seed(cfg.seed)
+        params, gen = new_grpo_lora(model, name, cfg), torch.Generator().manual_seed(cfg.seed)
+        grads, t0 = [], time.time()
+        for _ in tqdm(range(cfg.snr_batches), desc=f"{name} gradients"):
+            grpo_gradient(model, name, cfg, pool, rewards_fns, gen)
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+            for p in params:
+                p.grad = None
+        sig = gradient_signal(torch.stack(grads))
+        out[name] = dict(kappa=sig.kappa.item(), se=sig.se.item(), batches_for_snr1=sig.batches_for_snr1.item(),
+                         samples_per_batch=cfg.prompts_per_iter * cfg.group_size,
+                         seconds_per_batch=(time.time() - t0) / cfg.snr_batches)
+        print(f"[{name}] kappa = {sig.kappa:.4f} ± {sig.se:.4f}: {sig.batches_for_snr1:.0f} batches of "
+              f"{out[name]['samples_per_batch']} samples for one gradient with SNR 1 "
+              f"({out[name]['seconds_per_batch']:.1f} s per batch)")
+    write_json(os.path.join(cfg.results_dir, "grpo_snr.json"), dict(rows=out, meta=dataclasses.asdict(cfg)))
 
 
 def jsonl_logger(path):
@@ -692,7 +734,8 @@ def stage_all(cfg):
 
 
 STAGES = {"all": stage_all, "pretrain": stage_pretrain, "teachers": stage_teachers, "distill": stage_distill,
-          "grpo_mix": lambda cfg: stage_teachers(cfg, ["grpo_mix"])}  # one GRPO LoRA on the mixed rewards
+          "grpo_mix": lambda cfg: stage_teachers(cfg, ["grpo_mix"]),  # one GRPO LoRA on the mixed rewards
+          "grpo_snr": stage_grpo_snr}
 
 
 def main(argv=None):

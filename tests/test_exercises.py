@@ -17,7 +17,7 @@ COMMANDS = [line.strip() for block in re.findall(r"```bash\n(.*?)```", TEXT, re.
             for line in block.splitlines() if line.strip().startswith("python ")]
 TRAIN_REDUCED = ["--grpo_iters", "2", "--prompts_per_iter", "4", "--group_size", "2", "--micro_batch", "8",
                  "--train_timesteps", "1", "--num_steps", "4", "--opd_iters", "1", "--opd_prompts", "3",
-                 "--compile", "false", "--device", "cpu", "--eval_at_end", "false"]
+                 "--compile", "false", "--device", "cpu", "--eval_at_end", "false", "--snr_batches", "3"]
 
 
 def reduced(argv, tmp):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import clipped_surrogate, group_advantages, grpo_loss, reference_kl, zero_std_fraction  # noqa: E402
+from grpo import (clipped_surrogate, gradient_signal, group_advantages, grpo_loss, reference_kl,  # noqa: E402
+                  zero_std_fraction)
 
 
 def _rewards(P=5, G=6, seed=0):
@@ -106,3 +107,21 @@ def test_grpo_loss_combines_surrogate_and_beta_kl():
     assert torch.allclose(out.loss, -adv.mean() + 0.04 * kl)
     assert torch.allclose(out.kl, kl) and out.ratio_min == 1 and out.ratio_max == 1
     assert grpo_loss(logp, logp, adv, 1e-4).kl == 0
+
+
+def test_gradient_signal_exact_cases_and_known_snr():
+    g = torch.randn(1, 50).expand(4, 50)                               # four identical batch gradients
+    sig = gradient_signal(g)
+    assert sig.kappa.item() == pytest.approx(1.0, abs=1e-6) and sig.batches_for_snr1.item() == pytest.approx(0.0, abs=1e-5)
+    orth = torch.eye(5)                                                # pairwise orthogonal: no shared signal
+    assert gradient_signal(orth).kappa.item() == 0.0 and gradient_signal(orth).batches_for_snr1.item() == float("inf")
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2000, generator=gen)
+    s = 0.3 * s / s.norm()                                             # ‖s‖² = 0.09, E‖n‖² = 1: kappa = 0.09/1.09
+    noisy = s + torch.randn(100, 2000, generator=gen) / 2000 ** 0.5
+    sig = gradient_signal(noisy)
+    assert abs(sig.kappa.item() - 0.09 / 1.09) < 3 * sig.se.item() and sig.se.item() < 0.02
+    pure = gradient_signal(torch.randn(100, 2000, generator=gen))
+    assert abs(pure.kappa.item()) < 3 * pure.se.item()
+    with pytest.raises(ValueError, match="at least 3"):
+        gradient_signal(torch.randn(2, 10))

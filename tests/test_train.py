@@ -168,6 +168,19 @@ def test_grpo_reward_rises(monkeypatch):
     assert again == pytest.approx(before, abs=1e-6)
 
 
+def test_grpo_snr_stage_writes_one_row_per_teacher(tmp_path, fast_load, capsys):
+    """--stage grpo_snr: independent gradients of a fresh LoRA, no optimizer step, one row per teacher.
+    (Whether a reward is learnable is not asserted: at this size even brightness, which GRPO raises in
+    test_grpo_reward_rises, has kappa within noise of 0; grpo.gradient_signal has its exact tests.)"""
+    train.main(["--stage", "grpo_snr", "--teachers", "ocr", "pickscore", "--snr_batches", "3", "--lora_rank", "4",
+                "--lora_alpha", "8", "--results_dir", str(tmp_path)] + TINY)
+    rows = json.load(open(tmp_path / "grpo_snr.json"))["rows"]
+    assert sorted(rows) == ["ocr", "pickscore"]
+    for r in rows.values():
+        assert -1 <= r["kappa"] <= 1 and r["se"] >= 0 and r["samples_per_batch"] == 4 and r["seconds_per_batch"] > 0
+    assert "[ocr] kappa = " in capsys.readouterr().out
+
+
 def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     students, cold = tmp_path / "students", tmp_path / "cold"
     common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(students),
