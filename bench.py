@@ -12,10 +12,11 @@ optimizer steps. Two loop structures, same model, data sizes, steps, seeds and l
             then one clip + AdamW step per iteration, as train.stage_distill does.
   released  the loop structure of the released Flow-OPD code (ECOSYSTEM.md §2.2), re-implemented here: a
             separate full transformer per routed teacher (3) and another for the MAR anchor (1), each a
-            copy.deepcopy with its LoRA fused in (fp32 unless --ref_dtype bf16), the student a LoRA on its own
-            transformer; one teacher per iteration (epoch-level routing, geneval:ocr:pickscore = 3:1:1 in turn);
-            optimizer step after EVERY trained timestep (accumulating over micro-batches only).
-            Fusing the LoRA makes its teacher forwards slightly cheaper than the released PeftModel copies.
+            copy.deepcopy holding only its own LoRA, unfused, as the released code's transformer + PeftModel
+            copies are (fp32 unless --ref_dtype bf16), the student a LoRA on its own transformer; one teacher
+            per iteration (epoch-level routing, geneval:ocr:pickscore = 3:1:1 in turn); optimizer step after
+            EVERY trained timestep (accumulating over micro-batches only). --released_fuse fuses each copy's
+            LoRA into its weights instead: a faster-than-released variant, for the sensitivity of the ratio.
 
 Both hold four reference networks (3 teachers + anchor) and one student; "released" holds them as four full
 copies, "ours" as four adapters. Adapters come from --teacher_dir when present (tiny only), otherwise they are
@@ -31,6 +32,8 @@ compile time in the compile comparison).
 
   python bench.py                                   # tiny world model on CPU (checkpoints/base)
   python bench.py --device cuda --config sd35m      # random SD3.5-Medium-sized transformer, 512 px, bf16 autocast
+  python bench.py --config mid --iters 2            # CPU: a random 116M-parameter SD3 transformer, where weights
+                                                    # outweigh activations as they do at full size
 """
 import argparse
 import contextlib
@@ -62,18 +65,24 @@ SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num
              pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
              dual_attention_layers=tuple(range(13)))
 SD35M_TOKENS, SD35M_LATENT = 333, 64   # 77 CLIP + 256 T5 prompt tokens; 512 px / 8
+# A CPU-sized SD3 transformer (116M parameters, 443 MiB in fp32) at 16x16 latents with 32 prompt tokens: big
+# enough that each reference copy outweighs the activations of an iteration, small enough for 2 CPU cores.
+MID = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=8, attention_head_dim=64,
+           num_attention_heads=10, joint_attention_dim=640, caption_projection_dim=640, pooled_projection_dim=640,
+           pos_embed_max_size=32, qk_norm="rms_norm")
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--config", default="tiny", choices=["tiny", "sd35m"])
+    ap.add_argument("--config", default="tiny", choices=["tiny", "mid", "sd35m"])
     ap.add_argument("--iters", type=int, default=3, help="timed iterations per variant, after 1 warm-up")
     ap.add_argument("--prompts", type=int, default=None, help="samples per iteration (tiny 16, sd35m 4)")
     ap.add_argument("--micro_batch", type=int, default=None, help="tiny 16 (train.Config), sd35m 2")
     ap.add_argument("--train_timesteps", type=int, default=4, help="trained SDE steps per iteration (of 9)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--ref_dtype", default="fp32", choices=["fp32", "bf16"], help="released: reference copies")
+    ap.add_argument("--released_fuse", action="store_true", help="released: fuse each copy's LoRA (faster)")
     ap.add_argument("--base", default="checkpoints/base")
     ap.add_argument("--teacher_dir", default="checkpoints/teachers")
     ap.add_argument("--seed", type=int, default=0)
@@ -81,9 +90,8 @@ def parse(argv=None):
     ap.add_argument("--out", default="", help="also append the markdown report to this file")
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)   # internal: run one variant, print JSON
     args = ap.parse_args(argv)
-    big = args.config == "sd35m"
-    args.prompts = args.prompts or (4 if big else 16)
-    args.micro_batch = args.micro_batch or (2 if big else 16)
+    args.prompts = args.prompts or {"tiny": 16, "mid": 2, "sd35m": 4}[args.config]
+    args.micro_batch = args.micro_batch or {"tiny": 16, "mid": 2, "sd35m": 2}[args.config]
     return args
 
 
@@ -95,16 +103,17 @@ def make_cfg(args):
 
 class RandomTextSD3(models.T2IModel):
     """An SD3 transformer behind T2IModel's velocity interface with random prompt embeddings in place of the
-    three text encoders (B, 333, 4096) + pooled (B, 2048), and no VAE (decode returns the latents)."""
+    text encoders (sd35m: (B, 333, 4096) + pooled (B, 2048)), and no VAE (decode returns the latents)."""
+    tokens, side = SD35M_TOKENS, SD35M_LATENT
 
     @property
     def latent_shape(self):
-        return (self.transformer.config.in_channels, SD35M_LATENT, SD35M_LATENT)
+        return (self.transformer.config.in_channels, self.side, self.side)
 
     def encode_prompts(self, prompts):
         dev, n, c = self.transformer.device, len(prompts), self.transformer.config
-        kw = dict(device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(n))
-        return torch.randn(n, SD35M_TOKENS, c.joint_attention_dim, **kw), torch.randn(n, c.pooled_projection_dim, **kw)
+        kw = dict(device=dev, dtype=self.transformer.dtype, generator=torch.Generator(device=dev).manual_seed(n))
+        return torch.randn(n, self.tokens, c.joint_attention_dim, **kw), torch.randn(n, c.pooled_projection_dim, **kw)
 
     def velocity(self, *a, **kw):   # fp32 out: train.opd_iteration scatters bf16 teacher velocities into an fp32
         return super().velocity(*a, **kw).float()   # buffer (v_T[sub] = ...), which fails for bf16 models
@@ -117,15 +126,19 @@ def load_backbone(args):
     if args.config == "tiny":
         return models.load_world_model(args.base, args.device)
     from diffusers import SD3Transformer2DModel
+    config, tokens, side, dtype = {"sd35m": (SD35M, SD35M_TOKENS, SD35M_LATENT, torch.bfloat16),
+                                   "mid": (MID, 32, 16, torch.float32)}[args.config]
     torch.manual_seed(args.seed)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)   # build straight in bf16: no transient fp32 copy on the GPU
+    torch.set_default_dtype(dtype)   # build straight in bf16 (sd35m): no transient fp32 copy on the GPU
     try:
         with torch.device(args.device):
-            transformer = SD3Transformer2DModel(**SD35M)
+            transformer = SD3Transformer2DModel(**config)
     finally:
         torch.set_default_dtype(default)
-    return RandomTextSD3(transformer.to(torch.bfloat16), None, None).requires_grad_(False).eval()
+    model = RandomTextSD3(transformer.to(dtype), None, None).requires_grad_(False).eval()
+    model.tokens, model.side = tokens, side
+    return model
 
 
 def attach_lora(model, name, seed, cfg, args):
@@ -150,20 +163,27 @@ def build_ours(model, cfg, args):
     return sources
 
 
-def fused_copy(model, name, dtype):
-    """A full, separate transformer with adapter `name` fused into its weights and no PEFT layers left."""
+def reference_copy(model, name, dtype, fuse):
+    """A full, separate transformer holding only adapter `name`: unfused (the released transformer + PeftModel)
+    or fused into its weights with no PEFT layers left (fuse=True)."""
     t = copy.deepcopy(model.transformer)
+    t.delete_adapters([a for a in t.peft_config if a != name])
     t.set_adapter(name)
-    t.fuse_lora(adapter_names=[name])
-    t.unload_lora()
-    return type(model)(t.to(dtype).requires_grad_(False).eval(), model.vae, model.encoder)
+    if fuse:
+        t.fuse_lora(adapter_names=[name])
+        t.unload_lora()
+    ref = type(model)(t.to(dtype).requires_grad_(False).eval(), model.vae, model.encoder)
+    ref.shift, ref.latent_side = model.shift, model.latent_side
+    if isinstance(model, RandomTextSD3):
+        ref.tokens, ref.side = model.tokens, model.side
+    return ref
 
 
 def build_released(model, cfg, args):
     sources = build_ours(model, cfg, args)                    # the same adapters, seeds and student
     dtype = torch.float32 if args.ref_dtype == "fp32" else torch.bfloat16
-    refs = {name: fused_copy(model, name, dtype) for name in ROUTES}
-    refs["anchor"] = fused_copy(model, ANCHOR, dtype)         # MAR: another full copy, even if it is a teacher
+    refs = {name: reference_copy(model, name, dtype, args.released_fuse) for name in ROUTES}
+    refs["anchor"] = reference_copy(model, ANCHOR, dtype, args.released_fuse)  # MAR: another full copy
     model.transformer.delete_adapters(ROUTES + [ANCHOR])      # the student transformer keeps only its LoRA
     model.adapter("student")
     return sources, refs
@@ -312,7 +332,8 @@ def report(args, argv, results, load):
     mem = "peak CUDA allocated" if args.device.startswith("cuda") else "peak RSS"
     holds = {"floor": "the backbone model only, no iteration (memory floor)",
              "ours": "1 transformer + 4 LoRA (3 teachers, anchor) + student LoRA",
-             "released": f"student transformer + LoRA, 4 full {args.ref_dtype} copies (3 teachers, anchor)",
+             "released": f"student transformer + LoRA, 4 full {args.ref_dtype} copies (3 teachers, anchor), "
+                         f"LoRA {'fused' if args.released_fuse else 'unfused (PeftModel-like)'}",
              "ours_compiled": "as ours, torch.compile(opd_core)"}
     src = next((r["sources"] for r in results if "sources" in r), {})
     threads = next((r["threads"] for r in results if "threads" in r), "?")

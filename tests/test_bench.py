@@ -1,5 +1,5 @@
-"""Smoke test of bench.py (seconds): the released structure's fused copies equal our adapters, both loop
-structures run one iteration, and the SD3.5-M path runs on a shrunken SD3 config on the CPU."""
+"""Smoke test of bench.py (seconds): the released structure's reference copies (unfused and fused) equal our
+adapters, both loop structures run one iteration, and the SD3.5-M and mid paths run on shrunken SD3 configs."""
 import os
 import sys
 
@@ -20,8 +20,9 @@ def _repo_root(monkeypatch):
 
 
 @pytest.mark.skipif(not HAVE_BASE, reason="needs the committed checkpoints/base")
-def test_fused_copies_equal_adapters():
-    args = bench.parse(SMALL)
+@pytest.mark.parametrize("fuse", [False, True])
+def test_reference_copies_equal_adapters(fuse):
+    args = bench.parse(SMALL + (["--released_fuse"] if fuse else []))
     cfg = bench.make_cfg(args)
     torch.manual_seed(0)
     released = bench.load_backbone(args)
@@ -30,6 +31,8 @@ def test_fused_copies_equal_adapters():
     bench.build_ours(ours, cfg, args)
     assert set(refs) == {"geneval", "ocr", "pickscore", "anchor"}
     assert list(released.transformer.peft_config) == ["student"]
+    for key, name in [("ocr", "ocr"), ("anchor", bench.ANCHOR)]:   # each copy holds its own LoRA only, or none
+        assert list(getattr(refs[key].transformer, "peft_config", {})) == ([] if fuse else [name])
     x, t = torch.randn(2, *ours.latent_shape), torch.tensor([0.7, 0.3])
     conds = train.cfg_conds(ours, ["a photo of two circles", 'a sign that says "K7"'], cfg)
     for name, key in [("ocr", "ocr"), (bench.ANCHOR, "anchor")]:
@@ -61,3 +64,10 @@ def test_sd35m_path_on_a_small_sd3(monkeypatch):
     for variant in ("ours", "released"):
         res = bench.run_variant(bench.parse(["--config", "sd35m", "--iters", "1", "--variant", variant]))
         assert res["median_s"] > 0 and res["weights_mib"] > 0
+
+
+def test_mid_path_on_a_small_sd3(monkeypatch):
+    monkeypatch.setattr(bench, "MID", dict(bench.MID, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                           joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16))
+    res = bench.run_variant(bench.parse(["--config", "mid", "--iters", "1", "--variant", "released"]))
+    assert res["median_s"] > 0 and res["opt_steps"] == 4   # one optimizer step per trained timestep
