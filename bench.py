@@ -53,6 +53,7 @@ import torch
 import models
 import toy_world
 import train
+from config import Config
 from router import DEFAULT_TASK_WEIGHTS, route
 
 ROUTES, ANCHOR = ["geneval", "ocr", "pickscore"], "deqa"
@@ -78,7 +79,7 @@ def parse(argv=None):
     ap.add_argument("--config", default="tiny", choices=["tiny", "mid", "sd35m"])
     ap.add_argument("--iters", type=int, default=3, help="timed iterations per variant, after 1 warm-up")
     ap.add_argument("--prompts", type=int, default=None, help="samples per iteration (tiny 16, sd35m 4)")
-    ap.add_argument("--micro_batch", type=int, default=None, help="tiny 16 (train.Config), sd35m 2")
+    ap.add_argument("--micro_batch", type=int, default=None, help="tiny 16 (config.Config), sd35m 2")
     ap.add_argument("--train_timesteps", type=int, default=4, help="trained SDE steps per iteration (of 9)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--ref_dtype", default="fp32", choices=["fp32", "bf16"], help="released: reference copies")
@@ -96,7 +97,7 @@ def parse(argv=None):
 
 
 def make_cfg(args):
-    return train.Config(device=args.device, seed=args.seed, num_steps=10, cfg_scale=4.5, noise_level=0.7,
+    return Config(device=args.device, seed=args.seed, num_steps=10, cfg_scale=4.5, noise_level=0.7,
                         opd_prompts=args.prompts, micro_batch=args.micro_batch, train_timesteps=args.train_timesteps,
                         routes=list(ROUTES), mar_anchor=ANCHOR, estimator="pathwise", compile=False)
 

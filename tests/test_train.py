@@ -19,6 +19,7 @@ import eval as evaluation  # noqa: E402
 import models  # noqa: E402
 import toy_world  # noqa: E402
 import train  # noqa: E402
+from config import Config  # noqa: E402
 from opd_loss import kl_weight  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
@@ -90,7 +91,7 @@ def test_parse_config():
     assert "nonsense" in msg and all(s in msg for s in ("pretrain", "teachers", "grpo_mix", "distill"))
 
     with pytest.raises((AssertionError, ValueError), match="noise_level"):
-        train.Config(noise_level=-0.1)
+        Config(noise_level=-0.1)
     with pytest.raises((AssertionError, ValueError), match="noise_level"):
         train.parse_config(["--noise_level", "-1"])
 
