@@ -73,7 +73,8 @@ class Config:
     opd_lr: float = 1e-3             # AdamW on the student LoRA
     soft_routing: float = 0.0        # eps > 0: mix all teachers, (1 - eps) own + eps / K each (router.py)
     eval_every: int = 0              # evaluate the student every N distill iterations (0: only at the end)
-    checkpoint_every: int = 0        # save the student adapter to <student>/checkpoint-N every N iterations
+    checkpoint_every: int = 0        # every N iterations a checkpoint-N/ in <student_dir>/<name> (distill)
+                                     # or in <teacher_dir>/runs/<name> (teachers, grpo_mix)
     student_dir: str = "checkpoints/students"
     cold_start_dir: str = "checkpoints/cold_start"
     name: str = ""                   # student name (default: <cold_start> or <cold_start>_no_mar)

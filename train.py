@@ -169,24 +169,31 @@ def trained_steps(cfg, gen, window):
     return torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
 
 
-def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0):
+def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_dir=None):
     """Flow-GRPO on one LoRA adapter `name`: sample G SDE trajectories per prompt, reward the images,
     group-normalise, and take one clipped policy-gradient step over random trained timesteps.
-    pool: {task: train records} (default: the world's); rewards_fns: the reward registry (default: the world's)."""
+    pool: {task: train records} (default: the world's); rewards_fns: the reward registry (default: the world's).
+    run_dir: where --checkpoint_every writes checkpoint-N/ and from where --resume_from_checkpoint latest
+    continues (a fresh start if it holds none yet)."""
     pool = pool or prompt_pool([], "train")
     params = new_grpo_lora(model, name, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # rank > 0: other prompts and noise (distributed.py)
+    start = 0
+    if run_dir and cfg.resume_from_checkpoint and checkpoint.latest_checkpoint(run_dir):
+        start = resume(cfg, run_dir, model, opt, None, gen, rank, adapter=name)
     n = cfg.prompts_per_iter * cfg.group_size
     k = cfg.sde_window or min(cfg.train_timesteps, cfg.num_steps - 1)
     if rank == 0:
         print(f"[{name}] GRPO: {cfg.prompts_per_iter} prompts x G={cfg.group_size} = {n} samples per iteration "
               f"in micro-batches of {cfg.micro_batch}; {k} of {cfg.num_steps} steps trained"
               f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
-              f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), {cfg.grpo_iters} iterations")
-    for it in tqdm(range(cfg.grpo_iters), desc=name, disable=rank != 0):
+              f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), iterations {start}..{cfg.grpo_iters}")
+    for it in tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0):
         rewards, stats = grpo_gradient(model, name, cfg, pool, rewards_fns or REWARDS, gen)
         optimizer_step(params, opt)
+        if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+            save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, adapter=name)
         metrics = distributed.mean_over_processes(
             dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
                  clipfrac=float(np.mean([s.clipfrac.item() for s in stats])),
@@ -274,7 +281,12 @@ def _append(path, line):
 
 
 def stage_teachers(cfg, names=None):
-    """Train each missing teacher (skip those already saved) and print its scores beside the base's."""
+    """Train each missing teacher (skip those already saved) and print its scores beside the base's.
+    Checkpoints of an unfinished teacher go to <teacher_dir>/runs/<name>/checkpoint-N; with
+    --resume_from_checkpoint latest each teacher continues from its own newest one."""
+    if cfg.resume_from_checkpoint not in ("", "latest"):
+        raise SystemExit("--stage teachers and grpo_mix resume each teacher from its own newest checkpoint: "
+                         "pass --resume_from_checkpoint latest")
     rank, world, device = distributed.init(cfg.device)
     cfg = dataclasses.replace(cfg, device=device)
     log = jsonl_logger(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
@@ -287,7 +299,7 @@ def stage_teachers(cfg, names=None):
         t0 = time.time()
         model = load_model(cfg)
         torch.manual_seed(cfg.seed)
-        train_grpo(model, name, cfg, log, pool, rewards_fns, rank)
+        train_grpo(model, name, cfg, log, pool, rewards_fns, rank, os.path.join(cfg.teacher_dir, "runs", name))
         if rank == 0:
             model.save_adapter(name, path)
             minutes = (time.time() - t0) / 60
@@ -573,23 +585,23 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
-def save_training_state(cfg, run_dir, step, model, opt, ema, gen, rank):
-    """checkpoint-<step>/ with the student, optimizer, EMA, RNG states (every process's sampling generator)
-    and config, written atomically by rank 0."""
+def save_training_state(cfg, run_dir, step, model, opt, ema, gen, rank, adapter="student"):
+    """checkpoint-<step>/ with the trained adapter, optimizer, EMA, RNG states (every process's sampling
+    generator) and config, written atomically by rank 0."""
     states = distributed.gather_objects(gen.get_state())
     if rank == 0:
         gens = {f"sampling_rank{r}": torch.Generator().set_state(s) for r, s in enumerate(states)}
-        checkpoint.save_checkpoint(run_dir, step, model, "student", opt, dataclasses.asdict(cfg), ema, gens,
+        checkpoint.save_checkpoint(run_dir, step, model, adapter, opt, dataclasses.asdict(cfg), ema, gens,
                                    keep=cfg.checkpoints_total_limit or None)
 
 
-def resume(cfg, run_dir, model, opt, ema, gen, rank):
+def resume(cfg, run_dir, model, opt, ema, gen, rank, adapter="student"):
     """Restore a checkpoint (--resume_from_checkpoint latest|PATH); returns the iteration to continue from."""
     try:
         path = checkpoint.resolve_resume(cfg.resume_from_checkpoint, run_dir)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    state = checkpoint.load_checkpoint(path, model, "student", opt, ema, {f"sampling_rank{rank}": gen})
+    state = checkpoint.load_checkpoint(path, model, adapter, opt, ema, {f"sampling_rank{rank}": gen})
     if rank == 0:
         print(f"resumed from {path} at iteration {state['step']}")
     return state["step"]

@@ -309,6 +309,40 @@ def test_resume_distill_matches_uninterrupted_run(tmp_path, teacher_dir, fast_lo
         train.main(common + ["--name", "never", "--resume_from_checkpoint", "latest"])
 
 
+def test_resume_teacher_matches_uninterrupted_run(tmp_path, fast_load, monkeypatch):
+    """A teacher whose GRPO run dies after its checkpoint at iteration 2 and is resumed (--resume_from_checkpoint
+    latest) logs the same numbers and ends with the same adapter, bit for bit, as one run of 3 iterations."""
+    common = ["--stage", "teachers", "--teachers", "ocr", "--lora_rank", "4", "--lora_alpha", "8",
+              "--eval_at_end", "false"] + TINY + ["--grpo_iters", "3"]  # argparse keeps a flag's last value
+    train.main(common + ["--teacher_dir", str(tmp_path / "whole")])
+
+    class Killed(Exception):
+        pass
+
+    real_step, calls = train.optimizer_step, []
+
+    def dies_at_third_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "optimizer_step", dies_at_third_step)
+    with pytest.raises(Killed):
+        train.main(common + ["--teacher_dir", str(tmp_path / "cut"), "--checkpoint_every", "2"])
+    monkeypatch.setattr(train, "optimizer_step", real_step)
+    assert not (tmp_path / "cut" / "ocr").exists() and (tmp_path / "cut" / "runs" / "ocr" / "checkpoint-2").is_dir()
+    train.main(common + ["--teacher_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "minutes"} for r in rows]
+    whole, cut = _jsonl(tmp_path / "whole" / "train_log.jsonl"), _jsonl(tmp_path / "cut" / "train_log.jsonl")
+    assert [r.get("iter") for r in cut] == [0, 1, 2, None] and strip(cut) == strip(whole)
+    a = load_file(tmp_path / "whole" / "ocr" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "ocr" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="latest"):
+        train.main(common + ["--teacher_dir", str(tmp_path / "other"), "--resume_from_checkpoint", "some/path"])
+
+
 def test_torchrun_ddp_distill_two_gloo_processes(tmp_path, teacher_dir):
     """torchrun with 2 CPU processes (gloo): prompts are sharded, gradients averaged, and both replicas end
     with identical student weights; rank 0 alone writes the log and the student."""
