@@ -104,8 +104,8 @@ def make_cfg(args):
 
 class RandomTextSD3(models.T2IModel):
     """An SD3 transformer behind T2IModel's velocity interface with random prompt embeddings in place of the
-    text encoders (sd35m: (B, 333, 4096) + pooled (B, 2048)), and no VAE (decode returns the latents)."""
-    tokens, side = SD35M_TOKENS, SD35M_LATENT
+    text encoders (sd35m: (B, 333, 4096) + pooled (B, 2048)), and no VAE (decode returns the latents).
+    load_backbone sets `tokens` (prompt length) and `side` (latent side) for the chosen config."""
 
     @property
     def latent_shape(self):

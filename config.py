@@ -6,13 +6,20 @@ the field's comment gives it. Time convention throughout: t = sigma in [0, 1], t
 Flow-GRPO). List fields take several values, and repeating the flag adds more (`--teacher a=X --teacher b=Y`);
 booleans take true/false; `--model`/`--pretrained_model_name_or_path` and `--mar` are aliases in the
 conventions of diffusers' scripts and of the paper's command lines.
+
+Below the parser: what the flags point to, resolved once per stage (`--model` to a T2IModel, `--teacher`
+specs to adapter folders, `--prompts` files to records, `--*_reward` to the reward registry).
 """
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
 import torch
+
+import models
+import toy_world
 
 
 @dataclass
@@ -142,3 +149,65 @@ def parse_config(argv=None, description=__doc__):
         else:
             ap.add_argument(*names, dest=f.name, type=type(default), default=default)
     return Config(**{k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the flags point to: the model, adapter folders, prompt files, the reward backends (train.py's stages)
+
+def named_paths(specs):
+    """["NAME=PATH", ...] -> {NAME: PATH} (Config checked the form)."""
+    return dict(s.split("=", 1) for s in specs)
+
+
+def load_model(cfg):
+    """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16), at
+    --resolution, with gradient checkpointing if asked."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    try:
+        model = models.load_model(cfg.base, cfg.device, dtype)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--model: {e}") from None
+    if cfg.resolution:
+        model.set_resolution(cfg.resolution)
+    if cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model
+
+
+def adapter_folder(name, spec):
+    """A PEFT adapter folder from a local path, or a hub id downloaded once by huggingface_hub."""
+    if os.path.isdir(spec):
+        return spec
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(spec)
+    except Exception as e:
+        raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded "
+                         f"({type(e).__name__}). Download it where the hub is reachable "
+                         f"(`hf download {spec} --local-dir DIR`) and pass {name}=DIR") from None
+
+
+def prompt_pool(specs, split):
+    """{task: records}: the TASK=FILE prompt files (prompts.py formats), else the world's `split` prompts."""
+    if not specs:
+        return {t: toy_world.prompts(t, split) for t in toy_world.TASKS}
+    import prompts
+    try:
+        return {task: prompts.read_prompts(path, task) for task, path in named_paths(specs).items()}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"prompt file: {e}") from None
+
+
+def reward_registry(cfg):
+    """The world's rewards (rewards.REWARDS), with real-image backends swapped in by the *_reward flags."""
+    import rewards
+    choice = dict(ocr=cfg.ocr_reward, pickscore=cfg.pickscore_reward, geneval=cfg.geneval_reward,
+                  deqa=cfg.deqa_reward)
+    if all(v == "world" for v in choice.values()):
+        return rewards.REWARDS
+    import reward_backends
+    return reward_backends.make_rewards(**choice)
+
+
+def eval_settings(cfg):
+    return dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)

@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from config import parse_config
+from config import (adapter_folder, eval_settings, load_model, named_paths, parse_config, prompt_pool,
+                    reward_registry)
 import distributed
 import models
 import toy_world
@@ -311,66 +312,7 @@ def stage_teachers(cfg, names=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What a stage acts on, from the flags: the model, the teachers, the prompts, the rewards (the real path)
-
-def _pairs(specs):
-    """["NAME=PATH", ...] -> {NAME: PATH} (Config checked the form)."""
-    return dict(s.split("=", 1) for s in specs)
-
-
-def load_model(cfg):
-    """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16), at
-    --resolution, with gradient checkpointing if asked."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-    try:
-        model = models.load_model(cfg.base, cfg.device, dtype)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--model: {e}") from None
-    if cfg.resolution:
-        model.set_resolution(cfg.resolution)
-    if cfg.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
-    return model
-
-
-def adapter_folder(name, spec):
-    """A PEFT adapter folder from a local path, or a hub id downloaded once by huggingface_hub."""
-    if os.path.isdir(spec):
-        return spec
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(spec)
-    except Exception as e:
-        raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded "
-                         f"({type(e).__name__}). Download it where the hub is reachable "
-                         f"(`hf download {spec} --local-dir DIR`) and pass {name}=DIR") from None
-
-
-def prompt_pool(specs, split):
-    """{task: records}: the TASK=FILE prompt files (prompts.py formats), else the world's `split` prompts."""
-    if not specs:
-        return {t: toy_world.prompts(t, split) for t in toy_world.TASKS}
-    import prompts
-    try:
-        return {task: prompts.read_prompts(path, task) for task, path in _pairs(specs).items()}
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"prompt file: {e}") from None
-
-
-def reward_registry(cfg):
-    """The world's rewards (rewards.REWARDS), with real-image backends swapped in by the *_reward flags."""
-    import rewards
-    choice = dict(ocr=cfg.ocr_reward, pickscore=cfg.pickscore_reward, geneval=cfg.geneval_reward,
-                  deqa=cfg.deqa_reward)
-    if all(v == "world" for v in choice.values()):
-        return rewards.REWARDS
-    import reward_backends
-    return reward_backends.make_rewards(**choice)
-
-
-def eval_settings(cfg):
-    return dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
-
+# Flow-OPD (§2.5-2.8): the velocity-discrepancy core, the teachers on one backbone, the cold start, the loop
 
 def opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, noise_level, estimator, lam):
     """The velocity-discrepancy core: Gaussian-step means of student, teacher and anchor at the student's
@@ -385,13 +327,13 @@ def opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, noise_level, 
 
 
 def load_teachers(model, cfg):
-    """Load the routed teachers and the MAR anchor as adapters on the one backbone and return
-    ({task: teacher adapter}, anchor adapter or None for the base, {adapter: folder or hub id}). --teacher NAME=PATH_OR_ID gives them
-    (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are used, and
-    any that is missing is trained first, with a message. --mar is deqa, base, none, or a PATH_OR_ID."""
+    """Load the routed teachers and the MAR anchor as adapters on the one backbone. Returns ({task: teacher
+    adapter}, the anchor adapter or None for the base, {adapter: folder or hub id}). --teacher NAME=PATH_OR_ID
+    gives them (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are
+    used, and any that is missing is trained first, with a message. --mar is deqa, base, none, or a PATH_OR_ID."""
     anchor = {"deqa": "deqa", "base": None, "none": None}.get(cfg.mar_anchor, "anchor")
     if cfg.teacher:
-        sources = _pairs(cfg.teacher)
+        sources = named_paths(cfg.teacher)
     else:
         names = cfg.routes + (["deqa"] if anchor == "deqa" else [])
         missing = [n for n in names if not os.path.isdir(os.path.join(cfg.teacher_dir, n))]

@@ -167,20 +167,21 @@ class _Server:
                                   "group_rewards": group, "group_strict_rewards": group})
 
 
-@pytest.fixture
-def geneval_server():
-    s = _Server("geneval")
+def _serving(kind):
+    s = _Server(kind)
     yield s
     s.httpd.shutdown()
     s.httpd.server_close()
+
+
+@pytest.fixture
+def geneval_server():
+    yield from _serving("geneval")
 
 
 @pytest.fixture
 def deqa_server():
-    s = _Server("deqa")
-    yield s
-    s.httpd.shutdown()
-    s.httpd.server_close()
+    yield from _serving("deqa")
 
 
 def _grey_images(n, seed=0):

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 import toy_world  # noqa: E402
 import train  # noqa: E402
-from tiny_sd3 import IMAGE_SIZE, save_tiny_sd3_pipeline  # noqa: E402
+from tiny_sd3 import IMAGE_SIZE, save_random_loras, save_tiny_sd3_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,7 @@ def sd3_world(tmp_path_factory):
     save_tiny_sd3_pipeline(pipe)
     model = models.load_sd3(pipe, dtype=torch.float32, device="cpu")
     torch.manual_seed(0)
-    for name in ("geneval", "ocr", "deqa"):
-        model.add_lora(name, rank=4, alpha=8)
-        with torch.no_grad():
-            for n, p in model.transformer.named_parameters():
-                if f".{name}." in n and "lora_B" in n:
-                    p.normal_(0, 0.05)
-        model.save_adapter(name, str(root / name))
+    save_random_loras(model, root, ("geneval", "ocr", "deqa"), std=0.05)
     with open(root / "geneval_metadata.jsonl", "w") as f:
         for r in toy_world.prompts("geneval", "train")[:6]:
             f.write(json.dumps(r["metadata"] | {"prompt": r["prompt"]}) + "\n")

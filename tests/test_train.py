@@ -15,6 +15,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_sd3 (test helpers)
 import eval as evaluation  # noqa: E402
 import models  # noqa: E402
 import toy_world  # noqa: E402
@@ -22,6 +23,7 @@ import train  # noqa: E402
 from config import Config  # noqa: E402
 from opd_loss import kl_weight  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+from tiny_sd3 import save_random_loras  # noqa: E402
 from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
 
 BASE = os.path.join(ROOT, "checkpoints", "base")
@@ -55,13 +57,7 @@ def teacher_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
     model = _load_base()
     torch.manual_seed(0)
-    for name in ("geneval", "ocr", "pickscore", "deqa"):
-        model.add_lora(name, rank=4, alpha=8)
-        with torch.no_grad():
-            for n, p in model.transformer.named_parameters():
-                if f".{name}." in n and "lora_B" in n:
-                    p.normal_(0, 0.01)
-        model.save_adapter(name, str(root / name))
+    save_random_loras(model, root, ("geneval", "ocr", "pickscore", "deqa"), std=0.01)
     return root
 
 

@@ -16,6 +16,9 @@ Dimensions follow SD3's `encode_prompt`: the pooled embedding is the concatenati
 penultimate hidden states concatenated along width and zero-padded to T5's width, followed by T5's tokens along
 the sequence, so joint_attention_dim = T5_WIDTH >= CLIP_WIDTH[0] + CLIP_WIDTH[1] and the prompt sequence has
 CLIP_MAX_LENGTH + max_sequence_length (256 by default) tokens.
+
+Also `save_random_loras`: small PEFT teachers on any T2IModel (this pipeline's or the world's), for the tests
+that need teachers which differ from the base and from one another.
 """
 import os
 import tempfile
@@ -120,3 +123,15 @@ if __name__ == "__main__":
         pipe = StableDiffusion3Pipeline.from_pretrained(d)
         e, _, p, _ = pipe.encode_prompt("a cat", "a cat", "a cat", do_classifier_free_guidance=False)
         print("embeds", tuple(e.shape), "pooled", tuple(p.shape), "total", round(time.time() - start, 2), "s")
+
+
+def save_random_loras(model, root, names, std, rank=4, alpha=8):
+    """Add a LoRA per name to `model` with lora_B ~ N(0, std) (so it is not the identity), and save each in
+    PEFT format to root/<name>. Draws from the global torch RNG: seed it first."""
+    for name in names:
+        model.add_lora(name, rank=rank, alpha=alpha)
+        with torch.no_grad():
+            for n, p in model.transformer.named_parameters():
+                if f".{name}." in n and "lora_B" in n:
+                    p.normal_(0, std)
+        model.save_adapter(name, str(root / name))
