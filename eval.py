@@ -132,7 +132,10 @@ def summarise(per_seed):
 
 
 def write_table(path, per_seed, meta):
-    write_json(path, {"rows": summarise(per_seed), "meta": meta})
+    """Write {"rows": summarise(per_seed), "meta": meta} to path (atomically) and return it."""
+    table = {"rows": summarise(per_seed), "meta": meta}
+    write_json(path, table)
+    return table
 
 
 def table_markdown(table, metrics=("geneval", "ocr", "pickscore", "deqa", "avg")):

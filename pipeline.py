@@ -21,7 +21,7 @@ from tqdm import tqdm
 import models
 import toy_world
 import train
-from eval import evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown, write_table
+from eval import evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown, write_json, write_table
 
 
 # Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
@@ -92,17 +92,16 @@ def evaluate_rows(cfg, rows, timings):
         main[row] = evaluate_cached(model, adapter, cache, **kw)
         ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
         print(format_metrics(row, main[row]))
-    os.makedirs(cfg.results_dir, exist_ok=True)
-    with open(os.path.join(cfg.results_dir, f"seed{cfg.seed}.json"), "w") as f:
-        json.dump({"main": main, "ood": ood, "minutes": timings, "eval": kw}, f, indent=1)
+    write_json(os.path.join(cfg.results_dir, f"seed{cfg.seed}.json"),
+               {"main": main, "ood": ood, "minutes": timings, "eval": kw})
     seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
     runs = [json.load(open(p)) for p in seeds]
     meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},
             "note": "base and teachers are shared by all seeds (only their evaluation noise varies)"}
-    for part in ("main", "ood"):
-        per_seed = {row: [r[part][row] for r in runs if row in r[part]] for row in rows}
-        write_table(os.path.join(cfg.results_dir, f"{part}.json"), per_seed, meta)
-    print(table_markdown(json.load(open(os.path.join(cfg.results_dir, "main.json")))))
+    tables = {part: write_table(os.path.join(cfg.results_dir, f"{part}.json"),
+                                {row: [r[part][row] for r in runs if row in r[part]] for row in rows}, meta)
+              for part in ("main", "ood")}
+    print(table_markdown(tables["main"]))
     draw_pictures(cfg, model, rows)
 
 
