@@ -456,14 +456,7 @@ def stage_distill(cfg):
     if rank > 0:  # the cold start is built once, by rank 0, and loaded by the others
         model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
     pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
-    kw = eval_settings(cfg)  # + custom test prompts and real-image rewards (such evaluations are not cached)
-    if cfg.eval_prompts:
-        kw["records"] = prompt_pool(cfg.eval_prompts, "test")
-    if rewards_fns is not REWARDS:
-        kw["rewards"] = rewards_fns
-    evaluating = cfg.eval_at_end and rank == 0 and (not cfg.prompts or cfg.eval_prompts)
-    if cfg.eval_at_end and rank == 0 and not evaluating:
-        print("no --eval_prompts for the --prompts given: not evaluated")
+    kw, evaluating = student_evaluation(cfg, rewards_fns, rank)
     cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None
     model.adapter("student")
     params = trainable(model, "student")
@@ -508,6 +501,21 @@ def stage_distill(cfg):
         with ema.applied() if ema is not None else contextlib.nullcontext():
             finish_student(cfg, model, run_dir, teachers, cold, kw, evaluating, t0)
     distributed.barrier()
+
+
+def student_evaluation(cfg, rewards_fns, rank):
+    """(evaluate() settings, whether to evaluate): the end-of-stage evaluation of the cold start, teachers and
+    student, on --eval_prompts and the real-image rewards when given (such evaluations are not cached).
+    Only rank 0 evaluates; with --prompts but no --eval_prompts there is nothing to evaluate on."""
+    kw = eval_settings(cfg)
+    if cfg.eval_prompts:
+        kw["records"] = prompt_pool(cfg.eval_prompts, "test")
+    if rewards_fns is not REWARDS:
+        kw["rewards"] = rewards_fns
+    evaluating = cfg.eval_at_end and rank == 0 and (not cfg.prompts or cfg.eval_prompts)
+    if cfg.eval_at_end and rank == 0 and not evaluating:
+        print("no --eval_prompts for the --prompts given: not evaluated")
+    return kw, evaluating
 
 
 def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
