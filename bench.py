@@ -3,13 +3,14 @@ Speed and peak memory of one Flow-OPD distillation iteration: our loop against t
 
 One iteration = the student samples SDE trajectories (10 steps, CFG 4.5), then at each trained timestep and
 micro-batch the routed teacher and the MAR anchor give velocities at the student's states (no grad, CFG), the
-student's forward (CFG) and the pathwise-KL + lambda*MAR loss (train.opd_core) are backpropagated, and the
+student's forward (CFG) and the pathwise-KL + lambda*MAR loss (opd_loss.flow_opd_loss) are backpropagated, and the
 optimizer steps. Two loop structures, same model, data sizes, steps, seeds and loss maths:
 
   ours      ONE frozen transformer; the three routed teachers (geneval, ocr, pickscore), the MAR anchor (deqa)
             and the student are LoRA adapters on it, switched per routed group of samples (per-sample routing).
-            Runs train.opd_iteration + train.opd_core unchanged (this benchmark imports train.py on purpose),
-            then one clip + AdamW step per iteration, as train.stage_distill does.
+            The loop of train.opd_iteration, restated here from the same modules (rollouts, router,
+            opd_loss; tests/test_bench.py checks it gives train.opd_iteration's gradients), then one clip +
+            AdamW step per iteration, as train.stage_distill does.
   released  the loop structure of the released Flow-OPD code (ECOSYSTEM.md §2.2), re-implemented here: a
             separate full transformer per routed teacher (3) and another for the MAR anchor (1), each a
             copy.deepcopy holding only its own LoRA, unfused, as the released code's transformer + PeftModel
@@ -51,10 +52,12 @@ import time
 import torch
 
 import models
-import toy_world
-import train
+import rollouts
 from config import Config
-from router import DEFAULT_TASK_WEIGHTS, route
+from opd_loss import flow_opd_loss
+from rollouts import draw_records, guided_conds, sample_rollouts, trained_steps
+from router import DEFAULT_TASK_WEIGHTS, route, target_velocity
+from world import toy_world
 
 ROUTES, ANCHOR = ["geneval", "ocr", "pickscore"], "deqa"
 EPOCH_CYCLE = ["geneval"] * 3 + ["ocr", "pickscore"]   # released: one dataset (and teacher) per epoch, 3:1:1
@@ -87,7 +90,7 @@ def parse(argv=None):
     ap.add_argument("--base", default="checkpoints/base")
     ap.add_argument("--teacher_dir", default="checkpoints/teachers")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--skip_compile", action="store_true", help="skip the eager vs torch.compile(opd_core) part")
+    ap.add_argument("--skip_compile", action="store_true", help="skip the eager vs torch.compile(flow_opd_loss) part")
     ap.add_argument("--out", default="", help="also append the markdown report to this file")
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)   # internal: run one variant, print JSON
     args = ap.parse_args(argv)
@@ -116,7 +119,7 @@ class RandomTextSD3(models.T2IModel):
         kw = dict(device=dev, dtype=self.transformer.dtype, generator=torch.Generator(device=dev).manual_seed(n))
         return torch.randn(n, self.tokens, c.joint_attention_dim, **kw), torch.randn(n, c.pooled_projection_dim, **kw)
 
-    def velocity(self, *a, **kw):   # fp32 out: train.opd_iteration scatters bf16 teacher velocities into an fp32
+    def velocity(self, *a, **kw):   # fp32 out: router.target_velocity scatters bf16 teacher velocities into an fp32
         return super().velocity(*a, **kw).float()   # buffer (v_T[sub] = ...), which fails for bf16 models
 
     def decode(self, latents):
@@ -196,34 +199,55 @@ def opt_step(opt, params):
     opt.zero_grad(set_to_none=True)
 
 
-def iter_ours(model, cfg, gen, core, opt, params, it):
+def distill_losses(student, records, cfg, gen, loss_fn, velocities, step_end=None):
+    """The distillation loop both structures share: the student's rollout, then at each trained step and
+    micro-batch the target and anchor velocities (velocities(x_t, t, conds, lo, hi) -> (v_T, v_A), no grad),
+    the student's forward and the total loss, backpropagated; step_end() after each trained step (the
+    released structure's optimizer step). Returns the number of trained steps."""
+    traj, _ = sample_rollouts(student, records, cfg, gen)
+    steps, n = trained_steps(cfg, gen, window=0), len(records)
+    for j in steps:
+        for i in range(0, n, cfg.micro_batch):
+            idx = torch.arange(i, min(i + cfg.micro_batch, n))
+            conds = guided_conds(student, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg.cfg_scale)
+            x_t, t, t_next = traj.x_t[idx, j], traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
+            with torch.no_grad():
+                v_T, v_A = velocities(x_t, t, conds, i, i + cfg.micro_batch)
+            student.adapter("student")
+            v_s = student.velocity(x_t, t, *conds)
+            loss, _, _ = loss_fn(x_t=x_t, x_next=traj.x_next[idx, j], t=t, t_next=t_next, std=traj.std[idx, j],
+                                 old_logp=traj.logp[idx, j], v_student=v_s, v_teacher=v_T, v_anchor=v_A,
+                                 noise_level=cfg.noise_level, estimator=cfg.estimator, mar_lambda=cfg.mar_lambda)
+            (loss * len(idx) / (n * (1 if step_end else len(steps)))).backward()
+        if step_end:
+            step_end()
+    return len(steps)
+
+
+def iter_ours(model, cfg, gen, loss_fn, opt, params, it):
+    """One backbone: teachers and anchor are adapters, routed per sample, one optimizer step per iteration."""
     weights = {t: DEFAULT_TASK_WEIGHTS[t] for t in ROUTES}
-    records = sorted(train.draw_records(POOL, weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
+    records = sorted(draw_records(POOL, weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
     routed = route([r["task"] for r in records], {t: t for t in ROUTES})
-    train.opd_iteration(model, records, routed, ANCHOR, cfg, core, gen)
+
+    def velocities(x_t, t, conds, lo, hi):
+        v_T = target_velocity(model, x_t, t, conds, routed[lo:hi], ROUTES)
+        model.adapter(ANCHOR)
+        return v_T, model.velocity(x_t, t, *conds)
+    model.adapter("student")
+    distill_losses(model, records, cfg, gen, loss_fn, velocities)
     opt_step(opt, params)
     return 1
 
 
-def iter_released(student, refs, cfg, gen, core, opt, params, it):
+def iter_released(student, refs, cfg, gen, loss_fn, opt, params, it):
+    """Full copies: one teacher per iteration (epoch routing), an optimizer step after every trained step."""
     task = EPOCH_CYCLE[it % len(EPOCH_CYCLE)]
-    records = train.draw_records(POOL, {task: 1.0}, cfg.opd_prompts, gen)
-    teacher, anchor, n = refs[task], refs["anchor"], len(records)
-    traj, _ = train.sample_rollouts(student, records, cfg, gen)
-    steps = train.trained_steps(cfg, gen, window=0)
-    for j in steps:
-        for i in range(0, n, cfg.micro_batch):
-            idx = torch.arange(i, min(i + cfg.micro_batch, n))
-            conds = train.cfg_conds(student, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg)
-            x_t, t = traj.x_t[idx, j], traj.t[j].expand(len(idx))
-            with torch.no_grad():
-                v_T, v_A = teacher.velocity(x_t, t, *conds), anchor.velocity(x_t, t, *conds)
-            v_s = student.velocity(x_t, t, *conds)
-            loss, _, _ = core(x_t, traj.x_next[idx, j], v_s, v_T, v_A, t, traj.t_next[j].expand(len(idx)),
-                              traj.std[idx, j], traj.logp[idx, j], cfg.noise_level, cfg.estimator, cfg.mar_lambda)
-            (loss * len(idx) / n).backward()
-        opt_step(opt, params)                                 # one optimizer step per trained timestep
-    return len(steps)
+    records = draw_records(POOL, {task: 1.0}, cfg.opd_prompts, gen)
+    teacher, anchor = refs[task], refs["anchor"]
+    return distill_losses(student, records, cfg, gen, loss_fn,
+                          lambda x_t, t, conds, lo, hi: (teacher.velocity(x_t, t, *conds), anchor.velocity(x_t, t, *conds)),
+                          step_end=lambda: opt_step(opt, params))
 
 
 def weight_bytes(*transformers):
@@ -234,7 +258,7 @@ def weight_bytes(*transformers):
     return sum(seen.values())
 
 
-def time_core(core, cfg, model, device, reps=20):
+def time_core(loss_fn, cfg, model, device, reps=20):
     """Forward + backward of the velocity-discrepancy core alone on one micro-batch of random states."""
     g = torch.Generator().manual_seed(0)
     B, shape = cfg.micro_batch, (cfg.micro_batch, *model.latent_shape)
@@ -246,7 +270,8 @@ def time_core(core, cfg, model, device, reps=20):
         vs = r(*shape).requires_grad_(True)
         sync(device)
         t0 = time.perf_counter()
-        core(x, xn, vs, vT, vA, t, tn, std, lp, cfg.noise_level, cfg.estimator, cfg.mar_lambda)[0].backward()
+        loss_fn(x_t=x, x_next=xn, t=t, t_next=tn, std=std, old_logp=lp, v_student=vs, v_teacher=vT, v_anchor=vA,
+                noise_level=cfg.noise_level, estimator=cfg.estimator, mar_lambda=cfg.mar_lambda)[0].backward()
         sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times[2:])
@@ -263,9 +288,9 @@ def run_variant(args):
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     torch.manual_seed(args.seed)   # also seeds the CUDA RNG used just below
-    if cuda:   # train.sample_rollouts hands its CPU generator to sde_step's torch.randn(device=cuda), which raises;
-        from sde_sampler import rollout   # draw the SDE noise from the seeded global CUDA RNG instead
-        train.rollout = lambda v, x1, sig, a, gen=None, steps=None: rollout(v, x1, sig, a, None, steps)
+    if cuda:   # rollouts.sample_rollouts hands its CPU generator to sde_step's torch.randn(device=cuda), which
+        from sde_sampler import rollout   # raises; draw the SDE noise from the seeded global CUDA RNG instead
+        rollouts.rollout = lambda v, x1, sig, a, gen=None, steps=None: rollout(v, x1, sig, a, None, steps)
     cfg = make_cfg(args)
     model = load_backbone(args)
     if cuda:
@@ -284,7 +309,7 @@ def run_variant(args):
         model.transformer.enable_gradient_checkpointing()
     params = model.lora_parameters("student")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    core = torch.compile(train.opd_core) if args.variant == "ours_compiled" else train.opd_core
+    core = torch.compile(flow_opd_loss) if args.variant == "ours_compiled" else flow_opd_loss
     gen = torch.Generator().manual_seed(args.seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     times, opt_steps = [], 0
@@ -335,7 +360,7 @@ def report(args, argv, results, load):
              "ours": "1 transformer + 4 LoRA (3 teachers, anchor) + student LoRA",
              "released": f"student transformer + LoRA, 4 full {args.ref_dtype} copies (3 teachers, anchor), "
                          f"LoRA {'fused' if args.released_fuse else 'unfused (PeftModel-like)'}",
-             "ours_compiled": "as ours, torch.compile(opd_core)"}
+             "ours_compiled": "as ours, torch.compile(flow_opd_loss)"}
     src = next((r["sources"] for r in results if "sources" in r), {})
     threads = next((r["threads"] for r in results if "threads" in r), "?")
     out = [f"## Flow-OPD distill iteration: ours vs released loop structure ({args.config}, {args.device})", "",
@@ -366,14 +391,14 @@ def report(args, argv, results, load):
                         f"{(rel['peak_mib'] - fl['peak_mib']) / max(o['peak_mib'] - fl['peak_mib'], 1e-9):.2f}x")
     c = R.get("ours_compiled", {})
     if "median_s" in c and "median_s" in o:
-        out += ["", "| opd_core | warm-up iter (s) | s/iter (median, warm) | core fwd+bwd (ms/call) |",
+        out += ["", "| flow_opd_loss | warm-up iter (s) | s/iter (median, warm) | core fwd+bwd (ms/call) |",
                 "|---|---|---|---|",
                 f"| eager | {o['warmup_s']:.2f} | {o['median_s']:.3f} | {o['core_ms']:.2f} |",
                 f"| torch.compile | {c['warmup_s']:.2f} | {c['median_s']:.3f} | {c['core_ms']:.2f} |", "",
                 f"compile cost ~ {c['warmup_s'] - o['warmup_s']:.1f} s (warm-up difference); warm iteration "
                 f"eager/compiled {o['median_s'] / c['median_s']:.2f}x, core alone {o['core_ms'] / c['core_ms']:.2f}x"]
     elif "error" in c:
-        out += ["", f"torch.compile(opd_core): {c['error']}"]
+        out += ["", f"torch.compile(flow_opd_loss): {c['error']}"]
     return "\n".join(out) + "\n"
 
 

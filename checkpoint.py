@@ -17,6 +17,7 @@ under the final name, and names starting with "." are never taken for checkpoint
 Export (`export_lora`) writes the LoRA both in PEFT format and in diffusers' SD3 LoRA format (the file that
 `StableDiffusion3Pipeline.load_lora_weights` reads); infer.load_lora reads either back into a T2IModel.
 """
+import dataclasses
 import json
 import os
 import random
@@ -27,6 +28,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+import distributed
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
@@ -221,6 +224,28 @@ def load_checkpoint(path, model, adapter, optimizer, ema=None, generators=None):
 
 
 # ---------------------------------------------------------------------------------------------- export
+def save_training_state(cfg, run_dir, step, model, opt, ema, gen, rank, adapter="student"):
+    """checkpoint-<step>/ of a training stage: the trained adapter, optimizer, EMA, RNG states (every
+    process's sampling generator) and config, written atomically by rank 0."""
+    states = distributed.gather_objects(gen.get_state())
+    if rank == 0:
+        gens = {f"sampling_rank{r}": torch.Generator().set_state(s) for r, s in enumerate(states)}
+        save_checkpoint(run_dir, step, model, adapter, opt, dataclasses.asdict(cfg), ema, gens,
+                        keep=cfg.checkpoints_total_limit or None)
+
+
+def resume_training(cfg, run_dir, model, opt, ema, gen, rank, adapter="student"):
+    """Restore a checkpoint (--resume_from_checkpoint latest|PATH); returns the iteration to continue from."""
+    try:
+        path = resolve_resume(cfg.resume_from_checkpoint, run_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    state = load_checkpoint(path, model, adapter, opt, ema, {f"sampling_rank{rank}": gen})
+    if rank == 0:
+        print(f"resumed from {path} at iteration {state['step']}")
+    return state["step"]
+
+
 def export_lora(model, adapter, out_dir):
     """out_dir/peft/ (PEFT) and out_dir/pytorch_lora_weights.safetensors (diffusers' SD3 LoRA format, with the
     LoraConfig as metadata so alpha/r survives: without it diffusers assumes alpha = r). Returns out_dir."""

@@ -151,7 +151,7 @@ def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teac
     (pool: {task: records}; default: the world's train split);
     a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
     from the experts' distributions. Returns the final flow-matching loss."""
-    import toy_world
+    from world import toy_world
     from flow_matching import euler_sample, flow_matching_loss, interpolate, sample_t, time_grid
     gen = torch.Generator().manual_seed(seed)
     dev = model.transformer.device

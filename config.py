@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 import models
-import toy_world
+from world import toy_world
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Config:
     cfg_scale: float = 4.5           # classifier-free guidance scale (released code; paper silent)
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
     eval_limit: int = 32             # prompts per task in end-of-stage evaluations (0 = all; eval.py: all)
+    balance_tags: bool = True        # RL draws: GenEval prompts uniform over sub-tasks (metadata "tag"); false:
+                                     # uniform over prompts, as flow_grpo reads its training file (rollouts.py)
     # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
     teachers: list[str] = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
     teacher_dir: str = "checkpoints/teachers"

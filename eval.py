@@ -22,7 +22,7 @@ import os
 
 import torch
 
-import toy_world
+from world import toy_world
 from flow_matching import euler_sample, time_grid
 from rewards import REWARDS, geneval_details
 
@@ -85,7 +85,7 @@ def evaluate(model, adapter=None, split="test", limit=None, steps=40, cfg_scale=
 @torch.no_grad()
 def evaluate_ood(model, adapter=None, steps=40, cfg_scale=4.5, seed=0):
     """Out-of-domain composition (compbench.py): the geneval score and strict accuracy per category."""
-    import compbench
+    from world import compbench
     model.adapter(adapter)
     recs = compbench.records()
     images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)

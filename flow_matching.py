@@ -19,11 +19,7 @@ Self-check: python flow_matching.py
 """
 from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
-from tqdm import tqdm
-
-import toy_world
 
 Time = Union[torch.Tensor, float]
 
@@ -79,7 +75,7 @@ def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor
     raise ValueError(f"reduce must be 'mean' or 'none', got {reduce!r}")
 
 
-def cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def guidance(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance: v = v_uncond + w·(v_cond - v_uncond); w = 1 is plain conditional."""
     return v_uncond + scale * (v_cond - v_uncond)
 
@@ -102,98 +98,6 @@ def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
         t, t_next = sigmas[i].expand(B), sigmas[i + 1].expand(B)  # (B,), (B,)
         x = euler_step(x, velocity_fn(x, t), t, t_next)  # (B, C, H, W)
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretraining the miniature world's base: L_FM on (caption, image) pairs with noisy captions.
-# ---------------------------------------------------------------------------------------------
-def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, caption_noise=0.3,
-             dataset_size=40_000, seed=0, log_every=100, callback=None):
-    """Train `model.transformer` and its text encoder by flow matching on the world (its autoencoder must be
-    trained already). Images are rendered and encoded once (`dataset_size`); captions are re-drawn each time,
-    so the caption noise is fresh. A share `cfg_dropout` of captions is emptied to learn the unconditional
-    field that classifier-free guidance needs. Returns the list of (step, loss)."""
-    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    dev = model.transformer.device
-    records, latents = [], []
-    with torch.no_grad():
-        for _ in tqdm(range(0, dataset_size, 500), desc="render+encode", leave=False):
-            recs = [_random_record(rng) for _ in range(500)]
-            images = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
-            latents.append(model.encode_images(images.to(dev)))
-            records += recs
-    latents = torch.cat(latents)  # (N, C, h, w)
-    params = [p for m in (model.transformer, model.encoder) for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    history, pbar = [], tqdm(range(steps), desc="pretrain")
-    for step in pbar:
-        idx = torch.randint(len(records), (batch_size,), generator=gen)
-        captions = [_caption(records[i], rng, caption_noise, cfg_dropout) for i in idx.tolist()]
-        x0 = latents[idx.to(dev)]  # (B, C, h, w)
-        eps = torch.randn(x0.shape, generator=gen).to(dev)  # drawn on the CPU: same stream on any device
-        t = sample_t(batch_size, gen).to(dev)  # (B,)
-        v = model.velocity(interpolate(x0, eps, t), t, model.encode_prompts(captions))
-        loss = flow_matching_loss(v, x0, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            history.append((step, loss.item()))
-            pbar.set_postfix(loss=f"{loss.item():.4f}")
-        if callback is not None:
-            callback(step + 1)  # e.g. save intermediate checkpoints
-    for p in params:
-        p.requires_grad_(False)
-    return history
-
-
-def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, seed=0):
-    """Fit the world's KL autoencoder to fresh renderings (MSE + a small KL, as SD3's VAE is nearly
-    deterministic), then set SD3's latent normalisation: shift_factor = mean, scaling_factor = 1 / std."""
-    rng = np.random.default_rng(seed)
-    dev = model.vae.device
-    vae = model.vae.requires_grad_(True).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    pbar = tqdm(range(steps), desc="autoencoder")
-    for step in pbar:
-        x = _render_batch(batch_size, rng).to(dev) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
-        post = vae.encode(x).latent_dist
-        recon = vae.decode(post.sample()).sample
-        loss = (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            pbar.set_postfix(mse=f"{(recon - x).pow(2).mean().item():.5f}")
-    vae.requires_grad_(False).eval()
-    with torch.no_grad():
-        z = vae.encode(_render_batch(1024, rng).to(dev) * 2 - 1).latent_dist.mean
-    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
-    return loss.item()
-
-
-def _render_batch(n, rng):
-    recs = [toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train") for _ in range(n)]
-    return toy_world.to_tensor([toy_world.render(r[rng.integers(len(r))], rng) for r in recs])
-
-
-def _random_record(rng):
-    recs = toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train")
-    return recs[rng.integers(len(recs))]
-
-
-def _caption(record, rng, caption_noise, cfg_dropout):
-    u = rng.uniform()
-    if u < cfg_dropout:
-        return ""
-    return toy_world.corrupt_caption(record, rng) if u < cfg_dropout + caption_noise else record["prompt"]
 
 
 if __name__ == "__main__":

@@ -87,26 +87,12 @@ def clipped_surrogate(logp, old_logp, adv, clip_range: float) -> Surrogate:
     return Surrogate(loss, ratio.detach(), clipfrac, approx_kl)
 
 
-def _per_sample(dt, B: int):
-    """|Δt| as a (B,) tensor from a float or a (B,)/(B,1,...) tensor."""
-    return torch.as_tensor(dt, dtype=torch.float32).abs().reshape(-1).expand(B)
-
-
-def reference_kl(mean, ref_mean, std, exact: bool = True, dt=None, reduce: str = "mean"):
-    """β-KL term KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) per sample, (B,). Not detached w.r.t. `mean`.
-
-    exact=True: ‖μ − μ_ref‖²/(2 std²) via gaussian_kl, summed (reduce="sum") or averaged over the D
-    elements (reduce="mean", default, = exact_sum/D). exact=False: flow_grpo's form
-    mean((μ − μ_ref)²)/(2σ_t²) with σ_t² = std²/|Δt|, i.e. exact_sum·|Δt|/D; it needs dt and
-    ignores `reduce`. It down-weights the steps with small |Δt| relative to the true KL.
-    """
-    ref_mean = ref_mean.detach()                                      # frozen reference policy
-    if exact:
-        return gaussian_kl(mean, ref_mean, std, reduce=reduce)        # (B,)
-    if dt is None:
-        raise ValueError("reference_kl(exact=False) needs dt = t_next − t to undo the |Δt| in std")
-    kl_mean = gaussian_kl(mean, ref_mean, std, reduce="mean")         # (B,) exact_sum / D
-    return kl_mean * _per_sample(dt, mean.shape[0])                   # (B,) exact_sum·|Δt|/D
+def reference_kl(mean, ref_mean, std, reduce: str = "mean"):
+    """β-KL term KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) = ‖μ − μ_ref‖²/(2 std²) per sample, (B,), summed
+    (reduce="sum", the exact KL) or averaged over the D elements (reduce="mean", default). Not detached
+    w.r.t. `mean`. flow_grpo's code divides by 2σ_t² instead of 2 std², i.e. computes exact·|Δt|/D, which
+    down-weights the steps with small |Δt|; we keep the exact KL."""
+    return gaussian_kl(mean, ref_mean.detach(), std, reduce=reduce)   # (B,), the reference is frozen
 
 
 class GRPOLoss(NamedTuple):
@@ -121,14 +107,14 @@ class GRPOLoss(NamedTuple):
 
 
 def grpo_loss(logp, old_logp, adv, clip_range: float, beta: float = 0.0, mean=None,
-              ref_mean=None, std=None, exact_kl: bool = True, dt=None) -> GRPOLoss:
+              ref_mean=None, std=None) -> GRPOLoss:
     """One Flow-GRPO step loss: clipped surrogate + β·reference KL (if beta > 0)."""
     pg = clipped_surrogate(logp, old_logp, adv, clip_range)
     loss, kl = pg.loss, torch.zeros(())
     if beta > 0:
         if mean is None or ref_mean is None or std is None:
             raise ValueError("beta > 0 needs mean, ref_mean and std for the reference KL")
-        kl_b = reference_kl(mean, ref_mean, std, exact=exact_kl, dt=dt)   # (B,)
+        kl_b = reference_kl(mean, ref_mean, std)   # (B,)
         loss = loss + beta * kl_b.mean()
         kl = kl_b.detach().mean()
     r = pg.ratio

@@ -17,8 +17,6 @@ is a closed-form function of the STATE x_t only. Three estimators of ∇ E[Σ_t 
       Unbiased for the reverse KL because E_x∼π[∇log π_θ(x)·(log π_θ − log π_T)(x)] = ∇KL (the extra
       E[∇log π_θ] term is 0). The summed log-prob is what makes it unbiased: a per-element mean would
       scale the score by 1/D while r stays summed. Loss divided by D (same scale as "pathwise").
-      reward_to_go=True sums r over the later steps (the full-trajectory reverse KL instead of discount 0);
-      baseline=True adds the closed-form KL_t (a state-only control variate, vOPD) to cut variance.
   "released"            Flow-OPD code @434ab16, kept for faithfulness: A = clamp(−KL_code(θ), ±adv_clip)
       NOT detached, KL_code = mean_D((μ_θ − μ_T)²)/(2σ_t²) = KL_t·|Δt|/D (no Δt, ECOSYSTEM §2.2), PPO
       clip ε = 1e-4 on the mean-reduced log-prob ratio. Its gradient ≈ ∇KL_code: pathwise × |Δt|.
@@ -30,11 +28,16 @@ baseline, it carries no signal (Flow-Factory#166, miles#2362). The released code
 its "reward" keeps the graph of μ_θ, so A itself is differentiated (a pathwise KL gradient); the
 PPO clip of 1e-4 then bounds nothing, since the gradient does not flow through ρ alone.
 
-Inputs: per-step tensors with `batch_dims` leading sample dims: (B, ...) for one step (batch_dims=1,
-default) or (B, T, ...) for whole trajectories in sampling order (batch_dims=2, needed by
-reward_to_go). old_logp is the MEAN-reduced log π_old(x_next|x_t), exactly as sde_sampler.rollout stores
-it (Trajectory.logp); the summed one is D·mean, so both conventions derive from it without a sum that
-could differ bitwise from the stored value (ρ is exactly 1 on-policy).
+The total loss (§2.8), written once, here: `flow_opd_loss` takes the student's, the routed teacher's and
+the MAR anchor's velocities at the student's states, turns them into Gaussian-step means
+(sde_sampler.step_mean) and returns
+    L = L_OPD(μ_θ, μ_T) + λ·MAR(μ_θ, μ_anchor)              (mar.mar_loss; λ = cfg.mar_lambda)
+It is pure tensor code, the "velocity-discrepancy core" that train.py compiles with torch.compile.
+
+Inputs: per-step tensors (B, ...), one row per sampled step. old_logp is the MEAN-reduced
+log π_old(x_next|x_t), exactly as sde_sampler.rollout stores it (Trajectory.logp); the summed one is D·mean,
+so both conventions derive from it without a sum that could differ bitwise from the stored value (ρ is
+exactly 1 on-policy).
 
 Differences from the paper:
   1) Default estimator is "pathwise", not the detached-reward PG (which has zero expected gradient, above).
@@ -49,7 +52,8 @@ from typing import NamedTuple
 import torch
 
 from grpo import clipped_surrogate
-from sde_sampler import gaussian_kl, gaussian_logprob, sigma_t
+from mar import mar_loss
+from sde_sampler import gaussian_kl, gaussian_logprob, sigma_t, step_mean
 
 ESTIMATORS = ("pathwise", "logratio", "released")
 DEFAULT_CLIP = {"pathwise": None, "logratio": 0.2, "released": 1e-4}   # Tinker PPO 0.2; flow_grpo 1e-4
@@ -76,7 +80,7 @@ def step_kl(mean_s, mean_T, std, reduce: str = "sum"):
 
 class OPDLoss(NamedTuple):
     loss: torch.Tensor        # () scalar to minimise (scale: see module docstring)
-    kl: torch.Tensor          # lead shape (B,) or (B, T), detached exact KL_t (sum over elements)
+    kl: torch.Tensor          # (B,) detached exact KL_t (sum over elements)
     ratio_mean: torch.Tensor  # () diagnostics of the ratio the estimator uses (summed for "pathwise"
     ratio_min: torch.Tensor   #    and "logratio", mean-reduced for "released"); nan when x_next or
     ratio_max: torch.Tensor   #    old_logp is not given
@@ -84,50 +88,31 @@ class OPDLoss(NamedTuple):
     approx_kl: torch.Tensor   # () 0.5·mean(log ρ²), the usual PPO drift estimate
 
 
-def _flat(x, batch_dims: int):
-    """(lead..., ...) -> (N, ...): every step becomes one row for sde_sampler's (B, ...) functions."""
-    return x.reshape(-1, *x.shape[batch_dims:])
-
-
-def _flat_std(std, mean, batch_dims: int):
-    """std given per step (lead shape, e.g. Trajectory.std) or broadcastable to mean -> (N,) or (N, 1, ...)."""
+def _per_sample_std(std, mean):
+    """std given per sample (B,) (e.g. Trajectory.std[:, j]) or broadcastable to mean (B, ...)."""
     std = torch.as_tensor(std, dtype=torch.float32, device=mean.device)
-    lead = mean.shape[:batch_dims]
-    if std.dim() == batch_dims:
-        return std.expand(lead).reshape(-1)                                  # (N,)
-    if std.dim() < mean.dim():
-        std = torch.broadcast_to(std, mean.shape)
-    return std.expand(*lead, *std.shape[batch_dims:]).reshape(-1, *std.shape[batch_dims:])
-
-
-def _reward_to_go(r):
-    """R_t = Σ_{t' ≥ t} r_t' along dim 1 of a (B, T) tensor."""
-    return r.flip(1).cumsum(1).flip(1)
+    return std if std.dim() == 1 else torch.broadcast_to(std, (mean.shape[0], *std.shape[1:]))
 
 
 def opd_loss(estimator: str, mean_s, mean_T, std, x_next=None, old_logp=None, *, clip_range=None,
-             dt=None, adv_clip: float = 5.0, reward_to_go: bool = False, baseline: bool = False,
-             batch_dims: int = 1) -> OPDLoss:
-    """OPD loss of one batch of student steps. mean_s (lead, ...) carries the gradient (μ_θ from
-    sde_step with the student velocity); mean_T is the routed teacher's μ (detached here); std is
-    σ_t√|Δt|; x_next the sampled next latent; old_logp (lead) the mean-reduced log π_old(x_next|x_t);
-    dt = t_next − t (float or lead-broadcastable), needed by "released" only.
+             dt=None, adv_clip: float = 5.0) -> OPDLoss:
+    """OPD loss of one batch of student steps. mean_s (B, ...) carries the gradient (μ_θ from
+    step_mean with the student velocity); mean_T is the routed teacher's μ (detached here); std is
+    σ_t√|Δt|, (B,) or broadcastable; x_next the sampled next latent; old_logp (B,) the mean-reduced
+    log π_old(x_next|x_t); dt = t_next − t (float or (B,)), needed by "released" only.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if reward_to_go and (estimator != "logratio" or batch_dims != 2):
-        raise ValueError("reward_to_go needs estimator='logratio' and (B, T, ...) inputs with batch_dims=2")
     clip_range = DEFAULT_CLIP[estimator] if clip_range is None else clip_range
-    lead, D = mean_s.shape[:batch_dims], mean_s[(0,) * batch_dims].numel()
-    m_s, m_T = _flat(mean_s, batch_dims), _flat(mean_T.detach(), batch_dims)   # (N, ...)
-    s = _flat_std(std, mean_s, batch_dims)
-    kl = step_kl(m_s, m_T, s)                                                  # (N,) exact, grad to μ_θ
+    B, D = mean_s.shape[0], mean_s[0].numel()
+    m_T, s = mean_T.detach(), _per_sample_std(std, mean_s)
+    kl = step_kl(mean_s, m_T, s)                                               # (B,) exact, grad to μ_θ
 
-    log_ratio = None                                                           # (N,) mean-reduced
+    log_ratio = None                                                           # (B,) mean-reduced
     if x_next is not None and old_logp is not None:
-        x = _flat(x_next.detach(), batch_dims)
-        logp = gaussian_logprob(x, m_s, s, reduce="mean")                      # (N,) grad to μ_θ
-        log_ratio = logp - old_logp.detach().reshape(-1)
+        x = x_next.detach()
+        logp = gaussian_logprob(x, mean_s, s, reduce="mean")                   # (B,) grad to μ_θ
+        log_ratio = logp - old_logp.detach()
     elif estimator != "pathwise":
         raise ValueError(f"estimator={estimator!r} needs x_next and old_logp (mean-reduced)")
 
@@ -135,31 +120,42 @@ def opd_loss(estimator: str, mean_s, mean_T, std, x_next=None, old_logp=None, *,
     if estimator == "pathwise":
         loss = kl.mean() / D
         if log_ratio is None:
-            return OPDLoss(loss, kl.detach().view(lead), nan, nan, nan, nan, nan)
+            return OPDLoss(loss, kl.detach(), nan, nan, nan, nan, nan)
         r = torch.exp(D * log_ratio.detach())                                  # true density ratio
-        return OPDLoss(loss, kl.detach().view(lead), r.mean(), r.min(), r.max(), nan,
+        return OPDLoss(loss, kl.detach(), r.mean(), r.min(), r.max(), nan,
                        0.5 * (D * log_ratio.detach()).pow(2).mean())
 
     if estimator == "logratio":
         with torch.no_grad():
-            logp_T = gaussian_logprob(x, m_T, s, reduce="mean")                # (N,)
-            r = D * (logp_T - old_logp.reshape(-1))                            # (N,) summed log-ratio
-            if baseline:
-                r = r + kl                                                     # E[r] = −KL: centre it
-            adv = _reward_to_go(r.view(lead)).reshape(-1) if reward_to_go else r
+            logp_T = gaussian_logprob(x, m_T, s, reduce="mean")                # (B,)
+            adv = D * (logp_T - old_logp)                                      # (B,) summed log-ratio r
         # summed log-probs: ρ = exp(D·Δlogp_mean); logp = D·(...) keeps ∇ = ∇log π_sum
         pg = clipped_surrogate(D * log_ratio, torch.zeros_like(log_ratio), adv, clip_range)
         loss = pg.loss / D
     else:  # "released": advantage keeps the graph of μ_θ (no detach), mean-reduced ratio
         if dt is None:
             raise ValueError("estimator='released' needs dt = t_next − t (its KL has no Δt: KL·|Δt|/D)")
-        abs_dt = torch.broadcast_to(torch.as_tensor(dt, dtype=torch.float32).abs(), lead).reshape(-1)
-        kl_code = kl / D * abs_dt                                              # (N,) = mean/(2σ_t²)
+        abs_dt = torch.broadcast_to(torch.as_tensor(dt, dtype=torch.float32).abs().reshape(-1), (B,))
+        kl_code = kl / D * abs_dt                                              # (B,) = mean/(2σ_t²)
         adv = torch.clamp(-kl_code, -adv_clip, adv_clip)
         pg = clipped_surrogate(log_ratio, torch.zeros_like(log_ratio), adv, clip_range)
         loss = pg.loss
     rho = pg.ratio
-    return OPDLoss(loss, kl.detach().view(lead), rho.mean(), rho.min(), rho.max(), pg.clipfrac, pg.approx_kl)
+    return OPDLoss(loss, kl.detach(), rho.mean(), rho.min(), rho.max(), pg.clipfrac, pg.approx_kl)
+
+
+def flow_opd_loss(*, x_t, x_next, t, t_next, std, old_logp, v_student, v_teacher, v_anchor, noise_level: float,
+                  estimator: str, mar_lambda: float):
+    """L = L_OPD + λ·MAR at the student's states (§2.7-2.8), the one place the total loss is written.
+    x_t, x_next (B, C, h, w); t, t_next, std, old_logp (B,); v_student (B, C, h, w) carries the gradient;
+    v_teacher (the routed teacher's) and v_anchor (the MAR anchor's, or None for no MAR) are detached.
+    The means are fp32 (step_mean casts): bf16 loses the small σ_t²Δt terms and the ratio leaves 1.
+    Returns (loss (), KL_t per sample (B,) detached, the MAR term () detached)."""
+    mean = lambda v: step_mean(x_t, v, t, t_next, noise_level)  # noqa: E731  (B, C, h, w)
+    mean_s = mean(v_student)
+    opd = opd_loss(estimator, mean_s, mean(v_teacher), std, x_next, old_logp, dt=t_next - t)
+    mar = mar_loss(mean_s, mean(v_anchor), std, mar_lambda).mean() if v_anchor is not None else torch.zeros(())
+    return opd.loss + mar, opd.kl, mar.detach()
 
 
 if __name__ == "__main__":

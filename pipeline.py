@@ -19,9 +19,11 @@ import time
 from tqdm import tqdm
 
 import models
-import toy_world
-import train
+from config import eval_settings
 from eval import evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown, write_json, write_table
+from teachers import stage_teachers
+from world import toy_world
+from world.pretrain import stage_pretrain
 
 
 # Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
@@ -50,17 +52,18 @@ def pipeline_rows(cfg, run):
     return rows
 
 
-def stage_all(cfg):
+def stage_all(cfg, stage_distill):
     """The whole pipeline for one seed, resumable stage by stage (what exists is reused): pretraining if no
     base, the four teachers (shared by all seeds), then per seed GRPO-Mix, the cold starts and the Flow-OPD
     variants, and the evaluation of every row (results/seed<S>.json, aggregated over seeds into
-    results/main.json and results/ood.json)."""
+    results/main.json and results/ood.json). stage_distill: train.py's Flow-OPD stage, which train.py hands
+    in (the main job's loop stays in train.py, and no module imports train.py)."""
     t0, run = time.time(), os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
     timings = {}
     if not os.path.isdir(cfg.base):
-        train.stage_pretrain(cfg)
-    train.stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
-    train.stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False), ["grpo_mix"])
+        stage_pretrain(cfg)
+    stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
+    stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False), ["grpo_mix"])
     timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
     rows = pipeline_rows(cfg, run)
     for row, overrides in selected_variants(cfg).items():
@@ -69,9 +72,9 @@ def stage_all(cfg):
             continue
         t1, name = time.time(), row.split("/")[1]
         print(f"[{row}] distilling")
-        train.stage_distill(dataclasses.replace(cfg, name=name, student_dir=os.path.join(run, "students"),
-                                                cold_start_dir=os.path.join(run, "cold_start"),
-                                                eval_at_end=False, **overrides))
+        stage_distill(dataclasses.replace(cfg, name=name, student_dir=os.path.join(run, "students"),
+                                          cold_start_dir=os.path.join(run, "cold_start"), eval_at_end=False,
+                                          **overrides))
         timings[row] = (time.time() - t1) / 60
     evaluate_rows(cfg, rows, timings)
     print(f"--stage all, seed {cfg.seed}: {(time.time() - t0) / 60:.1f} min")
@@ -81,7 +84,7 @@ def evaluate_rows(cfg, rows, timings):
     """Evaluate each row on the test prompts and the OOD set (noise seed = cfg.seed; cached in the adapter
     folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
     model = models.load_world_model(cfg.base, cfg.device)
-    kw = train.eval_settings(cfg)
+    kw = eval_settings(cfg)
     ood_kw = {k: kw[k] for k in ("steps", "cfg_scale", "seed")}
     main, ood = {}, {}
     for row, folder in tqdm(rows.items(), desc="evaluate"):
@@ -109,8 +112,8 @@ def draw_pictures(cfg, model, rows):
     """results/grid_seed<S>.png: every row's samples on fixed prompts (2 test prompts per task and 4 OOD
     compositions) from the same noise; results/curves_*.png: the training curves of the teachers and
     GRPO-Mix, and of the Flow-OPD variants (per-task reward of the training samples, KL, MAR)."""
-    import compbench
     import plots
+    from world import compbench
     recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:2]] + compbench.records()[::24][:4]
     prompts = [r["prompt"] for r in recs]
     samples = {}

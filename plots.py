@@ -174,7 +174,7 @@ def training_curves(logs, keys, path=None, smooth=10, width=640, panel_height=20
 if __name__ == "__main__":
     import sys
 
-    import toy_world
+    from world import toy_world
     out = sys.argv[1] if len(sys.argv) > 1 else "."
     recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:3]]
     rows = {f"ground truth, seed {s}": toy_world.to_tensor([toy_world.render(r, np.random.default_rng(s))

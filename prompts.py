@@ -20,7 +20,7 @@ import json
 import os
 import re
 
-from toy_world import TASKS
+from world.toy_world import TASKS
 
 TXT_TASKS = ("ocr", "pickscore")        # tasks whose prompts need no metadata, so plain text suffices
 QUOTED = re.compile(r'"([^"]*)"')        # flow_grpo's OCR convention: the target is the first quoted text

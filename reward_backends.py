@@ -267,3 +267,8 @@ def check():
                                            f"{PICKSCORE_MODEL} from the hub or a local CLIPModel folder")),
             ("geneval", "server", *server(GENEVAL_URL_ENV, "app_geneval.py")),
             ("deqa", "server", *server(DEQA_URL_ENV, "app_deqa.py"))]
+
+
+if __name__ == "__main__":  # python reward_backends.py: which real-image reward backends are usable here
+    for name, backend, usable, note in check():
+        print(f"{name:9s} {backend:8s} {'usable' if usable else 'missing':7s} {note}")

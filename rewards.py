@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from ocr import recognise  # the text recogniser, a PP-OCR stand-in
-from toy_world import BACKGROUND, OCR_CHARS, PALETTE, SCENES  # world constants only, no renderer
+from world.ocr import recognise  # the text recogniser, a PP-OCR stand-in
+from world.toy_world import BACKGROUND, OCR_CHARS, PALETTE, SCENES  # world constants only, no renderer
 
 GREY = 0.5  # the colour a washed-out image drifts to (pickscore, deqa)
 
@@ -304,7 +304,7 @@ def _draw_text(text, font, rng, jitter=0):
 
 
 def _ocr_accuracy_report(rng):
-    import toy_world as tw
+    from world import toy_world as tw
     chars = list(OCR_CHARS)
     texts = [r["metadata"]["text"] for r in tw.prompts("ocr", "test")]
     rendered = [tw.render({"task": "ocr", "metadata": {"text": t}}, rng) for t in chars * 3 + texts]
@@ -324,13 +324,7 @@ def _ocr_accuracy_report(rng):
 
 
 if __name__ == "__main__":
-    import sys
-    if sys.argv[1:] == ["--check"]:   # python rewards.py --check: which real-image backends are usable here
-        from reward_backends import check
-        for name, backend, usable, note in check():
-            print(f"{name:9s} {backend:8s} {'usable' if usable else 'missing':7s} {note}")
-        sys.exit(0)
-    import toy_world as tw   # the self-check renders test images; the rewards themselves never call it
+    from world import toy_world as tw   # the self-check renders test images; the rewards themselves never call it
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     recognise(torch.zeros(1, 3, 32, 32))  # build the recogniser's templates outside the timings

@@ -16,6 +16,8 @@ Differences from the paper / released code:
      itself is not stated in the paper, and the released config has no PickScore/DeQA entry.
   3) Soft routing normalises the weights to sum 1 (Σα_k = 1 appears only in a commented-out draft).
 
+`target_velocity` evaluates the sum on a batch with the teachers as adapters of one backbone (models.T2IModel).
+
 Self-check: python router.py
 """
 from typing import Dict, List, Optional, Sequence
@@ -75,6 +77,28 @@ def mix_velocities(velocities: Dict[str, torch.Tensor], weights) -> torch.Tensor
     alpha = alpha / alpha.sum(dim=1, keepdim=True)
     alpha = alpha.reshape(*alpha.shape, *([1] * (v.dim() - 2)))               # (B, K, 1, ...)
     return (alpha * v).sum(dim=1)                                             # (B, ...)
+
+
+
+def target_velocity(model, x_t, t, conds, routed: Sequence[str], team: Sequence[str], soft_routing: float = 0.0):
+    """v_target (B, C, h, w) at the student's states x_t (B, C, h, w), t (B,); conds = (cond, uncond,
+    guidance_scale) as model.velocity takes them. Hard routing (soft_routing = 0): each sample's own teacher
+    `routed[b]`, each teacher run once on its own samples. Soft routing (soft_routing = eps > 0; the paper's
+    open question): every teacher of `team` on every sample, mixed with alpha_k = (1 - eps) 1[k routed] + eps/K.
+    Switches the model's active adapter; the caller re-activates the student."""
+    if soft_routing:
+        vel = {}
+        for teacher in team:
+            model.adapter(teacher)
+            vel[teacher] = model.velocity(x_t, t, *conds).float()
+        alpha = (1 - soft_routing) * one_hot_weights(routed, team) + soft_routing / len(team)  # (B, K)
+        return mix_velocities(vel, alpha.to(x_t.device))
+    v_T = torch.empty_like(x_t)
+    (c, pc), (u, pu), scale = conds
+    for teacher, sub in groups_by_teacher(routed).items():
+        model.adapter(teacher)
+        v_T[sub] = model.velocity(x_t[sub], t[sub], (c[sub], pc[sub]), (u[sub], pu[sub]), scale).to(v_T.dtype)
+    return v_T
 
 
 if __name__ == "__main__":

@@ -49,16 +49,27 @@ def sigma_t(t: Time, t_next: Time, noise_level: float) -> Time:
     return noise_level * torch.sqrt(t / denom)
 
 
-def sde_step(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time, noise_level: float,
-             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> SDEStep:
-    """One Euler–Maruyama step of the SDE above, t ∈ (0, 1] -> t_next ∈ [0, t). Returns fp32 SDEStep.
-    noise_level = 0 gives exactly euler_step(x, v, t, t_next) with std 0 (σ_t = 0 kills the correction)."""
+def step_mean(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time, noise_level: float) -> torch.Tensor:
+    """μ_θ = x + [v + σ_t²/(2t)·(x + (1 - t)·v)]·Δt, (B, C, H, W) fp32: the mean of the Gaussian step.
+    Every loss that compares steps (GRPO's ratio, the OPD KL, MAR) differentiates this function."""
     x, v = x.float(), v.float()  # fp32: see module docstring
     t, t_next = broadcast_t(t, x), broadcast_t(t_next, x)  # (B, 1, 1, 1) each
-    dt = t_next - t  # (B, 1, 1, 1), negative
     sig = sigma_t(t, t_next, noise_level)  # (B, 1, 1, 1)
-    mean = x + (v + sig**2 / (2 * t) * (x + (1 - t) * v)) * dt  # (B, C, H, W)
-    std = sig * torch.sqrt(-dt)  # (B, 1, 1, 1): variance σ_t²·|Δt|
+    return x + (v + sig**2 / (2 * t) * (x + (1 - t) * v)) * (t_next - t)  # (B, C, H, W)
+
+
+def step_std(x: torch.Tensor, t: Time, t_next: Time, noise_level: float) -> torch.Tensor:
+    """std = σ_t·sqrt(|Δt|), (B, 1, 1, 1) fp32 (x gives the shape and device only)."""
+    t, t_next = broadcast_t(t, x).float(), broadcast_t(t_next, x).float()
+    return sigma_t(t, t_next, noise_level) * torch.sqrt(t - t_next)
+
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time, noise_level: float,
+             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None) -> SDEStep:
+    """One Euler–Maruyama step of the SDE above, t ∈ (0, 1] -> t_next ∈ [0, t): x_next = μ_θ + std·noise.
+    Returns fp32 SDEStep. noise_level = 0 gives exactly euler_step(x, v, t, t_next) with std 0 (σ_t = 0 kills
+    the correction)."""
+    mean, std = step_mean(x, v, t, t_next, noise_level), step_std(x, t, t_next, noise_level)
     if noise is None:
         # drawn on the generator's own device (a CPU generator gives the same stream on any device)
         gen_device = generator.device if generator is not None else x.device

@@ -8,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bench  # noqa: E402
+import rollouts  # noqa: E402
 import train  # noqa: E402
 
 SMALL = ["--prompts", "2", "--micro_batch", "2", "--train_timesteps", "1", "--iters", "1"]
@@ -34,13 +35,40 @@ def test_reference_copies_equal_adapters(fuse):
     for key, name in [("ocr", "ocr"), ("anchor", bench.ANCHOR)]:   # each copy holds its own LoRA only, or none
         assert list(getattr(refs[key].transformer, "peft_config", {})) == ([] if fuse else [name])
     x, t = torch.randn(2, *ours.latent_shape), torch.tensor([0.7, 0.3])
-    conds = train.cfg_conds(ours, ["a photo of two circles", 'a sign that says "K7"'], cfg)
+    conds = rollouts.guided_conds(ours, ["a photo of two circles", 'a sign that says "K7"'], cfg.cfg_scale)
     for name, key in [("ocr", "ocr"), (bench.ANCHOR, "anchor")]:
         ours.adapter(name)
         v = ours.velocity(x, t, *conds)
         torch.testing.assert_close(refs[key].velocity(x, t, *conds), v, rtol=1e-4, atol=1e-4)
         ours.adapter(None)
         assert (ours.velocity(x, t, *conds) - v).abs().max() > 1e-2   # random LoRAs are not the identity
+
+
+@pytest.mark.skipif(not HAVE_BASE, reason="needs the committed checkpoints/base")
+def test_ours_restates_train_opd_iteration():
+    """bench's "ours" loop and train.opd_iteration, from the same model, adapters, records and generator state,
+    accumulate the same student gradients (bench times the main job's computation, not a variant of it)."""
+    args = bench.parse(SMALL)
+    cfg = bench.make_cfg(args)
+    grads = []
+    for which in ("bench", "train"):
+        torch.manual_seed(0)
+        model = bench.load_backbone(args)
+        bench.build_ours(model, cfg, args)
+        params, gen = model.lora_parameters("student"), torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(params, lr=0.0)   # a step that moves nothing, so the gradients can be read
+        if which == "bench":
+            zero_grad, opt.zero_grad = opt.zero_grad, lambda **kw: None
+            bench.iter_ours(model, cfg, gen, bench.flow_opd_loss, opt, params, 0)
+        else:
+            weights = {t: bench.DEFAULT_TASK_WEIGHTS[t] for t in bench.ROUTES}
+            records = sorted(rollouts.draw_records(bench.POOL, weights, cfg.opd_prompts, gen), key=lambda r: r["task"])
+            routed = bench.route([r["task"] for r in records], {t: t for t in bench.ROUTES})
+            train.opd_iteration(model, records, routed, bench.ANCHOR, cfg, bench.flow_opd_loss, gen,
+                                team=bench.ROUTES)
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6 * grads[1].abs().max().item())
 
 
 @pytest.mark.skipif(not HAVE_BASE, reason="needs the committed checkpoints/base")

@@ -23,7 +23,8 @@ from checkpoint import (EMA, export_lora, latest_checkpoint, load_checkpoint, re
                         save_checkpoint)
 from flow_matching import flow_matching_loss, interpolate  # noqa: E402
 from infer import load_diffusers_lora  # noqa: E402
-from models import WorldModelConfig, build_world_model, load_sd3  # noqa: E402
+from models import build_world_model, load_sd3  # noqa: E402
+from world.model import WorldModelConfig  # noqa: E402
 
 SMALL = WorldModelConfig(latent_channels=4, width=32, heads=2, layers=2, text_width=32, text_layers=1)
 PROMPTS = ["a red circle", 'a sign that says "K7"', "a sunset over the sea", "two blue squares"]

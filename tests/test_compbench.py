@@ -13,8 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import compbench as cb  # noqa: E402
-import toy_world as tw  # noqa: E402
+from world import compbench as cb  # noqa: E402
+from world import toy_world as tw  # noqa: E402
 
 TRAIN = tw.prompts("geneval", "train")
 

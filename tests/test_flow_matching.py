@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flow_matching import (broadcast_t, cfg, euler_sample, euler_step, flow_matching_loss,  # noqa: E402
+from flow_matching import (broadcast_t, guidance, euler_sample, euler_step, flow_matching_loss,  # noqa: E402
                            interpolate, sample_t, shift_sigmas, time_grid, velocity_target)
 
 
@@ -86,11 +86,11 @@ def test_flow_matching_loss():
         flow_matching_loss(v, x0, eps, reduce="sum")
 
 
-def test_cfg():
+def test_guidance():
     u, c = _pair()
-    assert torch.equal(cfg(u, c, 0.0), u)
-    torch.testing.assert_close(cfg(u, c, 1.0), c)  # u + (c - u) is c up to one rounding
-    torch.testing.assert_close(cfg(u, c, 4.5), u + 4.5 * (c - u))
+    assert torch.equal(guidance(u, c, 0.0), u)
+    torch.testing.assert_close(guidance(u, c, 1.0), c)  # u + (c - u) is c up to one rounding
+    torch.testing.assert_close(guidance(u, c, 4.5), u + 4.5 * (c - u))
 
 
 def test_euler_step():

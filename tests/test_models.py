@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import models  # noqa: E402
 import tiny_sd3  # noqa: E402
-from models import (LORA_TARGETS, T2IModel, WorldModelConfig, WorldTokenizer, build_world_model,  # noqa: E402
-                    load_sd3, load_world_model)
+from models import LORA_TARGETS, T2IModel, build_world_model, load_sd3, load_world_model  # noqa: E402
+from world.model import WorldModelConfig, WorldTokenizer, trainable_positions  # noqa: E402
 
 SMALL = WorldModelConfig(latent_channels=4, width=32, heads=2, layers=2, text_width=32, text_layers=1)
 PROMPTS = ["a cat", 'a sign that says "HI"']
@@ -173,7 +173,7 @@ def test_world_model_save_load_roundtrip(tmp_path):
     assert torch.equal(stock.pos_embed.pos_embed, learned)
     fresh = SD3Transformer2DModel(**dict(stock.config))  # the stock sine-cosine buffer differs
     assert fresh.pos_embed.pos_embed.shape == learned.shape and not torch.allclose(fresh.pos_embed.pos_embed, learned)
-    models.trainable_positions(stock)
+    trainable_positions(stock)
     assert isinstance(stock.pos_embed.pos_embed, torch.nn.Parameter)
     assert torch.equal(stock.pos_embed.pos_embed, learned)
 

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo import clipped_surrogate  # noqa: E402
-from opd_loss import ESTIMATORS, kl_weight, opd_loss, step_kl  # noqa: E402
+from opd_loss import ESTIMATORS, flow_opd_loss, kl_weight, opd_loss, step_kl  # noqa: E402
 from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
 
 A_NOISE, T, T_NEXT = 0.7, 0.6, 0.5
@@ -41,8 +41,6 @@ def _mc_grad(kind, N, seed=1):
         adv = -step_kl(step.mean, mean_T, step.std).detach()
         logp = gaussian_logprob(x_next, step.mean, step.std, reduce="mean")
         loss = clipped_surrogate(D * logp, D * old, adv, 0.2).loss / D
-    elif kind == "logratio_baseline":
-        loss = opd_loss("logratio", step.mean, mean_T, step.std, x_next, old, baseline=True).loss
     else:
         loss = opd_loss(kind, step.mean, mean_T, step.std, x_next, old, dt=T_NEXT - T).loss
     loss.backward()
@@ -96,7 +94,6 @@ def test_logratio_mc_gradient_approaches_pathwise():
     path = _mc_grad("pathwise", 10)               # exact: the state is the same for every sample
     e_small, e_big = _rel(_mc_grad("logratio", 200), path), _rel(_mc_grad("logratio", 20_000), path)
     assert e_big < 0.08 and e_big < e_small, (e_small, e_big)
-    assert _rel(_mc_grad("logratio_baseline", 20_000), path) < 0.08
 
 
 def test_detached_state_only_reward_has_zero_mean_gradient():
@@ -125,28 +122,26 @@ def test_equal_policies_zero_kl_and_unit_ratio(estimator):
     assert out.ratio_min == 1 and out.ratio_max == 1
 
 
-def test_trajectory_inputs_and_reward_to_go():
+def test_total_loss_is_opd_plus_lambda_mar_and_mar_off_is_opd():
+    """flow_opd_loss = opd_loss on the step means + λ·mar_loss; v_anchor=None drops MAR exactly."""
     g = torch.Generator().manual_seed(8)
-    B, Tn = 3, 2
-    mean_s = torch.randn(B, Tn, 2, 2, generator=g, requires_grad=True)
-    mean_T = torch.randn(B, Tn, 2, 2, generator=g)
-    std = torch.full((B, Tn), 0.4)                                    # like Trajectory.std
-    x_next = mean_s.detach() + 0.4 * torch.randn(B, Tn, 2, 2, generator=g)
-    old = gaussian_logprob(x_next.flatten(0, 1), mean_s.detach().flatten(0, 1), std.flatten(), "mean").view(B, Tn)
-    traj = opd_loss("pathwise", mean_s, mean_T, std, batch_dims=2)
-    flat = opd_loss("pathwise", mean_s.flatten(0, 1), mean_T.flatten(0, 1), std.flatten())
-    assert traj.kl.shape == (B, Tn) and torch.allclose(traj.loss, flat.loss)
-    # with one step, reward-to-go is the per-step reward
-    one = opd_loss("logratio", mean_s[:, :1], mean_T[:, :1], std[:, :1], x_next[:, :1], old[:, :1],
-                   reward_to_go=True, batch_dims=2)
-    step = opd_loss("logratio", mean_s[:, 0], mean_T[:, 0], std[:, 0], x_next[:, 0], old[:, 0])
-    assert torch.allclose(one.loss, step.loss)
-    # with two steps, step 0's advantage is r_0 + r_1 (ρ = 1, so loss = −mean(A)/D)
-    rtg = opd_loss("logratio", mean_s, mean_T, std, x_next, old, reward_to_go=True, batch_dims=2)
-    D = 4
-    r = D * (gaussian_logprob(x_next.flatten(0, 1), mean_T.flatten(0, 1), std.flatten(), "mean").view(B, Tn) - old)
-    adv = torch.stack([r[:, 0] + r[:, 1], r[:, 1]], 1)
-    assert torch.allclose(rtg.loss, -adv.mean() / D, rtol=1e-5)
+    B = 3
+    x = torch.randn(B, 2, 2, 2, generator=g)
+    v_s, v_T, v_A = (torch.randn(B, 2, 2, 2, generator=g) for _ in range(3))
+    t, t_next = torch.full((B,), 0.6), torch.full((B,), 0.5)
+    st = sde_step(x, v_s, t, t_next, A_NOISE, generator=g)
+    old = gaussian_logprob(st.x_next, st.mean, st.std)
+    kw = dict(x_t=x, x_next=st.x_next, t=t, t_next=t_next, std=st.std.flatten(), old_logp=old, v_student=v_s,
+              v_teacher=v_T, noise_level=A_NOISE, estimator="pathwise", mar_lambda=0.02)
+    loss, kl, mar = flow_opd_loss(v_anchor=v_A, **kw)
+    mean = lambda v: sde_step(x, v, t, t_next, A_NOISE, noise=torch.zeros_like(v)).mean  # noqa: E731
+    want_kl = step_kl(mean(v_s), mean(v_T), st.std)
+    want_mar = 0.02 * step_kl(mean(v_s), mean(v_A), st.std, reduce="mean").mean()
+    assert torch.allclose(kl, want_kl, rtol=1e-5)
+    assert torch.allclose(mar, want_mar, rtol=1e-5)
+    assert torch.allclose(loss, want_kl.mean() / x[0].numel() + want_mar, rtol=1e-5)
+    loss0, _, mar0 = flow_opd_loss(v_anchor=None, **kw)
+    assert mar0 == 0 and torch.allclose(loss0, want_kl.mean() / x[0].numel(), rtol=1e-5)
 
 
 def test_bad_options_raise():
@@ -155,7 +150,5 @@ def test_bad_options_raise():
         opd_loss("gkd", m, m, torch.ones(2))
     with pytest.raises(ValueError):
         opd_loss("logratio", m, m, torch.ones(2))                       # needs x_next and old_logp
-    with pytest.raises(ValueError):
-        opd_loss("pathwise", m, m, torch.ones(2), reward_to_go=True)
     with pytest.raises(ValueError):
         opd_loss("released", m, m, torch.ones(2), m, torch.zeros(2))   # needs dt

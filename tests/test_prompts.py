@@ -9,7 +9,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import toy_world as tw  # noqa: E402
+from world import toy_world as tw  # noqa: E402
 from prompts import PromptFileError, read_prompts, write_prompts  # noqa: E402
 
 

@@ -306,10 +306,10 @@ def test_server_make_rewards_defaults_to_world_and_swaps_by_flag(geneval_server)
         RB.make_rewards(ocr="paddle")
 
 
-def test_server_check_reports_every_backend_from_rewards_cli(monkeypatch):
+def test_server_check_reports_every_backend_from_the_cli(monkeypatch):
     env = dict(os.environ, **{RB.GENEVAL_URL_ENV: "http://127.0.0.1:18085"})
     env.pop(RB.DEQA_URL_ENV, None)
-    out = subprocess.run([sys.executable, "rewards.py", "--check"], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "reward_backends.py"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert set(lines) == {"ocr", "pickscore", "geneval", "deqa"}

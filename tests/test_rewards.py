@@ -15,7 +15,7 @@ from PIL import ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards as R  # noqa: E402
-import toy_world as tw  # noqa: E402
+from world import toy_world as tw  # noqa: E402
 
 SWAP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 

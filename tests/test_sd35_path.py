@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
-import toy_world  # noqa: E402
 import train  # noqa: E402
+from world import toy_world  # noqa: E402
 from tiny_sd3 import IMAGE_SIZE, save_random_loras, save_tiny_sd3_pipeline  # noqa: E402
 
 

@@ -18,13 +18,16 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_sd3 (test helpers)
 import eval as evaluation  # noqa: E402
 import models  # noqa: E402
-import toy_world  # noqa: E402
+import rollouts  # noqa: E402
+import teachers  # noqa: E402
 import train  # noqa: E402
 from config import Config  # noqa: E402
-from opd_loss import kl_weight  # noqa: E402
+from opd_loss import flow_opd_loss, kl_weight  # noqa: E402
+from router import target_velocity  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tiny_sd3 import save_random_loras  # noqa: E402
 from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
+from world import toy_world  # noqa: E402
 
 BASE = os.path.join(ROOT, "checkpoints", "base")
 TINY = ["--grpo_iters", "2", "--prompts_per_iter", "2", "--group_size", "2", "--micro_batch", "4",
@@ -142,9 +145,7 @@ def test_teachers_stage_smoke(tmp_path, fast_load, capsys):
 def test_grpo_reward_rises(monkeypatch):
     """Reward = mean brightness of the decoded image, which the base does not maximise; a short GRPO run
     (fixed seed, lr tuned once: 5e-3 rose on seeds 0, 1 and 2; 1e-2 overshot on seed 2) must raise it."""
-    monkeypatch.setitem(train.TEACHER_TASKS, "bright", {"geneval": 1})
-    monkeypatch.setitem(train.TEACHER_REWARDS, "bright", {})
-    monkeypatch.setattr(train, "combined_reward", lambda images, *_: images.mean((1, 2, 3)))
+    monkeypatch.setitem(teachers.TEACHER_TASKS, "brightness", {"geneval": 1})
     cfg = train.parse_config(["--grpo_iters", "9", "--prompts_per_iter", "2", "--group_size", "4",
                               "--micro_batch", "8", "--num_steps", "4", "--lr", "5e-3", "--seed", "0",
                               "--device", "cpu"])
@@ -153,11 +154,12 @@ def test_grpo_reward_rises(monkeypatch):
     before = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
     rows = []
     torch.manual_seed(0)
-    train.train_grpo(model, "bright", cfg, lambda **kw: rows.append(kw))
+    teachers.train_grpo(model, "brightness", cfg, lambda **kw: rows.append(kw),
+                        rewards_fns=teachers.rewards_for("brightness", cfg))
     rewards = [r["reward"] for r in rows]
     assert len(rewards) == 9
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.01, rewards
-    model.adapter("bright")
+    model.adapter("brightness")
     after = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
     assert after > before + 0.05, (before, after)
     model.adapter(None)  # the base itself is untouched by the adapter's training
@@ -247,21 +249,26 @@ def _core_inputs(seed=0, B=3, shape=(2, 4, 4), a=0.7):
     return x_t, step.x_next, v_s, t, t_next, step.std.reshape(B), old_logp, g
 
 
-def test_opd_core_gradient():
+def _total(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, a, est, lam):
+    return flow_opd_loss(x_t=x_t, x_next=x_next, t=t, t_next=t_next, std=std, old_logp=old_logp, v_student=v_s,
+                         v_teacher=v_T, v_anchor=v_A, noise_level=a, estimator=est, mar_lambda=lam)
+
+
+def test_total_loss_gradient():
     a, lam = 0.7, 0.02
     x_t, x_next, v, t, t_next, std, old_logp, g = _core_inputs(a=a)
     B, D = x_t.shape[0], x_t[0].numel()
 
     for est in ("pathwise", "logratio", "released"):  # student == teacher == anchor: nothing to learn
         v_s = v.clone().requires_grad_(True)
-        loss, kl, mar = train.opd_core(x_t, x_next, v_s, v.clone(), v.clone(), t, t_next, std, old_logp, a, est, lam)
+        loss, kl, mar = _total(x_t, x_next, v_s, v.clone(), v.clone(), t, t_next, std, old_logp, a, est, lam)
         assert loss.abs().item() < 1e-7, est
         assert torch.equal(kl, torch.zeros(B)) and mar.item() == 0.0
 
     v_T = v + 0.3 * torch.randn(v.shape, generator=g)
     v_A = v + 0.5 * torch.randn(v.shape, generator=g)
     v_s = v.clone().requires_grad_(True)
-    loss, kl, mar = train.opd_core(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, a, "pathwise", lam)
+    loss, kl, mar = _total(x_t, x_next, v_s, v_T, v_A, t, t_next, std, old_logp, a, "pathwise", lam)
     loss.backward()
 
     w = kl_weight(t, t_next, a)  # (B,)
@@ -278,7 +285,7 @@ def test_opd_core_gradient():
 
     # no anchor: the MAR term vanishes and the gradient is the OPD term's alone
     v_s2 = v.clone().requires_grad_(True)
-    loss2, _, mar2 = train.opd_core(x_t, x_next, v_s2, v_T, None, t, t_next, std, old_logp, a, "pathwise", lam)
+    loss2, _, mar2 = _total(x_t, x_next, v_s2, v_T, None, t, t_next, std, old_logp, a, "pathwise", lam)
     loss2.backward()
     assert mar2.item() == 0.0 and torch.allclose(loss2, opd_term.detach(), rtol=1e-4)
     v_ref2 = v.clone().requires_grad_(True)
@@ -315,7 +322,7 @@ def test_resume_teacher_matches_uninterrupted_run(tmp_path, fast_load, monkeypat
     class Killed(Exception):
         pass
 
-    real_step, calls = train.optimizer_step, []
+    real_step, calls = teachers.optimizer_step, []
 
     def dies_at_third_step(*a, **kw):
         calls.append(1)
@@ -323,10 +330,10 @@ def test_resume_teacher_matches_uninterrupted_run(tmp_path, fast_load, monkeypat
             raise Killed
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(train, "optimizer_step", dies_at_third_step)
+    monkeypatch.setattr(teachers, "optimizer_step", dies_at_third_step)
     with pytest.raises(Killed):
         train.main(common + ["--teacher_dir", str(tmp_path / "cut"), "--checkpoint_every", "2"])
-    monkeypatch.setattr(train, "optimizer_step", real_step)
+    monkeypatch.setattr(teachers, "optimizer_step", real_step)
     assert not (tmp_path / "cut" / "ocr").exists() and (tmp_path / "cut" / "runs" / "ocr" / "checkpoint-2").is_dir()
     train.main(common + ["--teacher_dir", str(tmp_path / "cut"), "--resume_from_checkpoint", "latest"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "minutes"} for r in rows]
@@ -385,25 +392,27 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
 
 
 def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir):
-    import dataclasses
     model, names = _load_base(), ["geneval", "ocr", "pickscore"]
     for n in names:
         model.load_adapter(str(teacher_dir / n), n)
     cfg = train.parse_config(["--device", "cpu"])
     x = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((3,), 0.6)
-    conds = train.cfg_conds(model, ["a photo of a circle", 'a sign that says "K7"', "a photo of a square"], cfg)
+    conds = rollouts.guided_conds(model, ["a photo of a circle", 'a sign that says "K7"', "a photo of a square"],
+                                  cfg.cfg_scale)
     routed = ["geneval", "ocr", "ocr"]
     per = {}
     for n in names:
         model.adapter(n)
         per[n] = model.velocity(x, t, *conds)
-    hard = train.teacher_velocity(model, x, t, conds, routed, names, cfg)
+    # relative tolerances: a batch of 2 and a batch of 3 sum in different orders on some CPUs (~1e-5 at |v| ~ 6)
+    close = lambda a, b: torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())  # noqa: E731
+    hard = target_velocity(model, x, t, conds, routed, names)
     for b, n in enumerate(routed):
-        assert torch.allclose(hard[b], per[n][b], atol=1e-5)
+        assert close(hard[b], per[n][b])
     eps = 0.3
-    soft = train.teacher_velocity(model, x, t, conds, routed, names, dataclasses.replace(cfg, soft_routing=eps))
+    soft = target_velocity(model, x, t, conds, routed, names, soft_routing=eps)
     for b, n in enumerate(routed):
         want = (1 - eps) * per[n][b] + eps / 3 * sum(per[k][b] for k in names)
-        assert torch.allclose(soft[b], want, atol=1e-5)
-    assert not torch.allclose(soft, hard, atol=1e-4)  # the teachers differ, so mixing changes the target
+        assert close(soft[b], want)
+    assert (soft - hard).abs().max() > 1e-2 * hard.abs().max()  # the teachers differ: mixing changes the target

@@ -26,7 +26,7 @@ Position:Counting:Attribute:Colors:Two:Single = 7:5:3:1:1:0 targets a real detec
 their prompts between train and test; test images differ by seed, so these rows measure sampling, not
 prompt generalisation. The larger sets (colors, color_attr, ocr, pickscore) are split disjointly.
 
-Self-check: python toy_world.py   (writes toy_world_samples.png)
+Self-check: python -m world.toy_world   (writes toy_world_samples.png)
 """
 import itertools
 import random
@@ -310,17 +310,6 @@ def corrupt_caption(record, rng):
         return p.replace(f" {c} ", " ", 1).replace(" a orange", " an orange")
     # single_object / two_object: drop the (last) shape word, leaving an under-specified caption
     return " ".join(p.split()[:-1])
-
-
-def pretraining_batch(n, rng, caption_noise=0.3):
-    """n (caption, image) pairs from the train splits, tasks drawn uniformly; rng: np.random.Generator."""
-    captions, images = [], []
-    for _ in range(n):
-        recs = prompts(TASKS[rng.integers(len(TASKS))], "train")
-        rec = recs[rng.integers(len(recs))]
-        images.append(render(rec, rng))
-        captions.append(corrupt_caption(rec, rng) if rng.uniform() < caption_noise else rec["prompt"])
-    return captions, to_tensor(images)
 
 
 if __name__ == "__main__":

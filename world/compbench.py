@@ -23,14 +23,14 @@ Differences from T2I-CompBench: 1) four categories of its eight (no texture, non
 3) no scene holds more than 4 objects, the most toy_world.render can place at 32 px (and as many as the
 train split's largest scene), so "more objects" means more classes or counted groups, not a higher total;
 4) no comma lists ("a, b and c"): the world's tokenizer splits on spaces, "circle," would be unknown.
-Self-check (ground-truth renders score about 1):  python compbench.py
+Self-check (ground-truth renders score about 1):  python -m world.compbench
 """
 import itertools
 
 import torch
 
 from rewards import geneval_details
-from toy_world import PALETTE, RELATIONS, SHAPES, include_clause, noun_phrase
+from world.toy_world import PALETTE, RELATIONS, SHAPES, include_clause, noun_phrase
 
 CATEGORIES = ("colour", "shape", "counting", "spatial")
 COLOURS = list(PALETTE)
@@ -100,7 +100,7 @@ def score(images, records):
 if __name__ == "__main__":
     import numpy as np
 
-    import toy_world
+    from world import toy_world
     recs = records()
     rng = np.random.default_rng(0)
     images = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])

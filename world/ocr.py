@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from toy_world import OCR_CHARS  # the alphabet only; the recogniser never calls the renderer
+from world.toy_world import OCR_CHARS  # the alphabet only; the recogniser never calls the renderer
 
 GLYPH_H, GLYPH_W = 16, 24   # glyphs are scaled to height 16 keeping their aspect, centred in a 16x24 grid
 MIN_MATCH = 0.55            # a glyph whose best template correlation is below this is not read at all

@@ -1,0 +1,124 @@
+"""
+What both trainers share: drawing prompts, encoding them, sampling SDE rollouts in micro-batches, choosing the
+trained steps, and one optimizer step. The Flow-GRPO teachers (teachers.py) and the Flow-OPD student
+(train.py) are both on-policy: each iteration samples trajectories with the current adapter (§2.4's SDE
+sampler, sde_sampler.rollout) and then differentiates the Gaussian-step means at the stored states.
+
+Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO); a rollout runs t = 1 -> 0.
+Departures: 1) the trained steps are a random subset of the first T - 1 (the paper trains all T; the last
+step only adds a little noise to the final sample, and Flow-GRPO skips it too); 2) GenEval prompts are drawn
+uniformly over their sub-tasks (`balance_tags`) in the miniature world; the paper's training file fixes its
+own ratio (Position:Counting:Attribute:Colors:Two:Single = 7:5:3:1:1:0), which `--balance_tags false` keeps.
+"""
+import contextlib
+import json
+import os
+
+import torch
+
+import distributed
+from flow_matching import time_grid
+from router import sample_tasks
+from sde_sampler import Trajectory, rollout, step_mean
+
+
+def draw_records(pool, task_weights, n, gen, balance_tags=True):
+    """n records of pool ({task: records}): the task of each drawn by weight (router.sample_tasks, over the
+    tasks the pool has), then, with balance_tags, a GenEval sub-task (metadata["tag"]) uniformly, then a prompt
+    uniformly. Without balancing, a task's prompts are drawn uniformly, so its most numerous sub-task dominates."""
+    weights = {t: w for t, w in task_weights.items() if t in pool}
+    if not weights:
+        raise SystemExit(f"no prompts for the tasks {sorted(task_weights)}: pass --prompts TASK=FILE for them")
+    out = []
+    for task in sample_tasks(weights, n, gen):
+        records = pool[task]
+        tags = sorted({r.get("metadata", {}).get("tag") for r in records} - {None}) if balance_tags else []
+        if tags:
+            tag = tags[torch.randint(len(tags), (1,), generator=gen).item()]
+            records = [r for r in records if r.get("metadata", {}).get("tag") == tag]
+        out.append(records[torch.randint(len(records), (1,), generator=gen).item()])
+    return out
+
+
+def amp(cfg):
+    """bf16/fp16 autocast of the model forwards on CUDA (mixed_precision); the Gaussian-step maths stays in
+    fp32 (sde_sampler casts), since bf16 loses the sigma^2 dt terms and moves PPO ratios off 1."""
+    if cfg.mixed_precision == "no" or not cfg.device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16)
+
+
+def guided_conds(model, prompts, guidance_scale):
+    """(cond, uncond, guidance_scale): the arguments of model.velocity after (x, t)."""
+    return model.encode_prompts(prompts), model.encode_prompts([""] * len(prompts)), guidance_scale
+
+
+@torch.no_grad()
+def micro_batch_conds(model, records, cfg):
+    """guided_conds per micro-batch of records, encoded once per iteration (the text encoder is frozen) and
+    reused at every trained step."""
+    return [guided_conds(model, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg.cfg_scale)
+            for i in range(0, len(records), cfg.micro_batch)]
+
+
+@torch.no_grad()
+def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
+    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
+    share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
+    sigmas = time_grid(cfg.num_steps, model.shift).to(cfg.device)  # SD3.5: its scheduler's shift, as Flow-GRPO
+    x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
+    trajs = []
+    for i in range(0, len(records), cfg.micro_batch):
+        prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
+        x1 = x1_all[i:i + cfg.micro_batch].to(cfg.device)
+        v_fn = model.velocity_fn(prompts, cfg.cfg_scale)
+        with amp(cfg):
+            trajs.append(rollout(v_fn, x1, sigmas, cfg.noise_level, gen, sde_steps))
+    per_sample = [torch.cat(f) for f in list(zip(*trajs))[:5]]  # x_t, x_next, mean, std, logp
+    traj = Trajectory(*per_sample, trajs[0].t, trajs[0].t_next)
+    return traj, model.decode(traj.x0).cpu()
+
+
+def policy_step_mean(model, traj, idx, j, conds, noise_level):
+    """μ_θ (len(idx), C, h, w) of the active adapter's Gaussian step at the stored states x_t (samples idx,
+    step j), with guidance: sde_sampler.step_mean of its velocity."""
+    x_t, t, t_next = traj.x_t[idx, j], traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
+    return step_mean(x_t, model.velocity(x_t, t, *conds), t, t_next, noise_level)
+
+
+def trained_steps(cfg, gen, window):
+    """Step indices trained this iteration: a random subset of the first T - 1, or with sde_window a random
+    window of consecutive steps in the first half, the only SDE steps of the rollout."""
+    if window:
+        start = torch.randint(max(1, cfg.num_steps // 2 - window + 1), (1,), generator=gen).item()
+        return list(range(start, start + window))
+    return torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
+
+
+def trainable(model, name):
+    """The adapter's parameters, kept in fp32 for AdamW when the backbone is loaded in bf16."""
+    params = model.lora_parameters(name)
+    for p in params:
+        p.data = p.data.float()
+    distributed.broadcast_parameters(params)
+    return params
+
+
+def optimizer_step(params, opt, ema=None):
+    """Average the LoRA gradients over processes (torchrun), clip, step, and update the EMA."""
+    distributed.average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+
+
+def jsonl_logger(path):
+    """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+
+    def log(**metrics):
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    return log
