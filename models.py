@@ -117,8 +117,21 @@ class T2IModel(nn.Module):
                                     target_modules=list(targets)), name)
 
     def add_adapter(self, lora_config, name):
-        """Inject an adapter; diffusers makes the new one active, so the cached active name is reset."""
-        self.transformer.add_adapter(lora_config, adapter_name=name)
+        """Inject a LoRA adapter and make it active. Several adapters share one PEFT tuner (peft's LoraModel),
+        as a PeftModel's add_adapter does: the first builds the tuner, each later one is injected by the same
+        tuner (a fresh injection per adapter is what PEFT warns against). diffusers' adapter switching
+        (set_adapter, enable/disable_adapters) reads the transformer's peft_config, which the tuner keeps."""
+        from peft.tuners.lora import LoraModel
+        tuner = self.__dict__.get("_lora_tuner")  # a plain attribute, not a submodule: it wraps the transformer
+        if tuner is None:
+            self.__dict__["_lora_tuner"] = LoraModel(self.transformer, lora_config, name)
+            self.transformer._hf_peft_config_loaded = True  # what diffusers' add_adapter marks
+        elif name in tuner.peft_config:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        else:
+            tuner.peft_config[name] = lora_config
+            tuner.inject_adapter(self.transformer, name)
+        self.transformer.set_adapter(name)
         self._active = "unset"
 
     def lora_parameters(self, name):
