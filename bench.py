@@ -26,8 +26,8 @@ not quality. Prompt lengths are fixed (padded), so drawing one task per iteratio
 
 Memory: each variant runs in its own fresh subprocess. CPU: peak RSS of that process (getrusage ru_maxrss; it
 includes Python, torch, the VAE and text encoder, so a "floor" subprocess that only loads the model is
-reported too). CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats() once the shared
-backbone is built. "weights" = bytes of unique transformer parameters and buffers held (deterministic).
+reported too). CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats() once the variant's
+models are built (the floor: once the backbone is). "weights" = bytes of unique transformer parameters and buffers held (deterministic).
 Time: median over --iters timed iterations after one warm-up iteration (which also holds torch.compile's
 compile time in the compile comparison).
 
@@ -35,6 +35,8 @@ compile time in the compile comparison).
   python bench.py --device cuda --config sd35m      # random SD3.5-Medium-sized transformer, 512 px, bf16 autocast
   python bench.py --config mid --iters 2            # CPU: a random 116M-parameter SD3 transformer, where weights
                                                     # outweigh activations as they do at full size
+  python bench.py --config sd35m --memory_plan      # SD3.5-M's memory at 512 px from meta builds (memory.py)
+  bash scripts/gpu_check.sh                         # the CUDA checks: bench.py --gpu_check -> results/gpu_check.json
 """
 import argparse
 import contextlib
@@ -51,6 +53,7 @@ import time
 
 import torch
 
+import memory
 import models
 import rollouts
 from config import Config
@@ -92,6 +95,16 @@ def parse(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip_compile", action="store_true", help="skip the eager vs torch.compile(flow_opd_loss) part")
     ap.add_argument("--out", default="", help="also append the markdown report to this file")
+    ap.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "true", "false"],
+                    help="on the student's forwards (auto: on for CUDA, off on the CPU)")
+    ap.add_argument("--memory_plan", action="store_true", help="print the memory plan of one iteration (memory.py)"
+                    " for --config sd35m at --micro_batch / --prompts, and exit")
+    ap.add_argument("--t5_tokens", type=int, default=256, help="memory plan: T5 max_sequence_length")
+    ap.add_argument("--budget_gb", type=float, default=24.0, help="memory plan: the GPU budget in GiB")
+    ap.add_argument("--activation_check", action="store_true",
+                    help="memory plan: also check the activation formula against a measured CPU peak (~1 min)")
+    ap.add_argument("--gpu_check", action="store_true", help="the CUDA checks of scripts/gpu_check.sh")
+    ap.add_argument("--out_json", default="", help="--gpu_check: write its numbers to this JSON file")
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)   # internal: run one variant, print JSON
     args = ap.parse_args(argv)
     args.prompts = args.prompts or {"tiny": 16, "mid": 2, "sd35m": 4}[args.config]
@@ -295,7 +308,7 @@ def run_variant(args):
     model = load_backbone(args)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    res = dict(variant=args.variant, threads=torch.get_num_threads())
+    res = dict(variant=args.variant, threads=torch.get_num_threads(), checkpointing=checkpointing(args))
     if args.variant == "floor":
         return dict(res, peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer) / 2**20)
     refs = {}
@@ -305,9 +318,12 @@ def run_variant(args):
     else:
         res["sources"] = build_ours(model, cfg, args)
         step = lambda it: iter_ours(model, cfg, gen, core, opt, params, it)
-    if cuda:   # on the student's grad-enabled forwards only (diffusers skips it under no_grad)
+    if cuda:   # the iteration's peak, not the transient of building fp32 copies from the bf16 backbone
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if checkpointing(args):   # on the student's grad-enabled forwards only (diffusers skips it under no_grad)
         model.transformer.enable_gradient_checkpointing()
-    params = model.lora_parameters("student")
+    params = train.trainable(model, "student")   # fp32 on a bf16 backbone, as train.stage_distill holds it
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     core = torch.compile(flow_opd_loss) if args.variant == "ours_compiled" else flow_opd_loss
     gen = torch.Generator().manual_seed(args.seed)
@@ -326,6 +342,11 @@ def run_variant(args):
                peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer, *(m.transformer for m in
                                                                                         refs.values())) / 2**20)
     return res
+
+
+def checkpointing(args):
+    return args.gradient_checkpointing == "true" or (args.gradient_checkpointing == "auto"
+                                                      and args.device.startswith("cuda"))
 
 
 def peak_mib(cuda):
@@ -405,6 +426,10 @@ def report(args, argv, results, load):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.memory_plan:
+        return memory_plan(args)
+    if args.gpu_check:
+        return gpu_check(args, argv)
     if args.variant:
         try:
             res = run_variant(args)
@@ -425,6 +450,136 @@ def main(argv=None):
         with open(args.out, "a") as f:
             f.write(text + "\n")
     return results
+
+
+# ------------------------------------------------------------------------------------------------------
+# The memory plan (memory.py) and the GPU check (scripts/gpu_check.sh)
+
+def memory_plan(args):
+    """Print the memory table of one sd35m distill iteration; with --activation_check, the CPU check too."""
+    if args.config != "sd35m":
+        raise SystemExit("--memory_plan plans SD3.5-Medium: add --config sd35m")
+    C = memory.components(SD35M, pixels=8 * SD35M_LATENT, t5_tokens=args.t5_tokens)
+    text = [f"## Memory plan: one distill iteration of SD3.5-Medium at {C['pixels']} px (micro-batch "
+            f"{args.micro_batch}, {args.prompts} samples, T5 max_sequence_length {args.t5_tokens})", "",
+            memory.format_plan(C, args.micro_batch, args.prompts, args.budget_gb)]
+    if args.activation_check:
+        text += ["", "Activation formula vs a measured CPU peak (memory.CHECK: 4 blocks of width 256, dual "
+                 "attention in 2, 1024 image + 333 text tokens, batch 4, fp32, LoRA r32):", "",
+                 memory.format_check(memory.activation_check(micro_batch=2))]
+    print("\n".join(text))
+    return C
+
+
+def core_check(device, compile_fn=torch.compile, reps=20):
+    """opd_core on `device`: eager vs torch.compile on SD3.5-M latent shapes (micro-batch 2, 16x64x64), with the
+    velocities in bf16 as autocast leaves them; the means are fp32 in both (sde_step casts), so they agree to
+    float rounding. Returns the relative differences and the ms per forward + backward."""
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 16, SD35M_LATENT, SD35M_LATENT)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)
+    x, xn, vT, vA, vs0 = r(*shape), r(*shape), r(*shape).bfloat16(), r(*shape).bfloat16(), r(*shape).bfloat16()
+    t, tn = torch.full((2,), 0.5, device=device), torch.full((2,), 0.4, device=device)
+    std, lp = r(2).abs() + 0.1, r(2)
+    out = {}
+    for name, core in [("eager", train.opd_core), ("compiled", compile_fn(train.opd_core))]:
+        times = []
+        for k in range(reps + 2):
+            vs = vs0.clone().requires_grad_(True)
+            sync(device)
+            t0 = time.perf_counter()
+            loss, kl, mar = core(x, xn, vs, vT, vA, t, tn, std, lp, 0.7, "pathwise", 0.02)
+            loss.backward()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = dict(loss=loss.item(), kl=kl.float().mean().item(), grad=vs.grad.float().norm().item(),
+                         ms=1e3 * statistics.median(times[2:]), first_call_s=times[0])
+    e, c = out["eager"], out["compiled"]
+    out["rel_diff"] = {k: abs(c[k] - e[k]) / max(abs(e[k]), 1e-30) for k in ("loss", "kl", "grad")}
+    return out
+
+
+# the runs of the GPU check: (name, bench.py arguments); each runs in a fresh process
+GPU_RUNS = [("ours", "ours", ["--gradient_checkpointing", "true"]),
+            ("ours_no_checkpointing", "ours", ["--gradient_checkpointing", "false"]),
+            ("released", "released", ["--gradient_checkpointing", "true"]),
+            ("ours_compiled", "ours_compiled", ["--gradient_checkpointing", "true"])]
+
+
+def gpu_check(args, argv, runner=spawn):
+    """The CUDA paths no CPU run exercises, in one go: bf16 autocast and torch.compile of opd_core, then one
+    distill iteration (after a warm-up one) of a random SD3.5-M-sized transformer at 512 px, micro-batch 2, for
+    ours (with and without gradient checkpointing, and with the compiled core) and the released structure, with
+    peak torch.cuda.max_memory_allocated beside the memory plan's prediction for the same run (random prompt
+    embeddings: no text encoders, no VAE). Writes --out_json; `runner` runs one variant (a fresh process)."""
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: torch sees no CUDA device (torch.cuda.is_available() is False); run it on "
+                         "a machine with an NVIDIA GPU and a CUDA build of torch, or pass --device cpu to try "
+                         "the check's code on a small config")
+    t0 = time.time()
+    res = dict(device=machine(args), torch=torch.__version__, config=args.config, micro_batch=args.micro_batch,
+               prompts=args.prompts, train_timesteps=args.train_timesteps, runs={},
+               core=core_check(args.device, torch.compile if cuda else (lambda f: f)))
+    res["core"]["compiled_is"] = "torch.compile" if cuda else "eager (no compile off CUDA: a dry run)"
+    print(f"[gpu_check] opd_core eager vs compiled: {res['core']['rel_diff']}", file=sys.stderr)
+    C = memory.components(SD35M, pixels=8 * SD35M_LATENT, t5_tokens=SD35M_TOKENS - memory.CLIP_TOKENS,
+                          others=False)
+    base = [a for a in argv if a not in ("--gpu_check",)]
+    base = strip_flags(base, ("--out_json", "--gradient_checkpointing"))
+    for name, variant, extra in GPU_RUNS:
+        r = runner(variant, base + ["--iters", "1"] + extra)
+        gc = extra[-1] == "true"
+        structure = "released" if variant == "released" else "ours"
+        predicted = sum(row[2 if structure == "ours" else 3] for row in memory.rows(C, args.micro_batch,
+                                                                                      args.prompts)
+                        if row[0] in PREDICTED_ROWS or row[4] in ("train", "train:gc" if gc else "train:nogc"))
+        r["predicted_mib"] = predicted / 2**20
+        res["runs"][name] = r
+        print(f"[gpu_check] {name}: {json.dumps(r)[:300]} ({time.time() - t0:.0f} s)", file=sys.stderr)
+    res["wall_s"] = time.time() - t0
+    if args.out_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)
+        with open(args.out_json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(format_gpu_check(res))
+    return res
+
+
+# the plan's rows a bench run holds (random prompt embeddings: no text encoders, no VAE, decode returns latents)
+PREDICTED_ROWS = ("transformer (student backbone)", "reference transformers", "reference LoRAs", "student LoRA",
+                  "student gradients", "AdamW state", "trajectories")
+
+
+def strip_flags(argv, flags):
+    """argv without the given `--flag value` pairs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def format_gpu_check(res):
+    c = res["core"]
+    out = [f"## GPU check ({res['device']}, torch {res['torch']}, {res['config']}, micro-batch {res['micro_batch']}, "
+           f"{res['prompts']} samples, {res['train_timesteps']} trained timesteps)", "",
+           f"opd_core, bf16 velocities: eager {c['eager']['ms']:.2f} ms, torch.compile {c['compiled']['ms']:.2f} ms "
+           f"per forward + backward (first compiled call {c['compiled']['first_call_s']:.1f} s); relative "
+           f"differences " + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_diff"].items()), "",
+           "| run | s / iteration | warm-up (s) | peak allocated (MiB) | plan's prediction (MiB) | weights (MiB) |",
+           "|---|---|---|---|---|---|"]
+    for name, r in res["runs"].items():
+        if "error" in r:
+            out.append(f"| {name} | **{r['error']}** | | | {r['predicted_mib']:.0f} | |")
+            continue
+        out.append(f"| {name} | {r['median_s']:.2f} | {r['warmup_s']:.1f} | {r['peak_mib']:.0f} | "
+                   f"{r['predicted_mib']:.0f} | {r['weights_mib']:.0f} |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

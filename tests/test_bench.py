@@ -1,5 +1,8 @@
 """Smoke test of bench.py (seconds): the released structure's reference copies (unfused and fused) equal our
-adapters, both loop structures run one iteration, and the SD3.5-M and mid paths run on shrunken SD3 configs."""
+adapters, both loop structures run one iteration, and the SD3.5-M and mid paths run on shrunken SD3 configs.
+Memory plan (memory.py): meta builds and LoRA counts equal real ones, the activation formula equals the bytes the
+autograd graph saves, SD3.5-M's plan meets 24 GiB, and the GPU check's code runs on the CPU."""
+import json
 import os
 import sys
 
@@ -99,3 +102,89 @@ def test_mid_path_on_a_small_sd3(monkeypatch):
                                            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16))
     res = bench.run_variant(bench.parse(["--config", "mid", "--iters", "1", "--variant", "released"]))
     assert res["median_s"] > 0 and res["opt_steps"] == 4   # one optimizer step per trained timestep
+
+
+# ---------------------------------------------------------------------------------------------- memory plan
+import memory  # noqa: E402
+
+TINY_SD35 = dict(bench.SD35M, num_layers=3, attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                 caption_projection_dim=64, pooled_projection_dim=24, pos_embed_max_size=16, sample_size=16,
+                 dual_attention_layers=(0,))
+
+
+def _real_sd3(config, rank=0):
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    t = SD3Transformer2DModel(**config).requires_grad_(False)
+    if rank:
+        import models
+        m = models.T2IModel(t, None, None)
+        m.add_lora("student", rank, 2 * rank)
+        for p in m.lora_parameters("student"):
+            p.requires_grad_(True)
+    return t
+
+
+def test_meta_build_and_lora_counts_are_exact():
+    meta = memory.sd3_transformer(TINY_SD35, torch.bfloat16)
+    real = _real_sd3(TINY_SD35).to(torch.bfloat16)
+    assert all(p.is_meta for p in meta.parameters())
+    assert memory.module_bytes(meta) == sum(x.numel() * x.element_size()
+                                            for x in list(real.parameters()) + list(real.buffers()))
+    # LoRA on Flow-GRPO's targets: every targeted linear is D x D here, r (D + D) parameters each: per block
+    # to_q/k/v/out + add_q/k/v (+ to_add_out unless last) (+ attn2's q/k/v/out if dual)
+    D, r, L = 64, 8, TINY_SD35["num_layers"]
+    linears = sum(7 + (i != L - 1) + 4 * (i in TINY_SD35["dual_attention_layers"]) for i in range(L))
+    assert memory.lora_numel(meta, r, 2 * r) == linears * r * 2 * D
+    real_lora = _real_sd3(TINY_SD35, rank=r)
+    assert sum(p.numel() for p in real_lora.parameters() if p.requires_grad) == linears * r * 2 * D
+
+
+@pytest.mark.parametrize("layers,dual,batch,text", [(3, (0,), 2, 10), (2, (), 2, 7), (4, (0, 1, 2), 3, 5)])
+def test_activation_formula_equals_the_autograd_graph(layers, dual, batch, text):
+    config = dict(TINY_SD35, num_layers=layers, dual_attention_layers=dual)
+    t, r = _real_sd3(config, rank=8), 8
+    x, ctx, pooled = torch.randn(batch, 16, 16, 16), torch.randn(batch, text, 32), torch.randn(batch, 24)
+    _, graph = memory.saved_bytes(lambda: t(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                                            timestep=torch.full((batch,), 500.0), return_dict=False)[0], t)
+    n_img = (16 // 2) ** 2
+    assert batch * memory.model_saved_bytes(config, n_img, text, r, amp=False, checkpointing=False)[0] == graph
+
+
+def test_sd35m_plan_meets_the_target():
+    C = memory.components(bench.SD35M, others=False)
+    assert C["n_img"] == 1024 and C["n_txt"] == 333 and C["dim"] == 1536
+    assert C["backbone_numel"] == 2_243_171_520   # SD3.5-M's transformer (+ a 384^2 x 1536 position table)
+    assert C["lora_numel"] == (24 * 8 - 1 + 13 * 4) * 32 * 2 * 1536   # 243 projections of 1536 x 1536
+    ours = memory.totals(C, "ours", gc=True, text_on_gpu=False, micro_batch=2)
+    released = memory.totals(C, "released", gc=True, text_on_gpu=False, micro_batch=2)
+    assert ours <= 24 * memory.GiB and released > 4 * ours
+    assert memory.largest_micro_batch(C, 24 * memory.GiB, "ours", True, False) >= 2
+
+
+def test_gpu_check_dry_run_on_cpu(monkeypatch, tmp_path):
+    small = dict(bench.SD35M, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                 caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=8, sample_size=8,
+                 dual_attention_layers=(0,))
+    monkeypatch.setattr(bench, "SD35M", small)
+    monkeypatch.setattr(bench, "SD35M_TOKENS", 7)
+    monkeypatch.setattr(bench, "SD35M_LATENT", 8)
+    monkeypatch.setattr(bench, "GPU_RUNS", bench.GPU_RUNS[:3])   # off CUDA the compiled run is the eager one
+    argv = ["--gpu_check", "--device", "cpu", "--config", "sd35m", "--train_timesteps", "1", "--prompts", "2",
+            "--out_json", str(tmp_path / "gpu_check.json")]
+    res = bench.gpu_check(bench.parse(argv), argv,
+                          runner=lambda variant, a: bench.run_variant(bench.parse(a + ["--variant", variant])))
+    saved = json.load(open(tmp_path / "gpu_check.json"))
+    assert set(saved["runs"]) == {name for name, _, _ in bench.GPU_RUNS}
+    for name, r in saved["runs"].items():
+        assert r["median_s"] > 0 and r["peak_mib"] > 0 and r["predicted_mib"] > 0, name
+    assert saved["runs"]["ours"]["checkpointing"] and not saved["runs"]["ours_no_checkpointing"]["checkpointing"]
+    assert saved["runs"]["released"]["predicted_mib"] > saved["runs"]["ours"]["predicted_mib"]
+    assert res["core"]["rel_diff"]["loss"] == 0   # off CUDA the "compiled" core is the eager one
+    assert "GPU check" in bench.format_gpu_check(saved)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_without_cuda_says_so():
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(["--gpu_check", "--device", "cuda", "--config", "sd35m"])
