@@ -323,7 +323,7 @@ def run_variant(args):
         torch.cuda.reset_peak_memory_stats()
     if checkpointing(args):   # on the student's grad-enabled forwards only (diffusers skips it under no_grad)
         model.transformer.enable_gradient_checkpointing()
-    params = train.trainable(model, "student")   # fp32 on a bf16 backbone, as train.stage_distill holds it
+    params = rollouts.trainable(model, "student")   # fp32 on a bf16 backbone, as train.stage_distill holds it
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     core = torch.compile(flow_opd_loss) if args.variant == "ours_compiled" else flow_opd_loss
     gen = torch.Generator().manual_seed(args.seed)
@@ -472,7 +472,7 @@ def memory_plan(args):
 
 
 def core_check(device, compile_fn=torch.compile, reps=20):
-    """opd_core on `device`: eager vs torch.compile on SD3.5-M latent shapes (micro-batch 2, 16x64x64), with the
+    """opd_loss.flow_opd_loss on `device`: eager vs torch.compile on SD3.5-M latent shapes (micro-batch 2, 16x64x64), with the
     velocities in bf16 as autocast leaves them; the means are fp32 in both (sde_step casts), so they agree to
     float rounding. Returns the relative differences and the ms per forward + backward."""
     g = torch.Generator().manual_seed(0)
@@ -482,13 +482,14 @@ def core_check(device, compile_fn=torch.compile, reps=20):
     t, tn = torch.full((2,), 0.5, device=device), torch.full((2,), 0.4, device=device)
     std, lp = r(2).abs() + 0.1, r(2)
     out = {}
-    for name, core in [("eager", train.opd_core), ("compiled", compile_fn(train.opd_core))]:
+    for name, core in [("eager", flow_opd_loss), ("compiled", compile_fn(flow_opd_loss))]:
         times = []
         for k in range(reps + 2):
             vs = vs0.clone().requires_grad_(True)
             sync(device)
             t0 = time.perf_counter()
-            loss, kl, mar = core(x, xn, vs, vT, vA, t, tn, std, lp, 0.7, "pathwise", 0.02)
+            loss, kl, mar = core(x_t=x, x_next=xn, t=t, t_next=tn, std=std, old_logp=lp, v_student=vs, v_teacher=vT,
+                                 v_anchor=vA, noise_level=0.7, estimator="pathwise", mar_lambda=0.02)
             loss.backward()
             sync(device)
             times.append(time.perf_counter() - t0)
@@ -507,7 +508,7 @@ GPU_RUNS = [("ours", "ours", ["--gradient_checkpointing", "true"]),
 
 
 def gpu_check(args, argv, runner=spawn):
-    """The CUDA paths no CPU run exercises, in one go: bf16 autocast and torch.compile of opd_core, then one
+    """The CUDA paths no CPU run exercises, in one go: bf16 autocast and torch.compile of flow_opd_loss, then one
     distill iteration (after a warm-up one) of a random SD3.5-M-sized transformer at 512 px, micro-batch 2, for
     ours (with and without gradient checkpointing, and with the compiled core) and the released structure, with
     peak torch.cuda.max_memory_allocated beside the memory plan's prediction for the same run (random prompt
@@ -522,7 +523,7 @@ def gpu_check(args, argv, runner=spawn):
                prompts=args.prompts, train_timesteps=args.train_timesteps, runs={},
                core=core_check(args.device, torch.compile if cuda else (lambda f: f)))
     res["core"]["compiled_is"] = "torch.compile" if cuda else "eager (no compile off CUDA: a dry run)"
-    print(f"[gpu_check] opd_core eager vs compiled: {res['core']['rel_diff']}", file=sys.stderr)
+    print(f"[gpu_check] flow_opd_loss eager vs compiled: {res['core']['rel_diff']}", file=sys.stderr)
     C = memory.components(SD35M, pixels=8 * SD35M_LATENT, t5_tokens=SD35M_TOKENS - memory.CLIP_TOKENS,
                           others=False)
     base = [a for a in argv if a not in ("--gpu_check",)]
@@ -568,7 +569,7 @@ def format_gpu_check(res):
     c = res["core"]
     out = [f"## GPU check ({res['device']}, torch {res['torch']}, {res['config']}, micro-batch {res['micro_batch']}, "
            f"{res['prompts']} samples, {res['train_timesteps']} trained timesteps)", "",
-           f"opd_core, bf16 velocities: eager {c['eager']['ms']:.2f} ms, torch.compile {c['compiled']['ms']:.2f} ms "
+           f"flow_opd_loss, bf16 velocities: eager {c['eager']['ms']:.2f} ms, torch.compile {c['compiled']['ms']:.2f} ms "
            f"per forward + backward (first compiled call {c['compiled']['first_call_s']:.1f} s); relative "
            f"differences " + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_diff"].items()), "",
            "| run | s / iteration | warm-up (s) | peak allocated (MiB) | plan's prediction (MiB) | weights (MiB) |",

@@ -8,7 +8,7 @@ Activations are counted per MMDiT block from token counts and widths (`block_sav
 keeps for the student's backward, tensor by tensor, in two precisions:
   fp32   every tensor in fp32, as on the CPU; `saved_bytes` measures the same quantity from the autograd graph,
          and the tests check the formula against it exactly on small SD3 configs;
-  bf16   bf16 weights under CUDA bf16 autocast with the student LoRA in fp32 (train.trainable), as train.py runs
+  bf16   bf16 weights under CUDA bf16 autocast with the student LoRA in fp32 (rollouts.trainable), as train.py runs
          SD3.5-M. Autocast runs layer_norm and pow in fp32 (so each LayerNorm keeps an fp32 copy of its input and
          each q/k RMS norm an fp32 copy of q or k), and casts the fp32 input of every LoRA'd projection to bf16 for
          lora_A separately (the cast cache holds weights only), so q, k and v keep three bf16 copies of one input.
@@ -253,7 +253,7 @@ def rows(C, micro_batch=2, prompts=4, steps=10):
     through the transformer in micro-batches (batch 2 x micro_batch: CFG's conditional and unconditional halves
     in one forward). phase: 'held' (the whole iteration), 'text' (the text encoders, placed by flag), or the phase
     whose peak it belongs to ('train', 'train:gc', 'train:nogc', 'sample', 'decode'). The VAE decodes every
-    sample of the iteration at once (train.sample_rollouts)."""
+    sample of the iteration at once (rollouts.sample_rollouts)."""
     L, R, B = C["lora_numel"], C["refs"], 2 * micro_batch
     latent = C["latent"][0] * C["latent"][1] * C["latent"][2]
     text = 2 * sum(C["text_numels"].values())
@@ -265,7 +265,7 @@ def rows(C, micro_batch=2, prompts=4, steps=10):
          "held"),
         ("reference LoRAs", f"{R} x {L / 1e6:.2f} M params (r32 on attention projections); ours bf16 on the one "
          f"backbone, released fp32 in each copy", R * L * 2, R * L * 4, "held"),
-        both("student LoRA", f"{L / 1e6:.2f} M params, fp32 (train.trainable)", 4 * L, "held"),
+        both("student LoRA", f"{L / 1e6:.2f} M params, fp32 (rollouts.trainable)", 4 * L, "held"),
         both("student gradients", "fp32", 4 * L, "held"),
         both("AdamW state", "exp_avg + exp_avg_sq, fp32", 8 * L, "held"),
         both("VAE", f"{C['vae_numel'] / 1e6:.1f} M params, bf16", 2 * C["vae_numel"], "held"),

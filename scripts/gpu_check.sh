@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA paths no CPU run exercises, in one go (about 5 minutes on one H100/H200-class GPU, at most 8):
-# bf16 autocast and torch.compile of opd_core, then one distill iteration (after a warm-up one) of a random
+# bf16 autocast and torch.compile of flow_opd_loss, then one distill iteration (after a warm-up one) of a random
 # SD3.5-Medium-sized transformer at 512 px, micro-batch 2, for our structure (with and without gradient
 # checkpointing, and with the compiled core) and the released one, with peak torch.cuda.max_memory_allocated
 # beside the memory plan's prediction. No hub: random weights and random prompt embeddings.
