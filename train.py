@@ -30,13 +30,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from config import (adapter_folder, eval_settings, load_model, named_paths, parse_config, prompt_pool,
+from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, prompt_pool,
                     reward_registry)
 import distributed
 import models
 import toy_world
 from eval import evaluate, evaluate_cached, format_metrics, write_json
-from flow_matching import pretrain, pretrain_autoencoder, time_grid
+from flow_matching import pretrain, pretrain_autoencoder
 from cold_start import merge_into, sft_cold_start
 from grpo import gradient_signal, group_advantages, grpo_loss, zero_std_fraction
 from mar import mar_loss
@@ -126,7 +126,7 @@ def trainable(model, name):
 def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
     """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
     share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
-    sigmas = time_grid(cfg.num_steps, model.shift).to(cfg.device)  # SD3.5: its scheduler's shift, as Flow-GRPO
+    sigmas = model.time_grid(cfg.num_steps).to(cfg.device)  # SD3.5: its scheduler's grid, as Flow-GRPO
     x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
     trajs = []
     for i in range(0, len(records), cfg.micro_batch):
@@ -573,6 +573,8 @@ def main(argv=None):
     cfg = parse_config(argv, description=__doc__)
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown --stage {cfg.stage!r}; choose one of {sorted(STAGES)}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone prints
+        print(describe(cfg), flush=True)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs; no effect on the CPU
     STAGES[cfg.stage](cfg)
