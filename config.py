@@ -5,7 +5,9 @@ Defaults are the miniature world's; where the paper (Flow-OPD §4) or the releas
 the field's comment gives it. Time convention throughout: t = sigma in [0, 1], t = 1 is noise (SD3 /
 Flow-GRPO). List fields take several values, and repeating the flag adds more (`--teacher a=X --teacher b=Y`);
 booleans take true/false; `--model`/`--pretrained_model_name_or_path` and `--mar` are aliases in the
-conventions of diffusers' scripts and of the paper's command lines.
+conventions of diffusers' scripts and of the paper's command lines. `--preset sd35m_paper` fills in the
+paper's SD3.5-Medium settings (PRESETS, each value with its source) before the flags given, which win;
+`describe(cfg)` lists what differs from the defaults, and train.py prints it when a stage starts.
 
 Below the parser: what the flags point to, resolved once per stage (`--model` to a T2IModel, `--teacher`
 specs to adapter folders, `--prompts` files to records, `--*_reward` to the reward registry).
@@ -208,7 +210,8 @@ def describe(cfg):
         value = getattr(cfg, f.name)
         if f.name == "preset" or value == getattr(defaults, f.name):
             continue
-        shown = " ".join(map(str, value)) if isinstance(value, list) else f"{value:.6g}" if isinstance(value, float) else value
+        shown = (" ".join(map(str, value)) if isinstance(value, list) else f"{value:.6g}" if isinstance(value, float)
+                 else str(value).lower() if isinstance(value, bool) else value)  # as the flag would be typed
         source = f"   # preset: {preset[f.name][1]}" if f.name in preset and preset[f.name][0] == value else ""
         lines.append(f"  --{f.name} {shown}{source}")
     return "\n".join(lines if len(lines) > 1 else [f"{head}: the defaults"])

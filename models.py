@@ -6,7 +6,10 @@ Two backends share the `T2IModel` interface (encode prompts, velocity, decode la
     real formats: diffusers `SD3Transformer2DModel` and `AutoencoderKL`, a transformers
     `CLIPTextModelWithProjection`, and a word/character tokenizer over the world's vocabulary (`vocab.json`);
   * Stable Diffusion 3.5 Medium from a local folder or hub id (`load_sd3`), through diffusers'
-    `StableDiffusion3Pipeline` (its three text encoders, VAE and transformer).
+    `StableDiffusion3Pipeline` (its three text encoders, VAE and transformer). The frozen text encoders may
+    live on another device than the transformer (the CPU, to save ~11 GB of GPU memory); T5 is cut at 128
+    tokens as in flow_grpo; sampling follows the pipeline scheduler's time grid (`T2IModel.time_grid`); a
+    gated, missing or unreachable hub model raises ModelUnavailableError with what to do (`hub_advice`).
 
 The world model mirrors SD3's structure (a KL autoencoder and a joint-attention MMDiT on its latents) at toy
 size: 32x32 RGB -> 8x8x8 latents, patch 1 (64 image tokens), 6 MMDiT blocks of width 128, 3.5M transformer parameters.
@@ -399,18 +402,18 @@ def hub_advice(name, error):
         e = e.__cause__ or e.__context__
     kinds = (GatedRepoError, RepositoryNotFoundError, LocalEntryNotFoundError)
     cause = next((e for kind in kinds for e in chain if isinstance(e, kind)), error)
-    download = f"or download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR"
+    download = f"download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR"
     if isinstance(cause, GatedRepoError):
         fix = (f"{name} is gated: accept its licence on https://huggingface.co/{name} while logged in, then log in "
-               f"here with `hf auth login` (or set HF_TOKEN), {download}")
+               f"here with `hf auth login` (or set HF_TOKEN); or {download}")
     elif isinstance(cause, RepositoryNotFoundError):
         fix = (f"the hub has no repository {name} that you may see: check the id; a gated or private one needs "
-               f"`hf auth login` and, for a gated one, its licence accepted on https://huggingface.co/{name}; {download}")
+               f"`hf auth login` and, for a gated one, its licence accepted on https://huggingface.co/{name}; or {download}")
     elif isinstance(cause, LocalEntryNotFoundError):
         fix = f"the hub is unreachable (offline?) and {name} is not in the local cache: {download}"
     else:
         fix = (f"if {name} is a folder, check that it is a complete diffusers pipeline; if it is a hub id, log in "
-               f"with `hf auth login` and accept the licence on its model page if it is gated, {download}")
+               f"with `hf auth login` and accept the licence on its model page if it is gated; or {download}")
     detail = (str(cause).strip().splitlines() or [""])[0][:300]
     return f"{name!r} could not be loaded ({type(cause).__name__}: {detail}). Fix: {fix}"
 

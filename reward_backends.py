@@ -47,6 +47,7 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # Flow-GRPO takes PickScore's processor from CLIP-H
 PICKSCORE_NORM = 26.0      # Flow-GRPO's "norm to 0-1": reward = PickScore / 26
 CLIP_MAX_TOKENS = 77
+PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")  # hub checkpoints; transformers >= 5
 SERVER_BATCH = 64          # images per request, as Flow-GRPO's client
 
 
@@ -93,8 +94,9 @@ class PickScoreReward:
         """model_path: a local folder or hub id of a transformers CLIPModel. processor_path defaults to the model's
         own folder, except for the hub PickScore_v1, whose processor Flow-GRPO loads from CLIP-H. A local folder
         needs config.json, the weights (model.safetensors or pytorch_model.bin) and CLIP's tokenizer files
-        (tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json); without
-        preprocessor_config.json, CLIP's standard image preprocessing at the model's image size is used.
+        (tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json); without a processor config
+        (preprocessor_config.json, or transformers 5's processor_config.json), CLIP's standard image
+        preprocessing at the model's image size is used.
         device, dtype: where the CLIP runs (the training GPU in bf16, not Flow-GRPO's fp32: the towers' outputs
         are compared in fp32, so the score moves by ~1e-3 of its value)."""
         transformers = _require("transformers", "transformers")
@@ -120,19 +122,19 @@ class PickScoreReward:
 
 
 def clip_processor(path, image_size):
-    """A CLIPProcessor from `path`; when the folder has the tokenizer but no preprocessor_config.json, the image
+    """A CLIPProcessor from `path`; when the folder has the tokenizer but no processor config, the image
     side is CLIP's standard one (resize the short side to image_size, bicubic, centre crop, CLIP mean/std), which
     is also CLIP-H's preprocessor_config that Flow-GRPO loads for PickScore."""
     from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in PROCESSOR_CONFIGS):
         return AutoProcessor.from_pretrained(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as e:
+    has = lambda *names: all(os.path.isfile(os.path.join(path, n)) for n in names)
+    if not (has("tokenizer.json") or has("vocab.json", "merges.txt")):  # transformers 5 would build an empty one
         raise FileNotFoundError(
-            f"PickScore folder {path!r} has no usable CLIP tokenizer ({type(e).__name__}). Fix: put tokenizer.json "
-            f"(or vocab.json + merges.txt) and tokenizer_config.json in it, e.g. `hf download {PICKSCORE_PROCESSOR} "
-            f"tokenizer.json tokenizer_config.json special_tokens_map.json --local-dir {path}`") from None
+            f"PickScore folder {path!r} has no CLIP tokenizer. Fix: put tokenizer.json (or vocab.json + merges.txt) "
+            f"and tokenizer_config.json in it, e.g. `hf download {PICKSCORE_PROCESSOR} tokenizer.json "
+            f"tokenizer_config.json special_tokens_map.json --local-dir {path}`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
