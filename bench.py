@@ -190,7 +190,7 @@ def reference_copy(model, name, dtype, fuse):
         t.fuse_lora(adapter_names=[name])
         t.unload_lora()
     ref = type(model)(t.to(dtype).requires_grad_(False).eval(), model.vae, model.encoder)
-    ref.shift, ref.latent_side = model.shift, model.latent_side
+    ref.shift, ref.scheduler, ref.latent_side = model.shift, model.scheduler, model.latent_side
     if isinstance(model, RandomTextSD3):
         ref.tokens, ref.side = model.tokens, model.side
     return ref

@@ -152,7 +152,7 @@ def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teac
     a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
     from the experts' distributions. Returns the final flow-matching loss."""
     from world import toy_world
-    from flow_matching import euler_sample, flow_matching_loss, interpolate, sample_t, time_grid
+    from flow_matching import euler_sample, flow_matching_loss, interpolate, sample_t
     gen = torch.Generator().manual_seed(seed)
     dev = model.transformer.device
     prompts, x0 = [], []
@@ -164,7 +164,7 @@ def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teac
             model.adapter(teacher)
             for i in range(0, len(ps), 64):
                 noise = torch.randn(len(ps[i:i + 64]), *model.latent_shape, generator=gen).to(dev)
-                sigmas = time_grid(sample_steps, model.shift).to(dev)
+                sigmas = model.time_grid(sample_steps).to(dev)
                 x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], cfg_scale), noise, sigmas))
             prompts += ps
     x0 = torch.cat(x0)                                                        # (N, C, h, w)

@@ -5,7 +5,9 @@ Defaults are the miniature world's; where the paper (Flow-OPD §4) or the releas
 the field's comment gives it. Time convention throughout: t = sigma in [0, 1], t = 1 is noise (SD3 /
 Flow-GRPO). List fields take several values, and repeating the flag adds more (`--teacher a=X --teacher b=Y`);
 booleans take true/false; `--model`/`--pretrained_model_name_or_path` and `--mar` are aliases in the
-conventions of diffusers' scripts and of the paper's command lines.
+conventions of diffusers' scripts and of the paper's command lines. `--preset sd35m_paper` fills in the
+paper's SD3.5-Medium settings (PRESETS, each value with its source) before the flags given, which win;
+`describe(cfg)` lists what differs from the defaults, and train.py prints it when a stage starts.
 
 Below the parser: what the flags point to, resolved once per stage (`--model` to a T2IModel, `--teacher`
 specs to adapter folders, `--prompts` files to records, `--*_reward` to the reward registry).
@@ -96,6 +98,9 @@ class Config:
     prompts: list[str] = field(default_factory=list)       # TASK=FILE train prompts (prompts.py; default: world)
     eval_prompts: list[str] = field(default_factory=list)  # TASK=FILE test prompts (default: the world's)
     resolution: int = 0              # pixels (paper: 512 on SD3.5-M); 0 = the model's native size
+    text_encoder_device: str = ""    # SD3's three frozen text encoders: "" = --device; cpu frees ~11 GB of GPU
+                                     # memory (they then run in fp32; embeddings move to --device)
+    max_sequence_length: int = 128   # T5 tokens of SD3's prompt embedding (flow_grpo, released: 128; diffusers 256)
     ocr_reward: str = "world"        # world | rapidocr                     (reward_backends.py)
     pickscore_reward: str = "world"  # world | PATH_OR_ID of a PickScore CLIP
     geneval_reward: str = "world"    # world | URL of a flow_grpo GenEval reward server
@@ -108,6 +113,7 @@ class Config:
     ema_decay: float = 0.0           # EMA of the student LoRA, used for the saved student (0: off)
     log_rewards: bool = True         # score the student's training samples every iteration (logs only)
     compile: bool = torch.cuda.is_available()  # torch.compile the velocity-discrepancy core
+    preset: str = ""                 # sd35m_paper: the paper's SD3.5-M settings (PRESETS); explicit flags win
 
     def __post_init__(self):
         if self.lora_targets not in ("attention", "wide"):
@@ -124,6 +130,47 @@ class Config:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if self.num_steps < 2 or self.eval_steps < 1:
             raise ValueError("num_steps must be >= 2 and eval_steps >= 1")
+        if self.preset and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
+        if self.text_encoder_device and not (self.text_encoder_device == "cpu"
+                                             or self.text_encoder_device.startswith("cuda")):
+            raise ValueError(f"text_encoder_device must be cpu or cuda[:N] (or empty for --device), "
+                             f"got {self.text_encoder_device!r}")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length must be in 1..512 (T5's limit), got {self.max_sequence_length}")
+
+
+# The paper's SD3.5-Medium run as one switch (--preset sd35m_paper): field -> (value, source). Sources: the
+# paper's setup (FLOW_OPD_PAPER.md §4) and the released code's mix_opd_8gpu/base.py configs (§8). Values equal
+# to today's defaults are listed too, so the preset still holds if a default changes for the miniature world.
+# Not in it: the estimator (pathwise, our documented departure; `--estimator released` is the released one),
+# mixed_precision (bf16; released fp16), eval_limit (the paper scores the full test sets, ~5k prompts x 40
+# steps per model; --eval_limit 0 does that), and memory settings (micro_batch, gradient_checkpointing).
+PRESETS = {"sd35m_paper": {
+    "resolution": (512, "paper §4 and released config: 512 px"),
+    "num_steps": (10, "paper T = 10 training steps"),
+    "eval_steps": (40, "paper and released: 40 ODE steps for evaluation"),
+    "cfg_scale": (4.5, "released code and model card (the paper is silent)"),
+    "noise_level": (0.7, "paper a = 0.7"),
+    "max_sequence_length": (128, "flow_grpo and released: T5 prompts of 128 tokens"),
+    "lora_rank": (32, "paper and released r = 32"),
+    "lora_alpha": (64, "paper and released alpha = 64"),
+    "cold_start": ("merge_average", "released scripts/merge.py: element-wise mean of A and B, a rank-32 student"),
+    "opd_lr": (1e-4, "released config: AdamW lr 1e-4 (the paper is silent)"),
+    "opd_prompts": (128, "released: 16 prompts x 16 images per epoch, 2 optimizer steps = 128 samples per "
+                         "step; OPD needs no group baseline, so 128 prompts x 1"),
+    "opd_group": (1, "one sample per prompt (see opd_prompts)"),
+    "train_timesteps": (9, "released timestep_fraction 0.99: int(0.99 x 10) = 9, all of the first T - 1 steps"),
+    "ema_decay": (0.9 ** (1 / 8), "released EMA: decay 0.9 every 8 steps = 0.9^(1/8) per step, same half-life"),
+    "mar_lambda": (0.02, "paper beta = 0.02 (released config: 0.04)"),
+    # the GRPO stages (--stage grpo_mix, teachers) as Flow-GRPO and the released GRPO-Mix config
+    "lr": (1e-4, "released GRPO-Mix config: lr 1e-4"),
+    "beta": (0.04, "released GRPO-Mix config: KL beta 0.04"),
+    "group_size": (24, "paper and released GRPO-Mix: G = 24"),
+    "adv_std": ("global", "flow_grpo global_std=True"),
+    "sde_window": (0, "plain Flow-GRPO: SDE at every step"),
+    "shared_noise": (False, "plain Flow-GRPO: independent initial noise per sample"),
+}}
 
 
 def _bool(s):
@@ -139,18 +186,37 @@ ALIASES = {"base": ["--model", "--pretrained_model_name_or_path"], "mar_anchor":
 
 
 def parse_config(argv=None, description=__doc__):
-    """Every Config field is a `--name value` flag (see the module docstring); returns a checked Config."""
+    """Every Config field is a `--name value` flag (see the module docstring); returns a checked Config.
+    --preset NAME fills in PRESETS[NAME] first; flags given on the command line override it."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         names = [f"--{f.name}"] + ALIASES.get(f.name, [])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, list):  # None: flag absent, the dataclass default applies
-            ap.add_argument(*names, dest=f.name, nargs="*", action="extend", type=typing.get_args(f.type)[0])
-        elif isinstance(default, bool):
-            ap.add_argument(*names, dest=f.name, type=_bool, default=default)
+        given_only = dict(dest=f.name, default=argparse.SUPPRESS)  # absent flags stay out of the namespace
+        if isinstance(default, list):
+            ap.add_argument(*names, nargs="*", action="extend", type=typing.get_args(f.type)[0], **given_only)
         else:
-            ap.add_argument(*names, dest=f.name, type=type(default), default=default)
-    return Config(**{k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None})
+            ap.add_argument(*names, type=_bool if isinstance(default, bool) else type(default), **given_only)
+    given = vars(ap.parse_args(argv))
+    preset = {k: value for k, (value, _source) in PRESETS.get(given.get("preset", ""), {}).items()}
+    return Config(**{**preset, **given})  # an unknown preset name is refused by Config
+
+
+def describe(cfg):
+    """The settings of a run that differ from Config's defaults, one `--flag value` per line, the preset's
+    source beside each value it set; printed at the start of a stage (train.main)."""
+    defaults, preset = Config(), PRESETS.get(cfg.preset, {})
+    head = f"settings (--preset {cfg.preset}; explicit flags override it)" if cfg.preset else "settings"
+    lines = [f"{head}, where they differ from the defaults:"]
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "preset" or value == getattr(defaults, f.name):
+            continue
+        shown = (" ".join(map(str, value)) if isinstance(value, list) else f"{value:.6g}" if isinstance(value, float)
+                 else str(value).lower() if isinstance(value, bool) else value)  # as the flag would be typed
+        source = f"   # preset: {preset[f.name][1]}" if f.name in preset and preset[f.name][0] == value else ""
+        lines.append(f"  --{f.name} {shown}{source}")
+    return "\n".join(lines if len(lines) > 1 else [f"{head}: the defaults"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,13 +227,18 @@ def named_paths(specs):
     return dict(s.split("=", 1) for s in specs)
 
 
+def precision(cfg):
+    """The dtype of --mixed_precision: bf16, fp16, or fp32 for "no"."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+
+
 def load_model(cfg):
-    """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16), at
-    --resolution, with gradient checkpointing if asked."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16, its text encoders
+    on --text_encoder_device), at --resolution, with gradient checkpointing if asked."""
     try:
-        model = models.load_model(cfg.base, cfg.device, dtype)
-    except FileNotFoundError as e:
+        model = models.load_model(cfg.base, cfg.device, precision(cfg), cfg.text_encoder_device or None,
+                                  cfg.max_sequence_length)
+    except (FileNotFoundError, models.ModelUnavailableError) as e:  # a missing folder; a gated or absent hub id
         raise SystemExit(f"--model: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
@@ -180,13 +251,12 @@ def adapter_folder(name, spec):
     """A PEFT adapter folder from a local path, or a hub id downloaded once by huggingface_hub."""
     if os.path.isdir(spec):
         return spec
+    from huggingface_hub import snapshot_download
     try:
-        from huggingface_hub import snapshot_download
         return snapshot_download(spec)
-    except Exception as e:
-        raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded "
-                         f"({type(e).__name__}). Download it where the hub is reachable "
-                         f"(`hf download {spec} --local-dir DIR`) and pass {name}=DIR") from None
+    except (OSError, ValueError) as e:  # hub errors (gated, not found, offline) are OSErrors; a malformed id ValueError
+        raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded: "
+                         f"{models.hub_advice(spec, e)}") from None
 
 
 def prompt_pool(specs, split):
@@ -208,7 +278,8 @@ def reward_registry(cfg):
     if all(v == "world" for v in choice.values()):
         return rewards.REWARDS
     import reward_backends
-    return reward_backends.make_rewards(**choice)
+    on_gpu = cfg.device.startswith("cuda")  # PickScore's CLIP runs beside the model, in its precision
+    return reward_backends.make_rewards(**choice, device=cfg.device, dtype=precision(cfg) if on_gpu else torch.float32)
 
 
 def eval_settings(cfg):

@@ -23,7 +23,7 @@ import os
 import torch
 
 from world import toy_world
-from flow_matching import euler_sample, time_grid
+from flow_matching import euler_sample
 from rewards import REWARDS, geneval_details
 
 
@@ -35,10 +35,10 @@ def initial_noise(n, shape, seed):
 @torch.no_grad()
 def sample_images(model, prompts, steps=40, cfg_scale=4.5, seed=0, batch_size=64, shift=None):
     """ODE samples (B, 3, H, W) in [0, 1] for a list of prompts with the currently active adapter, on the
-    model's time grid (shift: model.shift unless given; the world 1, SD3.5 3)."""
+    model's time grid (models.T2IModel.time_grid; shift: model.shift unless given; the world 1, SD3.5 3)."""
     dev = model.transformer.device
     x1 = initial_noise(len(prompts), model.latent_shape, seed)
-    sigmas = time_grid(steps, model.shift if shift is None else shift).to(dev)
+    sigmas = model.time_grid(steps, shift).to(dev)
     images = []
     for i in range(0, len(prompts), batch_size):
         v_fn = model.velocity_fn(prompts[i:i + batch_size], cfg_scale)

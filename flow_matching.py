@@ -10,10 +10,16 @@ Convention (SD3 / diffusers / Flow-GRPO): t = sigma ∈ [0, 1], t = 1 is pure no
 Tensors are latents (B, C, H, W); any (B, ...) works and per-sample reductions run over all non-batch
 dims. Time arguments `t` are (B,) tensors or Python floats and are broadcast to x inside.
 
-Differences from the paper:
-  1) time_grid is linspace(1, 0, T+1) then shifted, i.e. what diffusers' FlowMatchEulerDiscreteScheduler
-     gives for `set_timesteps(sigmas=linspace(1, 1/T, T))`. Its *default* SD3 grid (used by Flow-GRPO)
-     instead ends the linspace at sigma_min = 1e-3 before appending 0, so its last step is tiny.
+Sampling grids (which sigmas the T steps visit):
+  * the miniature world samples on `time_grid`: linspace(1, 0, T+1), then the shift (1 for the world), i.e.
+    T equal steps with exact endpoints (diffusers' `set_timesteps(sigmas=linspace(1, 1/T, T))`). The world's
+    base, teachers and every committed result were made on it, and its equal steps keep the toy's short
+    rollouts simple to reason about; changing it would change every committed number.
+  * SD3 pipelines sample on their scheduler's grid (models.T2IModel.time_grid asks it): diffusers'
+    FlowMatchEulerDiscreteScheduler.set_timesteps(T), which StableDiffusion3Pipeline and Flow-GRPO use and the
+    published teachers were trained on: linspace(1, s_min, T) with s_min = shift(1/1000), shifted (again),
+    then 0 appended. For T = 10, shift 3: 1, 0.960, ..., 0.278, 0.0089, 0, a tiny last step, where
+    time_grid(10, 3) gives 1, 0.964, ..., 0.25, 0.
 
 Self-check: python flow_matching.py
 """
@@ -57,7 +63,7 @@ def sample_t(batch_size: int, generator: Optional[torch.Generator] = None, logit
 
 def time_grid(num_steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """(T+1,) float32 sigmas from exactly 1.0 down to exactly 0.0: linspace, then the SD3 shift.
-    Step i goes from sigmas[i] to sigmas[i+1]."""
+    Step i goes from sigmas[i] to sigmas[i+1]. The world's grid; SD3 models use their scheduler's (docstring)."""
     sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32, device=device)  # (T+1,)
     return shift_sigmas(sigmas, shift)  # (T+1,); shift maps 1 -> 1 and 0 -> 0 exactly
 

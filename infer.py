@@ -2,14 +2,17 @@
 Images from one prompt, with a base model alone or with a trained LoRA, saved as one PNG grid.
 
     python infer.py --model checkpoints/base --lora checkpoints/teachers/ocr --prompt 'a sign that says "K7"'
-    python infer.py --model stabilityai/stable-diffusion-3.5-medium --lora export/ --prompt "..." --steps 40
+    python infer.py --model stabilityai/stable-diffusion-3.5-medium --lora jieliu/SD3.5M-FlowGRPO-Text \
+        --resolution 512 --prompt 'a sign that says "Flow-OPD"'
 
 --model: the miniature world's model folder (transformer/, vae/, text_encoder/, tokenizer/) or an SD3 pipeline
 (a folder with model_index.json, or a hub id). --lora: a PEFT folder (adapter_model.safetensors +
 adapter_config.json, as training saves), or a diffusers SD3 LoRA (a .safetensors file, or a folder with
-pytorch_lora_weights.safetensors, as checkpoint.export_lora and diffusers' trainers write).
-Sampling is eval.sample_images (Euler ODE with CFG); image i uses the noise of seed + i. SD3 pipelines use their
-scheduler's shift (3.0 for SD3.5) unless --shift is given; the world model uses 1.0, as in training.
+pytorch_lora_weights.safetensors, as checkpoint.export_lora and diffusers' trainers write), or a hub id of
+either (downloaded once, as train.py's --teacher). --resolution: pixels; the SD3.5-M LoRAs of Flow-GRPO and
+Flow-OPD are trained at 512, while the pipeline's native size is 1024 (the default, 0, keeps the native size).
+Sampling is eval.sample_images (Euler ODE with CFG); image i uses the noise of seed + i. SD3 pipelines sample on
+their scheduler's grid (shift 3.0 for SD3.5) unless --shift is given; the world model uses 1.0, as in training.
 """
 import argparse
 import os
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 import models
+from config import adapter_folder
 from eval import sample_images
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -73,10 +77,10 @@ def image_grid(images, cols):
     return Image.fromarray(np.ascontiguousarray(pixels))
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("--model", required=True, help="world model folder, SD3 pipeline folder or hub id")
-    ap.add_argument("--lora", default=None, help="PEFT folder, or diffusers LoRA file or folder")
+    ap.add_argument("--lora", default=None, help="PEFT folder, diffusers LoRA file or folder, or a hub id of either")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--num_images", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40)
@@ -84,12 +88,23 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shift", type=float, default=None, help="time shift (default: the scheduler's, else 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--resolution", type=int, default=0, help="pixels (Flow-GRPO/Flow-OPD LoRAs: 512); 0: native")
     ap.add_argument("--out", default="samples.png")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPUs
-    model = models.load_model(args.model, args.device, dtype)
+    try:
+        model = models.load_model(args.model, args.device, dtype)
+    except (FileNotFoundError, models.ModelUnavailableError) as e:
+        raise SystemExit(f"--model: {e}") from None
+    if args.resolution:
+        model.set_resolution(args.resolution)
     if args.lora:
-        load_lora(model, args.lora, "lora")
+        lora = args.lora if os.path.exists(args.lora) else adapter_folder("--lora", args.lora)  # a hub id
+        load_lora(model, lora, "lora")
     model.adapter("lora" if args.lora else None)
     images = sample_images(model, [args.prompt] * args.num_images, args.steps, args.cfg_scale, args.seed,
                            shift=args.shift)  # (N, 3, H, W); shift None: the model's own (models.T2IModel.shift)

@@ -5,7 +5,10 @@ Two backends share the `T2IModel` interface (encode prompts, velocity, decode la
   * the miniature world's model (`build_world_model`, `load_world_model`; its architecture is in
     world/model.py), saved in the real diffusers and transformers formats;
   * Stable Diffusion 3.5 Medium from a local folder or hub id (`load_sd3`), through diffusers'
-    `StableDiffusion3Pipeline` (its three text encoders, VAE and transformer).
+    `StableDiffusion3Pipeline` (its three text encoders, VAE and transformer). The frozen text encoders may
+    live on another device than the transformer (the CPU, to save ~11 GB of GPU memory); T5 is cut at 128
+    tokens as in flow_grpo; sampling follows the pipeline scheduler's time grid (`T2IModel.time_grid`); a
+    gated, missing or unreachable hub model raises ModelUnavailableError with what to do (`hub_advice`).
 Teachers, student and MAR anchor are LoRA adapters on the one transformer (diffusers' PEFT integration),
 saved and loaded in PEFT's format, the format of the published Flow-GRPO teachers.
 
@@ -19,6 +22,7 @@ import shutil
 import torch
 import torch.nn as nn
 
+import flow_matching
 from flow_matching import guidance
 from world import model as world_model
 
@@ -28,16 +32,32 @@ LORA_TARGETS_WIDE = LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net
 
 
 class SD3Encoder(nn.Module):
-    """prompts -> SD3's joint CLIP-L/CLIP-G/T5 embeddings through the pipeline's own encode_prompt."""
+    """prompts -> SD3's joint CLIP-L/CLIP-G/T5 embeddings through the pipeline's own encode_prompt, run on the
+    text encoders' device and moved to `out_device` (the transformer's). T5 keeps max_sequence_length tokens
+    (flow_grpo and the released Flow-OPD: 128; diffusers' default 256); SD3 does not mask T5's padding, so the
+    length changes the embeddings the published teachers were trained with. The empty prompt's embedding
+    (the CFG negative, asked for at every sampling call) is computed once: the encoders are frozen."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, max_sequence_length=128, out_device=None):
         super().__init__()
-        self.pipe = pipe
+        self.pipe, self.max_sequence_length, self.out_device = pipe, max_sequence_length, out_device
+        self._empty = None
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        device = self.pipe.text_encoder.device
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return embeds.to(self.out_device or device), pooled.to(self.out_device or device)  # (B, 77 + L, D), (B, P)
 
     @torch.no_grad()
     def forward(self, prompts):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False)
-        return embeds, pooled
+        if not prompts or any(prompts):
+            return self.encode(prompts)
+        if self._empty is None:
+            self._empty = self.encode([""])
+        return tuple(e.expand(len(prompts), *e.shape[1:]) for e in self._empty)
 
 
 class T2IModel(nn.Module):
@@ -49,6 +69,7 @@ class T2IModel(nn.Module):
         self.transformer, self.vae, self.encoder = transformer, vae, encoder
         self.latent_side = transformer.config.sample_size  # SD3.5-M: 128 (1024 px); set_resolution(512) -> 64
         self.shift = 1.0  # time shift of the sampling grid (flow_matching.shift_sigmas); SD3.5: its scheduler's 3.0
+        self.scheduler = None  # SD3: the pipeline's FlowMatchEulerDiscreteScheduler, whose grid time_grid returns
 
     @property
     def latent_shape(self):
@@ -60,6 +81,17 @@ class T2IModel(nn.Module):
         if pixels % (factor * self.transformer.config.patch_size):
             raise ValueError(f"resolution {pixels} must be a multiple of {factor * self.transformer.config.patch_size}")
         self.latent_side = pixels // factor
+
+    def time_grid(self, num_steps, shift=None):
+        """(T+1,) float32 sigmas from 1 to 0 that this model samples on (shift: self.shift unless given).
+        SD3 pipelines: their scheduler's set_timesteps(T) grid, which StableDiffusion3Pipeline and Flow-GRPO
+        sample with and the published teachers were trained on; the world model: flow_matching.time_grid."""
+        shift = self.shift if shift is None else shift
+        if self.scheduler is None:
+            return flow_matching.time_grid(num_steps, shift)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config, shift=shift)  # a copy: set_timesteps mutates
+        scheduler.set_timesteps(num_steps)
+        return scheduler.sigmas.float()
 
     def encode_prompts(self, prompts):
         return self.encoder(list(prompts))
@@ -210,9 +242,11 @@ def load_world_model(path, device="cpu"):
     return T2IModel(*world_model.load(path)).to(device).requires_grad_(False).eval()
 
 
-def load_model(name_or_path, device="cpu", dtype=torch.float32):
+def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_device=None, max_sequence_length=128):
     """The world model (a folder without model_index.json; always fp32) or an SD3 pipeline (a folder with
-    model_index.json, or a hub id "org/name") in `dtype`."""
+    model_index.json, or a hub id "org/name") in `dtype`; text_encoder_device and max_sequence_length: load_sd3.
+    A folder that is neither raises FileNotFoundError; an SD3 model that cannot be fetched or read raises
+    ModelUnavailableError, whose message says what to do (hub_advice)."""
     local = os.path.isdir(name_or_path)
     if local and not os.path.isfile(os.path.join(name_or_path, "model_index.json")):
         return load_world_model(name_or_path, device)  # its error names the folders it expects
@@ -220,16 +254,61 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
     if not local and (looks_local or name_or_path.count("/") != 1):  # e.g. checkpoints/base not built yet
         raise FileNotFoundError(f"{name_or_path!r}: no such folder, and not a hub id. The world's base is built "
                                 f"by `python train.py --stage pretrain`; SD3 needs a pipeline folder or hub id")
-    return load_sd3(name_or_path, dtype=dtype, device=device)
+    return load_sd3(name_or_path, dtype=dtype, device=device, text_encoder_device=text_encoder_device,
+                    max_sequence_length=max_sequence_length)
 
 
-def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda"):
-    """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface."""
+class ModelUnavailableError(RuntimeError):
+    """A model or adapter that could not be downloaded or read; the message names the cause and what to do."""
+
+
+def hub_advice(name, error):
+    """One message for a hub id or folder `name` that failed to load with `error`: the cause (the first hub
+    error in the exception chain, since diffusers re-raises them as OSError) and what to do about it."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    chain, e = [], error
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    kinds = (GatedRepoError, RepositoryNotFoundError, LocalEntryNotFoundError)
+    cause = next((e for kind in kinds for e in chain if isinstance(e, kind)), error)
+    download = f"download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR"
+    if isinstance(cause, GatedRepoError):
+        fix = (f"{name} is gated: accept its licence on https://huggingface.co/{name} while logged in, then log in "
+               f"here with `hf auth login` (or set HF_TOKEN); or {download}")
+    elif isinstance(cause, RepositoryNotFoundError):
+        fix = (f"the hub has no repository {name} that you may see: check the id; a gated or private one needs "
+               f"`hf auth login` and, for a gated one, its licence accepted on https://huggingface.co/{name}; or {download}")
+    elif isinstance(cause, LocalEntryNotFoundError):
+        fix = f"the hub is unreachable (offline?) and {name} is not in the local cache: {download}"
+    else:
+        fix = (f"if {name} is a folder, check that it is a complete diffusers pipeline; if it is a hub id, log in "
+               f"with `hf auth login` and accept the licence on its model page if it is gated; or {download}")
+    detail = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{name!r} could not be loaded ({type(cause).__name__}: {detail}). Fix: {fix}"
+
+
+def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_device=None, max_sequence_length=128):
+    """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface.
+    text_encoder_device: where the three frozen text encoders live (default: `device`). SD3.5-M's CLIP-L,
+    CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, in
+    fp32 (bf16 matmuls are slow on many CPUs), and their embeddings are moved to `device` (SD3Encoder)."""
     from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype).to(device)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as e:  # hub errors (gated, not found, offline) and unreadable folders are all OSErrors
+        raise ModelUnavailableError(hub_advice(name_or_path, e)) from e
+    text_encoder_device = text_encoder_device or device
+    text_dtype = torch.float32 if torch.device(text_encoder_device).type == "cpu" else dtype
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name) is not None:
+            getattr(pipe, name).to(text_encoder_device, text_dtype)
+    pipe.transformer.to(device)
+    pipe.vae.to(device)
     pipe.set_progress_bar_config(disable=True)
-    model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe))
+    model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe, max_sequence_length, out_device=device))
     model.shift = pipe.scheduler.config.get("shift", 1.0)  # SD3.5 samples on a shifted grid (3.0)
+    model.scheduler = pipe.scheduler
     return model.requires_grad_(False).eval()
 
 

@@ -10,7 +10,8 @@ Formats, chosen by extension:
           metadata = {"text": target}, as toy_world's OCR records. Pickscore metadata = {}.
   .jsonl  each line either our record {"prompt", "task", "metadata"} (metadata may be left out: {}), or a
           flow_grpo/GenEval metadata line {"tag", "include": [{"class", "count", "color"?, "position"?}],
-          "exclude"?, "prompt"} (task "geneval", metadata = the line's dict).
+          "exclude"?, "prompt"} (task "geneval", metadata = the line's dict; "tag", the sub-task, is required:
+          the reward server reads it).
 Departures from flow_grpo: blank lines are skipped (its TextPromptDataset keeps them as empty prompts);
 a line that a reward could not score (no quoted text, no "include") is an error here, where flow_grpo
 scores it 0 during training; geneval prompts cannot come from .txt, since GenEval needs their metadata.
@@ -20,7 +21,7 @@ import json
 import os
 import re
 
-from world.toy_world import TASKS
+from world.toy_world import GENEVAL_TAGS, TASKS
 
 TXT_TASKS = ("ocr", "pickscore")        # tasks whose prompts need no metadata, so plain text suffices
 QUOTED = re.compile(r'"([^"]*)"')        # flow_grpo's OCR convention: the target is the first quoted text
@@ -146,3 +147,6 @@ def _check_geneval(path, n, meta):
             raise PromptFileError(path, n, f"include clause {i} is malformed: {c!r}", fix)
     if not isinstance(meta.get("exclude", []), list):
         raise PromptFileError(path, n, '"exclude" is not a list', fix)
+    if not isinstance(meta.get("tag"), str) or not meta["tag"].strip():   # the server groups its rewards by tag
+        raise PromptFileError(path, n, 'geneval metadata without "tag" (the GenEval reward server reads it)',
+                              f'add "tag": one of GenEval\'s sub-tasks {", ".join(GENEVAL_TAGS)}')

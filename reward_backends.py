@@ -5,7 +5,7 @@ on its scales (rewards.REWARD_SCALE), so make_rewards(...) can swap them into a 
 packages are imported in the constructors; a missing one fails with its pip command.
   ocr        RapidOCRReward: PP-OCR det + rec (ONNX, offline), texts with confidence > 0 joined, rewards.ocr_score
              (Flow-GRPO's 1 - min(Levenshtein, len)/len on the quoted text); an OCR failure scores 0.
-  pickscore  PickScoreReward: CLIPModel logit_scale.exp() * cos(text, image) / 26.
+  pickscore  PickScoreReward: CLIPModel logit_scale.exp() * cos(text, image) / 26, on the training device.
   geneval    GenEvalServerReward: reward-server client; the reward is the partial "scores".
   deqa       DeQAServerReward: reward-server client; raw 1-5 like rewards.REWARDS["deqa"].
 Reward-server protocol: POST pickle.dumps({"images": [JPEG bytes], "meta_datas": [...], "only_strict": bool}) in
@@ -22,6 +22,8 @@ Departures from Flow-GRPO:
      metadata without "prompt" gets the sample's prompt (the server reads it).
   4) HTTP: bounded retries (5xx and connection errors, exponential backoff), then an error naming the URL;
      Flow-GRPO retries a 500 up to 1000 times.
+  5) pickscore: the CLIP runs on the training device in its mixed precision (bf16 on a GPU; Flow-GRPO: fp32);
+     the cosine and the logit scale are taken in fp32.
 """
 import importlib.util   # binds importlib too (import_module)
 import io
@@ -45,6 +47,7 @@ PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # Flow-GRPO takes PickScore's processor from CLIP-H
 PICKSCORE_NORM = 26.0      # Flow-GRPO's "norm to 0-1": reward = PickScore / 26
 CLIP_MAX_TOKENS = 77
+PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")  # hub checkpoints; transformers >= 5
 SERVER_BATCH = 64          # images per request, as Flow-GRPO's client
 
 
@@ -89,12 +92,18 @@ class RapidOCRReward:
 class PickScoreReward:
     def __init__(self, model_path=PICKSCORE_MODEL, processor_path=None, device="cpu", dtype=torch.float32):
         """model_path: a local folder or hub id of a transformers CLIPModel. processor_path defaults to the model's
-        own folder, except for the hub PickScore_v1, whose processor Flow-GRPO loads from CLIP-H."""
+        own folder, except for the hub PickScore_v1, whose processor Flow-GRPO loads from CLIP-H. A local folder
+        needs config.json, the weights (model.safetensors or pytorch_model.bin) and CLIP's tokenizer files
+        (tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json); without a processor config
+        (preprocessor_config.json, or transformers 5's processor_config.json), CLIP's standard image
+        preprocessing at the model's image size is used.
+        device, dtype: where the CLIP runs (the training GPU in bf16, not Flow-GRPO's fp32: the towers' outputs
+        are compared in fp32, so the score moves by ~1e-3 of its value)."""
         transformers = _require("transformers", "transformers")
         if processor_path is None:
             processor_path = PICKSCORE_PROCESSOR if model_path == PICKSCORE_MODEL else model_path
-        self.processor = transformers.AutoProcessor.from_pretrained(processor_path)
         self.model = transformers.CLIPModel.from_pretrained(model_path).eval().to(device, dtype)
+        self.processor = clip_processor(processor_path, self.model.config.vision_config.image_size)
         self.device, self.dtype = device, dtype
 
     @torch.no_grad()
@@ -103,11 +112,32 @@ class PickScoreReward:
         pixels = self.processor(images=[Image.fromarray(a) for a in to_uint8(images)], return_tensors="pt")
         text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=CLIP_MAX_TOKENS,
                               return_tensors="pt")
-        out = self.model(input_ids=text["input_ids"].to(self.device),
-                         attention_mask=text["attention_mask"].to(self.device),
-                         pixel_values=pixels["pixel_values"].to(self.device, self.dtype))
-        # logits_per_text[i, j] = logit_scale.exp() * cos(text_i, image_j); the pairs are on the diagonal
-        return (out.logits_per_text.diagonal() / PICKSCORE_NORM).float().cpu()
+        m = self.model
+        image = m.visual_projection(m.vision_model(
+            pixel_values=pixels["pixel_values"].to(self.device, self.dtype)).pooler_output).float()   # (B, E)
+        words = m.text_projection(m.text_model(input_ids=text["input_ids"].to(self.device),
+                                               attention_mask=text["attention_mask"].to(self.device)).pooler_output)
+        cos = torch.nn.functional.cosine_similarity(image, words.float(), dim=-1)                      # (B,)
+        return (m.logit_scale.float().exp() * cos / PICKSCORE_NORM).cpu()   # = CLIP's logits_per_text diagonal
+
+
+def clip_processor(path, image_size):
+    """A CLIPProcessor from `path`; when the folder has the tokenizer but no processor config, the image
+    side is CLIP's standard one (resize the short side to image_size, bicubic, centre crop, CLIP mean/std), which
+    is also CLIP-H's preprocessor_config that Flow-GRPO loads for PickScore."""
+    from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in PROCESSOR_CONFIGS):
+        return AutoProcessor.from_pretrained(path)
+    has = lambda *names: all(os.path.isfile(os.path.join(path, n)) for n in names)
+    if not (has("tokenizer.json") or has("vocab.json", "merges.txt")):  # transformers 5 would build an empty one
+        raise FileNotFoundError(
+            f"PickScore folder {path!r} has no CLIP tokenizer. Fix: put tokenizer.json (or vocab.json + merges.txt) "
+            f"and tokenizer_config.json in it, e.g. `hf download {PICKSCORE_PROCESSOR} tokenizer.json "
+            f"tokenizer_config.json special_tokens_map.json --local-dir {path}`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 # ------------------------------------------------------------------------------------- reward-server
@@ -233,9 +263,9 @@ class DeQAServerReward:
 
 
 # ---------------------------------------------------------------------------------- registry, check
-def make_rewards(ocr=WORLD, pickscore=WORLD, geneval=WORLD, deqa=WORLD):
+def make_rewards(ocr=WORLD, pickscore=WORLD, geneval=WORLD, deqa=WORLD, device="cpu", dtype=torch.float32):
     """A dict like rewards.REWARDS with some names served by real backends:
-    ocr "world" | "rapidocr"; pickscore "world" | a CLIPModel folder or hub id;
+    ocr "world" | "rapidocr"; pickscore "world" | a CLIPModel folder or hub id (run on device in dtype);
     geneval, deqa "world" | "server" (the URL in FLOW_OPD_GENEVAL_URL / FLOW_OPD_DEQA_URL) | a URL."""
     out = dict(rewards.REWARDS)
     if ocr != WORLD:
@@ -243,7 +273,7 @@ def make_rewards(ocr=WORLD, pickscore=WORLD, geneval=WORLD, deqa=WORLD):
             raise ValueError(f"ocr backend must be '{WORLD}' or '{RAPIDOCR}', got {ocr!r}")
         out["ocr"] = RapidOCRReward()
     if pickscore != WORLD:
-        out["pickscore"] = PickScoreReward(pickscore)
+        out["pickscore"] = PickScoreReward(pickscore, device=device, dtype=dtype)
     if geneval != WORLD:
         out["geneval"] = GenEvalServerReward(None if geneval == SERVER else geneval)
     if deqa != WORLD:

@@ -17,7 +17,6 @@ import os
 import torch
 
 import distributed
-from flow_matching import time_grid
 from router import sample_tasks
 from sde_sampler import Trajectory, rollout, step_mean
 
@@ -65,7 +64,7 @@ def micro_batch_conds(model, records, cfg):
 def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
     """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
     share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
-    sigmas = time_grid(cfg.num_steps, model.shift).to(cfg.device)  # SD3.5: its scheduler's shift, as Flow-GRPO
+    sigmas = model.time_grid(cfg.num_steps).to(cfg.device)  # SD3.5: its scheduler's grid, as Flow-GRPO
     x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
     trajs = []
     for i in range(0, len(records), cfg.micro_batch):

@@ -34,7 +34,8 @@ import checkpoint
 import distributed
 import pipeline
 from cold_start import merge_into, sft_cold_start
-from config import adapter_folder, eval_settings, load_model, named_paths, parse_config, prompt_pool, reward_registry
+from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, prompt_pool,
+                    reward_registry)
 from eval import evaluate, evaluate_cached, format_metrics
 from opd_loss import flow_opd_loss
 from rewards import REWARDS, combined_reward
@@ -250,6 +251,8 @@ def main(argv=None):
     cfg = parse_config(argv, description=__doc__)
     if cfg.stage not in STAGES:
         raise SystemExit(f"unknown --stage {cfg.stage!r}; choose one of {sorted(STAGES)}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone prints
+        print(describe(cfg), flush=True)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+ GPUs; no effect on the CPU
     STAGES[cfg.stage](cfg)

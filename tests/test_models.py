@@ -65,9 +65,10 @@ def test_sd3_pipeline_roundtrip(sd3):
     assert sd3.transformer.dtype == torch.float32
     assert not any(p.requires_grad for p in sd3.parameters())
 
-    # prompt encoding: CLIP tokens (width 8 + 12, zero-padded to T5's 32) then 256 T5 tokens; pooled 8 + 12
+    # prompt encoding: CLIP tokens (width 8 + 12, zero-padded to T5's 32) then 128 T5 tokens (flow_grpo's
+    # max_sequence_length); pooled 8 + 12
     embeds, pooled = sd3.encode_prompts(PROMPTS)
-    assert embeds.shape == (2, tiny_sd3.CLIP_MAX_LENGTH + 256, tiny_sd3.T5_WIDTH)
+    assert embeds.shape == (2, tiny_sd3.CLIP_MAX_LENGTH + 128, tiny_sd3.T5_WIDTH)
     assert pooled.shape == (2, tiny_sd3.POOLED_DIM)
     assert embeds.shape[-1] == sd3.transformer.config.joint_attention_dim
     assert pooled.shape[-1] == sd3.transformer.config.pooled_projection_dim

@@ -78,6 +78,7 @@ BAD_JSONL = [   # (bad line, words the message must contain)
     ('{"prompt": "a photo", "tag": "single_object", "include": []}', 'non-empty "include"'),
     ('{"prompt": "a photo", "include": [{"class": "circle", "count": "1"}]}', "include clause 0 is malformed"),
     ('{"prompt": "p", "include": [{"class": "circle", "count": 1, "position": ["above", 0]}]}', "clause 0"),
+    ('{"prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}]}', 'without "tag"'),
 ]
 
 

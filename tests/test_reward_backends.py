@@ -120,6 +120,39 @@ def test_pickscore_equals_hand_computed_scaled_cosine(tiny_clip_dir):
     assert model.logit_scale.exp().item() == pytest.approx(math.exp(3.0))
 
 
+def test_pickscore_folder_without_processor_config_scores_the_same(tiny_clip_dir, tmp_path):
+    """A local PickScore folder needs the model and CLIP's tokenizer; preprocessor_config.json is optional."""
+    import shutil
+    bare = tmp_path / "pickscore"
+    shutil.copytree(tiny_clip_dir, bare)
+    for name in RB.PROCESSOR_CONFIGS:
+        if (bare / name).exists():
+            os.remove(bare / name)
+    images = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(1))
+    prompts, meta = ["a cat", "the sunset"], [{}] * 2
+    full = RB.make_rewards(pickscore=tiny_clip_dir)["pickscore"](images, prompts, meta)
+    torch.testing.assert_close(RB.make_rewards(pickscore=str(bare))["pickscore"](images, prompts, meta), full,
+                               rtol=1e-5, atol=1e-6)
+    half = RB.make_rewards(pickscore=tiny_clip_dir, dtype=torch.bfloat16)["pickscore"](images, prompts, meta)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=3e-2, atol=0)   # bf16 towers, fp32 cosine: within bf16's precision
+    for name in os.listdir(bare):
+        if "token" in name or name in ("vocab.json", "merges.txt"):
+            os.remove(bare / name)
+    with pytest.raises(FileNotFoundError, match="no CLIP tokenizer.*tokenizer.json"):
+        RB.make_rewards(pickscore=str(bare))
+
+
+def test_pickscore_follows_training_device_and_precision(monkeypatch):
+    import config
+    made = []
+    monkeypatch.setattr(RB, "PickScoreReward", lambda path, **kw: made.append((path, kw)))
+    for device, precision, dtype in [("cuda", "bf16", torch.bfloat16), ("cuda:1", "fp16", torch.float16),
+                                     ("cuda", "no", torch.float32), ("cpu", "bf16", torch.float32)]:
+        config.reward_registry(config.Config(device=device, mixed_precision=precision, pickscore_reward="/ps"))
+        assert made.pop() == ("/ps", {"device": device, "dtype": dtype})
+
+
 def test_pickscore_processor_defaults_follow_flow_grpo():
     assert RB.PICKSCORE_MODEL == "yuvalkirstain/PickScore_v1"
     assert RB.PICKSCORE_PROCESSOR == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" and RB.PICKSCORE_NORM == 26.0

@@ -3,7 +3,8 @@ The real path end to end on a tiny Stable Diffusion 3 pipeline saved in diffuser
 (tests/tiny_sd3.py): `train.py --stage distill --model PIPELINE --teacher NAME=PEFT_FOLDER ... --mar FOLDER
 --prompts TASK=FILE` in flow_grpo's prompt formats, exactly the command one runs on SD3.5-Medium with the
 published teachers, at toy size on the CPU. Also: a teacher trained for another architecture is refused
-with a message naming the mismatch.
+with a message naming the mismatch. The settings a first SD3.5-M run depends on: T5's sequence length and the
+text encoders' device, the scheduler's time grid, and the advice given when a hub model is gated or missing.
 """
 import json
 import os
@@ -15,10 +16,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import config  # noqa: E402
+import eval as evaluation  # noqa: E402
+import flow_matching  # noqa: E402
+import infer  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 from world import toy_world  # noqa: E402
-from tiny_sd3 import IMAGE_SIZE, save_random_loras, save_tiny_sd3_pipeline  # noqa: E402
+from tiny_sd3 import CLIP_MAX_LENGTH, IMAGE_SIZE, save_random_loras, save_tiny_sd3_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +87,197 @@ def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
     argv = _argv(sd3_world, tmp_path / "students") + ["--prompts", f"geneval={bad}"]
     with pytest.raises(SystemExit, match="line 2"):
         train.main(argv)
+
+
+# ------------------------------------------------------------------------------ text encoders, T5 length
+def test_sd35_t5_sequence_length_follows_flag(sd3_world):
+    pipe = str(sd3_world / "pipeline")
+    default = config.load_model(config.parse_config(["--model", pipe, "--device", "cpu", "--mixed_precision", "no"]))
+    assert default.encode_prompts(["a cat"])[0].shape[1] == CLIP_MAX_LENGTH + 128  # flow_grpo's 128, not 256
+    cfg = config.parse_config(["--model", pipe, "--device", "cpu", "--mixed_precision", "no",
+                               "--max_sequence_length", "20"])
+    embeds, pooled = config.load_model(cfg).encode_prompts(["a cat", 'a sign that says "K7"'])
+    assert embeds.shape[1] == CLIP_MAX_LENGTH + 20
+
+
+def test_sd35_text_encoders_on_cpu_in_fp32_beside_a_bf16_transformer(sd3_world):
+    model = models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.bfloat16, device="cpu", text_encoder_device="cpu")
+    pipe = model.encoder.pipe
+    assert model.transformer.dtype == torch.bfloat16
+    assert all(enc.dtype == torch.float32 and enc.device.type == "cpu"
+               for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+    embeds, pooled = model.encode_prompts(["a cat"])
+    assert embeds.device == model.transformer.device and embeds.dtype == torch.float32
+    # the empty prompt (CFG's negative) is encoded once and reused; it equals a fresh encoding
+    empty, empty_pooled = model.encode_prompts(["", "", ""])
+    fresh, fresh_pooled = model.encoder.encode([""] * 3)
+    assert empty.shape == fresh.shape and empty_pooled.shape == fresh_pooled.shape
+    torch.testing.assert_close(empty, fresh, rtol=1e-5, atol=1e-6)
+    assert model.encode_prompts([""])[0].data_ptr() == empty.data_ptr()  # the cached tensor, not a new encoding
+
+
+# ------------------------------------------------------------------------------------------ time grid
+@pytest.mark.parametrize("steps", [10, 40])
+def test_sd35_time_grid_is_the_schedulers(sd3_world, steps, monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    model = models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # what StableDiffusion3Pipeline samples SD3.5 with
+    scheduler.set_timesteps(steps)
+    grid = model.time_grid(steps)
+    torch.testing.assert_close(grid, scheduler.sigmas.float(), rtol=1e-6, atol=0)
+    assert grid[0].item() == 1.0 and grid[-1].item() == 0.0 and len(grid) == steps + 1
+    assert 0 < grid[-2].item() < 0.01  # the scheduler's tiny last step, unlike the world's equal steps
+    assert not torch.allclose(grid, flow_matching.time_grid(steps, 3.0), rtol=1e-3)
+    seen = []  # the evaluation sampler asks the model for its grid
+    monkeypatch.setattr(evaluation, "euler_sample", lambda v, x1, sigmas: seen.append(sigmas) or x1)
+    evaluation.sample_images(model, ["a cat"], steps=steps)
+    torch.testing.assert_close(seen[0], grid, rtol=0, atol=0)
+
+
+def test_world_model_keeps_its_own_time_grid():
+    world = models.build_world_model()
+    assert torch.equal(world.time_grid(10), flow_matching.time_grid(10, 1.0))
+    assert torch.equal(world.time_grid(10, shift=3.0), flow_matching.time_grid(10, 3.0))
+
+
+# -------------------------------------------------------------------------- gated or missing hub models
+def _hub_error(kind, message):
+    """A huggingface_hub error without an HTTP response object (its constructor wants one)."""
+    from huggingface_hub import errors
+    cls = getattr(errors, kind)
+    e = cls.__new__(cls)
+    OSError.__init__(e, message)
+    return e
+
+
+def _wrapped(kind, message):
+    """The error as diffusers raises it: an OSError whose cause is the hub's error."""
+    try:
+        try:
+            raise _hub_error(kind, message)
+        except OSError as inner:
+            raise OSError("Cannot load model org/name: the model is not fully cached locally") from inner
+    except OSError as outer:
+        return outer
+
+
+HUB_CASES = [  # (error raised by the loader, words the message must contain)
+    (lambda: _hub_error("GatedRepoError", "403 Cannot access gated repo"), ["gated", "hf auth login", "licence"]),
+    (lambda: _wrapped("GatedRepoError", "403 Cannot access gated repo"), ["GatedRepoError", "hf auth login"]),
+    (lambda: _hub_error("RepositoryNotFoundError", "404 Repository Not Found"), ["check the id", "hf auth login"]),
+    (lambda: _hub_error("LocalEntryNotFoundError", "offline and not cached"), ["unreachable", "hf download"]),
+    (lambda: OSError("Error no file named diffusion_pytorch_model.safetensors"), ["hf auth login", "local"]),
+]
+
+
+@pytest.mark.parametrize("make_error,words", HUB_CASES)
+def test_sd35_unavailable_hub_model_ends_in_advice(monkeypatch, make_error, words):
+    from diffusers import StableDiffusion3Pipeline
+
+    def refuse(*args, **kwargs):
+        raise make_error()
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", refuse)
+    cfg = config.parse_config(["--model", "stabilityai/stable-diffusion-3.5-medium", "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        config.load_model(cfg)
+    msg = str(e.value)
+    assert msg.startswith("--model: 'stabilityai/stable-diffusion-3.5-medium' could not be loaded"), msg
+    assert all(w in msg for w in words) and "Fix:" in msg, msg
+    with pytest.raises(SystemExit) as e:  # infer.py gives the same advice
+        infer.main(["--model", "stabilityai/stable-diffusion-3.5-medium", "--prompt", "a cat", "--device", "cpu"])
+    assert str(e.value) == msg
+
+
+def test_sd35_unavailable_hub_teacher_ends_in_advice(monkeypatch):
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise _hub_error("RepositoryNotFoundError", "404 Repository Not Found")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(SystemExit) as e:
+        config.adapter_folder("geneval", "jieliu/no-such-teacher")
+    msg = str(e.value)
+    assert msg.startswith("adapter geneval: 'jieliu/no-such-teacher' is not a folder here") and "check the id" in msg
+
+
+# ----------------------------------------------------------------------------------------------- infer
+def test_infer_lora_from_hub_id_at_a_resolution(sd3_world, tmp_path, monkeypatch):
+    import huggingface_hub
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(sd3_world / "ocr"))
+    common = ["--model", str(sd3_world / "pipeline"), "--prompt", "a cat", "--num_images", "1", "--steps", "2",
+              "--device", "cpu", "--resolution", str(2 * IMAGE_SIZE)]
+    from PIL import Image
+    import numpy as np
+    outs = []
+    for lora in ("someone/SD3.5M-teacher", str(sd3_world / "ocr")):
+        out = str(tmp_path / f"grid{len(outs)}.png")
+        infer.main(common + ["--lora", lora, "--out", out])
+        with Image.open(out) as im:
+            outs.append(np.asarray(im).copy())
+    assert asked == ["someone/SD3.5M-teacher"]
+    assert outs[0].shape == (2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3)  # --resolution, not the native size
+    assert np.array_equal(outs[0], outs[1])  # the hub id resolved to the same adapter as its folder
+
+
+# ------------------------------------------------------------------------- the preset, the README commands
+def test_preset_sd35m_paper_values_and_explicit_flags_win():
+    cfg = config.parse_config(["--preset", "sd35m_paper"])
+    assert (cfg.resolution, cfg.num_steps, cfg.eval_steps, cfg.cfg_scale, cfg.noise_level) == (512, 10, 40, 4.5, 0.7)
+    assert cfg.train_timesteps == cfg.num_steps - 1 == 9      # timestep_fraction 0.99: every step but the last
+    assert cfg.opd_prompts * cfg.opd_group == 128 and cfg.opd_lr == 1e-4
+    assert cfg.cold_start == "merge_average" and (cfg.lora_rank, cfg.lora_alpha) == (32, 64)
+    assert cfg.ema_decay ** 8 == pytest.approx(0.9, rel=1e-12)  # 0.9 every 8 steps
+    assert cfg.mar_lambda == 0.02 and cfg.max_sequence_length == 128
+    assert (cfg.lr, cfg.beta, cfg.group_size, cfg.adv_std, cfg.sde_window, cfg.shared_noise) == \
+        (1e-4, 0.04, 24, "global", 0, False)
+    assert all(getattr(cfg, k) == v for k, (v, _) in config.PRESETS["sd35m_paper"].items())
+    mine = config.parse_config(["--opd_lr", "3e-4", "--preset", "sd35m_paper", "--resolution", "256",
+                                "--shared_noise", "true"])
+    assert (mine.opd_lr, mine.resolution, mine.shared_noise, mine.train_timesteps) == (3e-4, 256, True, 9)
+    with pytest.raises(ValueError, match="unknown preset 'sd35m'"):
+        config.parse_config(["--preset", "sd35m"])
+
+
+def test_describe_lists_non_defaults_with_preset_sources():
+    text = config.describe(config.parse_config(["--preset", "sd35m_paper", "--opd_lr", "3e-4", "--seed", "3"]))
+    lines = text.splitlines()
+    assert lines[0].startswith("settings (--preset sd35m_paper")
+    assert "  --opd_lr 0.0003" in lines and "  --seed 3" in lines       # explicit: no preset source
+    assert any(line.startswith("  --resolution 512   # preset: paper") for line in lines)
+    assert any(line.startswith("  --ema_decay 0.986916   # preset:") for line in lines)
+    assert any(line.startswith("  --shared_noise false   # preset:") for line in lines)
+    assert not any(line.startswith(("  --num_steps", "  --preset")) for line in lines)  # equal to the defaults
+    assert config.describe(config.parse_config([])) == "settings: the defaults"
+
+
+def _readme_commands(section="## Run on SD3.5-Medium"):
+    """Every `python train.py`/`torchrun ... train.py` and `python infer.py` command of a README section, in its
+    code blocks and inline code, with line continuations joined, as argument lists after the script."""
+    import re
+    import shlex
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index(section)
+    body = text[start:text.index("\n## ", start + len(section))]
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", body, re.S)
+    inline = re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", body, flags=re.S))
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()] + inline
+    commands = {"train.py": [], "infer.py": []}
+    for line in (line for line in lines if "train.py" in line or "infer.py" in line):
+        words = shlex.split(line, comments=True)
+        for i, w in enumerate(words):
+            if w in commands and (words[0] in ("python", "python3", "torchrun")):
+                commands[w].append(words[i + 1:])
+    return commands
+
+
+def test_readme_sd35_commands_parse_with_the_real_flags():
+    commands = _readme_commands()
+    assert commands["train.py"] and commands["infer.py"]
+    for argv in commands["train.py"]:
+        cfg = config.parse_config(argv)
+        assert cfg.preset == "sd35m_paper" and cfg.resolution == 512
+        assert sorted(config.named_paths(cfg.eval_prompts)) == sorted(config.named_paths(cfg.prompts)) \
+            == ["geneval", "ocr", "pickscore"]  # every trained task is evaluated, so the table has an avg
+    for argv in commands["infer.py"]:
+        assert infer.parse_args(argv).resolution == 512

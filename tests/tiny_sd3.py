@@ -15,7 +15,7 @@ Dimensions follow SD3's `encode_prompt`: the pooled embedding is the concatenati
 (pooled) outputs, so pooled_projection_dim = CLIP_PROJ[0] + CLIP_PROJ[1]; the joint sequence is the two CLIP
 penultimate hidden states concatenated along width and zero-padded to T5's width, followed by T5's tokens along
 the sequence, so joint_attention_dim = T5_WIDTH >= CLIP_WIDTH[0] + CLIP_WIDTH[1] and the prompt sequence has
-CLIP_MAX_LENGTH + max_sequence_length (256 by default) tokens.
+CLIP_MAX_LENGTH + max_sequence_length (models.SD3Encoder: 128 by default, as flow_grpo) tokens.
 
 Also `save_random_loras`: small PEFT teachers on any T2IModel (this pipeline's or the world's), for the tests
 that need teachers which differ from the base and from one another.
