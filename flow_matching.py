@@ -185,8 +185,7 @@ def _render_batch(n, rng):
 
 
 def _random_record(rng):
-    recs = toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train")
-    return recs[rng.integers(len(recs))]
+    return toy_world.random_record(rng)   # uniform over tasks, then over GenEval's sub-tasks
 
 
 def _caption(record, rng, caption_noise, cfg_dropout):

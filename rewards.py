@@ -45,17 +45,20 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from ocr import recognise  # the text recogniser, a PP-OCR stand-in
-from toy_world import BACKGROUND, OCR_CHARS, PALETTE, SCENES  # world constants only, no renderer
+from toy_world import BACKGROUND, OCR_CHARS, PALETTE, SCENES, SHAPES  # world constants only, no renderer
 
 GREY = 0.5  # the colour a washed-out image drifts to (pickscore, deqa)
 
 
 # ------------------------------------------------------------------------------------------- geneval
 COLOUR_NAMES = list(PALETTE)
-_REF_RGB = torch.tensor([PALETTE[c] for c in COLOUR_NAMES] + [BACKGROUND], dtype=torch.float32)  # (9, 3)
-COLOUR_TOL = 60.0      # RGB distance (0-255); a pixel farther from every reference (a blend) is background
-MIN_AREA = 6           # components smaller than this are noise
-FILL_SQUARE, FILL_CIRCLE = 0.9, 0.625  # bbox fill: square ~1.0 > 0.9 > circle ~0.67-0.81 > 0.625 > triangle ~0.5-0.58
+_BG = torch.tensor(BACKGROUND, dtype=torch.float32)                                              # (3,)
+_DIR = torch.tensor([PALETTE[c] for c in COLOUR_NAMES], dtype=torch.float32) - _BG               # (K, 3)
+COLOUR_TOL = 50.0      # RGB distance (0-255) of a pixel from its colour's blend line with the background
+MIN_COVER = 0.5        # a pixel at least half covered by a colour belongs to it: the shape's edge, whatever the blur
+MIN_AREA = 12          # components smaller than this are specks (the world's smallest object covers ~30 pixels)
+EDGE_BLURS = (0.0, 0.4, 0.8)   # px: Gaussian blurs tried on the templates (the world's autoencoder: ~0.5)
+SHAPE_PAD, SUPERSAMPLE = 3, 4   # template window around a component's box; sub-pixels per pixel side
 POSITION_THRESHOLD = 0.1  # GenEval's: offsets are reduced by 0.1 * (sum of box sizes) before the direction test
 
 
@@ -66,28 +69,94 @@ class Detection(NamedTuple):
     area: int
 
 
+def colour_cover(images):
+    """Blend model of every pixel: p = BACKGROUND + a_k (PALETTE[k] - BACKGROUND) + residual.
+    images (B, 3, H, W) in [0, 1] -> (label (B, H, W) int: the colour k with the smallest residual among
+    those with a_k >= MIN_COVER, len(COLOUR_NAMES) = background; cover (B, H, W, K) a_k clamped to [0, 1]).
+    Why a blend line and not the nearest colour: an edge pixel is a mix of the shape's colour and the
+    background, so it lies on that line; thresholding the coverage at 1/2 puts the edge where it is."""
+    B, _, H, W = images.shape
+    p = images.permute(0, 2, 3, 1).reshape(B, H * W, 1, 3) * 255.0 - _BG                # (B, HW, 1, 3)
+    a = (p * _DIR).sum(-1) / (_DIR * _DIR).sum(-1)                                     # (B, HW, K)
+    residual = (p - a.clamp(0, 1)[..., None] * _DIR).norm(dim=-1)                     # (B, HW, K)
+    residual = residual.masked_fill(a < MIN_COVER, float("inf"))
+    best, label = residual.min(-1)                                                    # (B, HW)
+    label[best > COLOUR_TOL] = len(COLOUR_NAMES)
+    return label.reshape(B, H, W).numpy(), a.clamp(0, 1).reshape(B, H, W, -1).numpy()
+
+
+def shape_templates(mx, my, vx, vy, X, Y):
+    """Ideal circle, square and upward triangle with centroid (mx, my) and variances (vx, vy), as 0/1 masks
+    on the point grid (X, Y) -> (3, *X.shape). Second moments: circle r^2/4, square side^2/12, triangle
+    base^2/24 across and height^2/18 down, its centroid a third of the height above the base."""
+    rx, ry = 2 * np.sqrt(vx), 2 * np.sqrt(vy)
+    circle = ((X - mx) / rx) ** 2 + ((Y - my) / ry) ** 2 <= 1
+    square = (np.abs(X - mx) <= np.sqrt(3 * vx)) & (np.abs(Y - my) <= np.sqrt(3 * vy))
+    base, height = np.sqrt(24 * vx), np.sqrt(18 * vy)
+    top = my - 2 * height / 3
+    triangle = (Y >= top) & (Y <= top + height) & (np.abs(X - mx) <= base / 2 * (Y - top) / height)
+    return np.stack([circle, square, triangle]).astype(np.float32)
+
+
+def shape_scores(cover):
+    """Soft IoU of one component's coverage map (h, w) with each ideal shape of SHAPES fitted to its
+    moments and blurred, best over the blurs of EDGE_BLURS -> (3,). A blur's variance is taken off the
+    map's before fitting (blurring adds its variance)."""
+    h, w = cover.shape
+    ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+    rows, cols, mass = cover.sum(1), cover.sum(0), cover.sum()
+    my, mx = rows @ ys / mass, cols @ xs / mass
+    Y, X = np.meshgrid((np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE,
+                       (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE, indexing="ij")
+    best = np.zeros(len(SHAPES))
+    for blur in EDGE_BLURS:
+        vy = max(rows @ (ys - my) ** 2 / mass - blur ** 2, 0.5)
+        vx = max(cols @ (xs - mx) ** 2 / mass - blur ** 2, 0.5)
+        T = shape_templates(mx, my, vx, vy, X, Y).reshape(3, h, SUPERSAMPLE, w, SUPERSAMPLE).mean((2, 4))
+        if blur:
+            T = ndimage.gaussian_filter(T, (0, blur, blur), mode="constant")              # (3, h, w)
+        best = np.maximum(best, np.minimum(cover, T).sum((1, 2)) / np.maximum(cover, T).sum((1, 2)))
+    return best
+
+
+def classify_shape(cover):
+    """(shape, margin): the best-fitting ideal shape and its soft IoU minus the runner-up's."""
+    iou = shape_scores(cover)
+    second, first = np.sort(iou)[-2:]
+    return SHAPES[int(iou.argmax())], float(first - second)
+
+
+def _components(label, cover):
+    """(colour index, box slices, area, coverage window) of every component of one image's label map."""
+    H, W = label.shape
+    K, p = len(COLOUR_NAMES), SHAPE_PAD
+    for k in np.unique(label[label < K]):
+        lab, _ = ndimage.label(label == k, structure=np.ones((3, 3), bool))           # 8-connected
+        for i, (ys, xs) in enumerate(ndimage.find_objects(lab), start=1):
+            win = np.s_[max(ys.start - p, 0):ys.stop + p, max(xs.start - p, 0):xs.stop + p]
+            own = lab[win] == i
+            area = int(own.sum())
+            if area < MIN_AREA:
+                continue
+            # its coverage: own pixels and the 1-px rim of blended edge pixels not claimed by another object
+            rim = ndimage.binary_dilation(own) & ((label[win] == k) | (label[win] == K))
+            c = np.where(own | rim, cover[win + (k,)], 0.0)
+            # pad to a full window at the image border so the fitted templates have room
+            c = np.pad(c, ((p - (ys.start - win[0].start), max(ys.stop + p - H, 0)),
+                           (p - (xs.start - win[1].start), max(xs.stop + p - W, 0))))
+            yield k, (ys, xs), area, c
+
+
 def detect(images):
     """Objects per image: list (B) of list[Detection], from pixels only."""
-    B, _, H, W = images.shape
-    rgb = images.permute(0, 2, 3, 1).reshape(B, H * W, 3) * 255.0                   # (B, HW, 3)
-    dist, idx = torch.cdist(rgb, _REF_RGB.expand(B, -1, -1)).min(-1)                # (B, HW)
-    idx[dist > COLOUR_TOL] = len(COLOUR_NAMES)                                       # blends -> background
-    idx = idx.reshape(B, 1, H, W)
-    masks = (idx == torch.arange(len(COLOUR_NAMES)).reshape(1, -1, 1, 1)).numpy()    # (B, 8, H, W)
-    # one label call for the whole batch: 8-connected within a slice, never across slices
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = True
-    labels, _ = ndimage.label(masks.reshape(-1, H, W), structure=structure)          # (B*8, H, W)
-    areas = np.bincount(labels.ravel())
-    out = [[] for _ in range(B)]
-    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None or areas[lab] < MIN_AREA:
-            continue
-        k, ys, xs = sl
-        fill = areas[lab] / ((ys.stop - ys.start) * (xs.stop - xs.start))
-        shape = "square" if fill > FILL_SQUARE else "circle" if fill > FILL_CIRCLE else "triangle"
-        b, c = divmod(k.start, len(COLOUR_NAMES))
-        out[b].append(Detection(shape, COLOUR_NAMES[c], (xs.start, ys.start, xs.stop, ys.stop), int(areas[lab])))
+    labels, cover = colour_cover(images)
+    out = []
+    for label, cov in zip(labels, cover):
+        found = []
+        for k, (ys, xs), area, c in _components(label, cov):
+            shape, _ = classify_shape(c)
+            found.append(Detection(shape, COLOUR_NAMES[k], (xs.start, ys.start, xs.stop, ys.stop), area))
+        out.append(found)
     return out
 
 
