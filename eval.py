@@ -14,6 +14,10 @@ Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.
 (prompts.py formats), `--ood` the out-of-domain composition set (compbench.py, scored per category).
 `python train.py --stage all` builds the paper's tables with these functions (results/main.json, ood.json).
 
+Reward calibration: `python eval.py --calibrate N` scores N images per GenEval sub-task and OCR, ground truth
+passed through the model's autoencoder and the model's own samples, and how many of those rewards change
+under +-2/255 uniform pixel noise (reward_calibration, noise_flips; the numbers are in rewards.py).
+
 Self-check: python eval.py --model checkpoints/base --limit 8
 """
 import argparse
