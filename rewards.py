@@ -19,14 +19,15 @@ a sample returns float('nan') for it. REWARD_SCALE[name] is what to divide by to
              are objects; the shape is the ideal circle, square or upward triangle with the component's
              centroid and second moments (blurred by 0, 0.4 or 0.8 px) whose soft IoU with the component's
              coverage map is highest (shape_scores, classify_shape).
-             Calibration (python eval.py --calibrate 100, on checkpoints/base): ground truth rendered by
+             Calibration (python eval.py --calibrate 60, on checkpoints/base): ground truth rendered by
              toy_world and passed through the world's autoencoder, what a perfect generator could draw, scores
-             >= 0.98 on every sub-task (single_object, two_object, colors, position, color_attr 1.00; counting
-             0.99, where four shapes in 32 px strain the autoencoder) and +-2/255 uniform pixel noise changes
-             < 1% of rewards. The first detector (nearest colour within 60 RGB, shape by bounding-box fill:
-             > 0.9 square, > 0.625 circle) scored 0.82-0.99 per sub-task and flipped 2-4% of rewards: the
-             autoencoder's edges fall outside the colour tolerance, its triangles fill 0.63-0.68 of their
-             box, and its squares 0.84-0.90, so shapes straddled the thresholds. Shape margins (best soft IoU
+             1.00 on five sub-tasks and 0.98 on counting (four shapes in 32 px strain the autoencoder), and
+             +-2/255 uniform pixel noise changes 0.0% of those rewards; on the base's own samples it changes
+             1.7% of geneval rewards (0-3.9% per sub-task). The first detector (nearest colour within 60
+             RGB, shape by bounding-box fill: > 0.9 square, > 0.625 circle) scored 0.72-1.00 per sub-task on
+             ground truth (position 0.72, counting 0.77) and flipped 0-4.4% of its rewards, 4.7% on samples:
+             the autoencoder's edges fall outside the colour tolerance, its triangles fill 0.63-0.68 of
+             their box and its squares 0.84-0.90, so shapes straddled the thresholds. Shape margins (best soft IoU
              minus the runner-up's) on every world shape: >= 0.10 sharp, >= 0.05 through the autoencoder.
   ocr        ocr.recognise (a template-matching recogniser, see ocr.py), then Flow-GRPO's formula:
              target = quoted text, lower-cased, spaces removed; dist = 0 if target in recognised else
@@ -36,6 +37,7 @@ a sample returns float('nan') for it. REWARD_SCALE[name] is what to divide by to
              (a compact blob of the sun/moon colour in the sky). Scale [0, 1]. A tiny CLIP trained on the toy
              world would be closer to the paper (and hackable like PickScore is); the formula is a deliberate,
              transparent stand-in whose optimum is exactly "the vivid, complete scene of the prompt".
+             The scene is the longest toy_world.SCENES name in the prompt (8 named, 61 composed scenes).
   deqa       task-agnostic quality 5 - 25*noise - 2.5*blur - 1.0*blockiness clamped to [1, 5] (DeQA's raw 1-5
              scale; REWARD_SCALE["deqa"] = 5 gives Flow-GRPO's score/5 reward).
 Differences from the paper:
