@@ -14,12 +14,17 @@ Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.
 (prompts.py formats), `--ood` the out-of-domain composition set (compbench.py, scored per category).
 `python train.py --stage all` builds the paper's tables with these functions (results/main.json, ood.json).
 
+Reward calibration: `python eval.py --calibrate N` scores N images per GenEval sub-task and OCR, ground truth
+passed through the model's autoencoder and the model's own samples, and how many of those rewards change
+under +-2/255 uniform pixel noise (reward_calibration, noise_flips; the numbers are in rewards.py).
+
 Self-check: python eval.py --model checkpoints/base --limit 8
 """
 import argparse
 import json
 import os
 
+import numpy as np
 import torch
 
 from world import toy_world
@@ -118,6 +123,47 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Reward calibration: does a reward give ground truth full marks, and is it stable to invisible noise?
+
+def calibration_records(per_stratum, seed=0):
+    """{stratum: records}: `per_stratum` records drawn with replacement from every GenEval sub-task (train and
+    test prompts) and from the OCR test prompts (toy_world.stratum names the strata)."""
+    rng = np.random.default_rng(seed)
+    pools = {}
+    for r in toy_world.prompts("geneval", "train") + toy_world.prompts("geneval", "test") + toy_world.prompts("ocr", "test"):
+        pools.setdefault(toy_world.stratum(r), []).append(r)
+    return {s: [pool[i] for i in rng.integers(len(pool), size=per_stratum)] for s, pool in pools.items()}
+
+
+def noise_flips(reward, images, records, amplitude=2 / 255, draws=3, seed=0):
+    """(rewards (B,), flip share (B,)): how often reward(images) changes when uniform noise in
+    [-amplitude, amplitude] is added to the pixels (clamped to [0, 1]), averaged over `draws` noise draws."""
+    prompts, meta = [r["prompt"] for r in records], [r["metadata"] for r in records]
+    gen = torch.Generator().manual_seed(seed)
+    clean = reward(images, prompts, meta)
+    flips = [reward((images + (torch.rand(images.shape, generator=gen) * 2 - 1) * amplitude).clamp(0, 1),
+                    prompts, meta) != clean for _ in range(draws)]
+    return clean, torch.stack(flips).float().mean(0)
+
+
+@torch.no_grad()
+def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, cfg_scale=4.5):
+    """{stratum: {"reward": mean, "flip": share}} of each GenEval sub-task's and OCR's reward on ground truth
+    rendered by toy_world and passed through the model's autoencoder (what a perfect generator could
+    draw), or with samples=True on the model's own ODE samples of the same prompts."""
+    rng, out = np.random.default_rng(seed), {}
+    for stratum, recs in calibration_records(per_stratum, seed).items():
+        if samples:
+            images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
+        else:
+            truth = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
+            images = model.decode(model.encode_images(truth))
+        clean, flips = noise_flips(REWARDS[recs[0]["task"]], images, recs, seed=seed)
+        out[stratum] = {"reward": clean.mean().item(), "flip": flips.mean().item()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Tables over seeds: {"rows": {ROW: {METRIC: {"mean": m, "std": s, "n": seeds}}}, "meta": {...}}
 
 def summarise(per_seed):
@@ -172,10 +218,22 @@ def main(argv=None):
     ap.add_argument("--cfg_scale", type=float, default=4.5)
     ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
     ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
+    ap.add_argument("--calibrate", type=int, default=None, metavar="N",
+                    help="reward calibration instead: N images per GenEval sub-task and OCR, ground truth through "
+                         "the autoencoder and the model's samples, reward and share flipped by +-2/255 noise")
     ap.add_argument("--out", default=None, help="write results/NAME.json: {rows: {ROW: {METRIC: {mean, std, n}}}}")
     args = ap.parse_args(argv)
     import models
     model = models.load_world_model(args.model)
+    if args.calibrate:
+        truth, drawn = (reward_calibration(model, args.calibrate, args.seeds[0], samples, args.steps, args.cfg_scale)
+                        for samples in (False, True))
+        print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
+        print("|---|---|---|---|---|")
+        for s in truth:
+            print(f"| {s} | {truth[s]['reward']:.3f} | {truth[s]['flip']:.1%} | {drawn[s]['reward']:.3f} | "
+                  f"{drawn[s]['flip']:.1%} |")
+        return
     rows = {"base": None}
     for spec in args.adapter:
         row, sep, path = spec.partition("=")

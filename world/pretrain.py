@@ -65,7 +65,7 @@ def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, 
     records, latents = [], []
     with torch.no_grad():
         for _ in tqdm(range(0, dataset_size, 500), desc="render+encode", leave=False):
-            recs = [_random_record(rng) for _ in range(500)]
+            recs = [toy_world.random_record(rng) for _ in range(500)]  # tasks, then GenEval sub-tasks, uniform
             images = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
             latents.append(model.encode_images(images.to(dev)))
             records += recs
@@ -129,11 +129,6 @@ def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, s
 def _render_batch(n, rng):
     recs = [toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train") for _ in range(n)]
     return toy_world.to_tensor([toy_world.render(r[rng.integers(len(r))], rng) for r in recs])
-
-
-def _random_record(rng):
-    recs = toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train")
-    return recs[rng.integers(len(recs))]
 
 
 def _caption(record, rng, caption_noise, cfg_dropout):

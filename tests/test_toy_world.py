@@ -1,0 +1,60 @@
+"""
+Tests for world/toy_world.py's prompt mix and scene sets: the pretraining sampler is uniform over tasks and over
+GenEval's six sub-tasks, and the pickscore split is large enough to measure a 0.03 difference while the
+first world's eight named scenes keep their split.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_toy_world.py
+"""
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rewards as R  # noqa: E402
+from world import pretrain  # noqa: E402
+from world import toy_world as tw  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_random_record_is_uniform_over_tasks_then_geneval_sub_tasks():
+    rng, n = np.random.default_rng(0), 18000
+    counts = collections.Counter(tw.stratum(tw.random_record(rng)) for _ in range(n))
+    assert set(counts) == set(tw.GENEVAL_TAGS) | {"ocr", "pickscore"}
+    for s, c in counts.items():   # expected n/3 per task, n/18 per sub-task; 5 sigma is about 5% / 10% relative
+        expected = n / 18 if s in tw.GENEVAL_TAGS else n / 3
+        assert abs(c - expected) < 0.1 * expected, counts
+    # uniform over prompts, color_attr would be 360 of 426 geneval draws and single_object 3 of 426
+    assert collections.Counter(r["metadata"]["tag"] for r in tw.prompts("geneval", "train"))["color_attr"] == 360
+
+
+def test_pretraining_draws_records_with_random_record():
+    import inspect
+    assert "toy_world.random_record(rng)" in inspect.getsource(pretrain.pretrain)
+    test_only = tw.random_record(np.random.default_rng(1), split="test")
+    assert test_only in tw.prompts(test_only["task"], "test")
+
+
+def test_named_scenes_keep_their_split_and_composed_scenes_are_held_out_whole():
+    train, test = tw.prompts("pickscore", "train"), tw.prompts("pickscore", "test")
+    named = [r for r in test if r["metadata"]["scene"] in tw.NAMED_SCENES]
+    assert [r["prompt"] for r in named] == [   # the first world's 8 test prompts, as they were
+        "a photo of a sunset over the sea", "a picture of a forest at dawn", "a photo of a night sky with a full moon",
+        "a red sky over mountains", "a painting of a snowy night", "a picture of a red sky over mountains",
+        "a picture of a purple evening over a lake", "a sunset over the sea"]
+    assert test[:8] == named and len([r for r in train if r["metadata"]["scene"] in tw.NAMED_SCENES]) == 24
+    assert len(test) >= 64
+    composed_test = {r["metadata"]["scene"] for r in test[8:]}
+    assert composed_test <= set(tw.COMPOSED_SCENES)
+    assert not composed_test & {r["metadata"]["scene"] for r in train}
+    assert len(tw.COMPOSED_SCENES) == 64 - 3   # 8 grounds x 8 skies, less the 3 that repeat a named scene
+
+
+def test_composed_scenes_use_known_words_and_the_reward_finds_them():
+    with open(os.path.join(ROOT, "checkpoints", "base", "tokenizer", "vocab.json")) as f:
+        committed = set(json.load(f)["vocab"])
+    assert set(tw.vocabulary()) <= committed       # the committed base can read every new prompt
+    for r in tw.prompts("pickscore", "test")[8::17]:
+        assert R._scene_of(r["prompt"], {}) == r["metadata"]["scene"]
