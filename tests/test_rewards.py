@@ -16,6 +16,8 @@ from PIL import ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rewards as R  # noqa: E402
+from world import judges as J  # noqa: E402
+from world import ocr as O  # noqa: E402
 from world import toy_world as tw  # noqa: E402
 
 SWAP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -116,8 +118,8 @@ def test_ocr_formula_quoted_text_substring_levenshtein():
 def test_ocr_reads_a_font_size_the_renderer_does_not_use(size):
     font, rng = ImageFont.load_default(size=size), np.random.default_rng(3)
     texts = [t for t in ("A7", "HQ", "3K", "XZ", "PD", "WN", "58", "TJ") if font.getlength(t) <= 30]
-    imgs = tw.to_tensor([R._draw_text(t, font, rng, jitter=1) for t in texts])
-    assert R.ocr_char_accuracy(texts, imgs) >= 0.85
+    imgs = tw.to_tensor([O._draw_text(t, font, rng, jitter=1) for t in texts])
+    assert O.ocr_char_accuracy(texts, imgs) >= 0.85
 
 
 class _FixedQ:
@@ -243,11 +245,11 @@ def _shape_images(shapes, sizes, seed=0):
 
 def _margins(images, names):
     """The true shape's soft IoU minus the best other shape's, per image (one component each)."""
-    labels, cover = R.colour_cover(images)
+    labels, cover = J.colour_cover(images)
     out = []
     for label, cov, name in zip(labels, cover, names):
-        (_, _, _, c), = R._components(label, cov)
-        iou = R.shape_scores(c)
+        (_, _, _, c), = J._components(label, cov)
+        iou = J.shape_scores(c)
         k = tw.SHAPES.index(name)
         out.append(iou[k] - np.delete(iou, k).max())
     return np.array(out)
@@ -282,7 +284,7 @@ def test_colour_cover_puts_a_blended_edge_at_half_coverage():
     """A pixel that is 60% red and 40% background belongs to red with coverage 0.6; at 40% it is background."""
     red, bg = np.array(tw.PALETTE["red"]), np.array(tw.BACKGROUND)
     px = np.stack([0.6 * red + 0.4 * bg, 0.4 * red + 0.6 * bg]).reshape(1, 2, 1, 3) / 255.0
-    label, cover = R.colour_cover(torch.tensor(px, dtype=torch.float32).permute(0, 3, 1, 2))
-    k = R.COLOUR_NAMES.index("red")
-    assert label[0, :, 0].tolist() == [k, len(R.COLOUR_NAMES)]
+    label, cover = J.colour_cover(torch.tensor(px, dtype=torch.float32).permute(0, 3, 1, 2))
+    k = J.COLOUR_NAMES.index("red")
+    assert label[0, :, 0].tolist() == [k, len(J.COLOUR_NAMES)]
     assert cover[0, :, 0, k] == pytest.approx([0.6, 0.4], rel=1e-5)

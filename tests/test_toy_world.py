@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rewards as R  # noqa: E402
+from world import judges as J  # noqa: E402
 from world import pretrain  # noqa: E402
 from world import toy_world as tw  # noqa: E402
 
@@ -57,4 +57,4 @@ def test_composed_scenes_use_known_words_and_the_reward_finds_them():
         committed = set(json.load(f)["vocab"])
     assert set(tw.vocabulary()) <= committed       # the committed base can read every new prompt
     for r in tw.prompts("pickscore", "test")[8::17]:
-        assert R._scene_of(r["prompt"], {}) == r["metadata"]["scene"]
+        assert J.scene_of(r["prompt"], {}) == r["metadata"]["scene"]

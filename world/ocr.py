@@ -153,3 +153,54 @@ def recognise(images):
         mask = np.isin(labels, np.nonzero(np.bincount(labels.ravel()) >= 3)[0][1:])   # drop specks < 3 px
         out.append(_read_line(ink[b], mask, T, chars))
     return out
+
+
+def levenshtein(a, b):
+    """Edit distance between two strings (insertions, deletions, substitutions of one character)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ocr_char_accuracy(texts, images):
+    """1 - (sum of Levenshtein distances) / (number of characters): per-character accuracy of recognise."""
+    return 1 - sum(levenshtein(r, t) for r, t in zip(recognise(images), texts)) / sum(map(len, texts))
+
+
+def _draw_text(text, font, rng, jitter=0):
+    """Text drawn centred (+-jitter px) on light paper with a font the caller chooses: uint8 (32, 32, 3)."""
+    img = Image.new("RGB", (32, 32), (240, 238, 230))
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    dx, dy = rng.integers(-jitter, jitter + 1, size=2)
+    draw.text(((32 - x1 + x0) / 2 - x0 + dx, (32 - y1 + y0) / 2 - y0 + dy), text, fill=(25, 20, 30), font=font)
+    return np.asarray(img)
+
+
+def _ocr_accuracy_report(rng):
+    from world import toy_world as tw
+    chars = list(OCR_CHARS)
+    texts = [r["metadata"]["text"] for r in tw.prompts("ocr", "test")]
+    rendered = [tw.render({"task": "ocr", "metadata": {"text": t}}, rng) for t in chars * 3 + texts]
+    print(f"ocr char accuracy, toy_world renderer (sizes 12-14, jitter), 36 chars x3 + {len(texts)} test texts: "
+          f"{ocr_char_accuracy(chars * 3 + texts, tw.to_tensor(rendered)):.3f}")
+    fonts = {f"default font {s}": ImageFont.load_default(size=s) for s in (10, 12, 13, 14, 16)}
+    try:
+        fonts["DejaVuSans 12"] = ImageFont.truetype("DejaVuSans.ttf", 12)
+    except OSError:
+        pass
+    for name, font in fonts.items():
+        for jitter in (0, 2):
+            short = [t for t in texts if font.getlength(t) <= 30]   # texts that fit the 32 px image
+            imgs = [_draw_text(t, font, rng, jitter) for t in chars + short]
+            print(f"ocr char accuracy, {name:14s} jitter {jitter}: "
+                  f"{ocr_char_accuracy(chars + short, tw.to_tensor(imgs)):.3f} (36 chars + {len(short)} texts)")
+
+
+if __name__ == "__main__":  # python -m world.ocr: the recogniser's accuracy on rendered text
+    torch.set_num_threads(1)
+    _ocr_accuracy_report(np.random.default_rng(0))

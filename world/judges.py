@@ -1,0 +1,234 @@
+"""
+The miniature world's pixel judges behind rewards.py's four rewards: a colour and shape detector (the stand-in
+for GenEval's Mask2Former detector), the scene formula behind "pickscore" and the three defects "deqa"
+penalises. rewards.py applies the paper's scoring rules to what these functions measure; a reader of the paper
+can skip this file.
+
+GenEval detector: every pixel is modelled as a blend of the background and one palette colour; it belongs to
+the colour whose blend line it is nearest (within 50 RGB) once that colour covers >= 1/2 of it (colour_cover),
+which puts a blurred edge where the edge is; 8-connected components of >= 12 px are objects; the shape is the
+ideal circle, square or upward triangle with the component's centroid and second moments (blurred by 0, 0.4 or
+0.8 px) whose soft IoU with the component's coverage map is highest (shape_scores, classify_shape).
+
+Calibration (python -m world.calibration --n 60, on checkpoints/base): ground truth rendered by toy_world and
+passed through the world's autoencoder, what a perfect generator could draw, scores 1.00 on five sub-tasks and
+0.98 on counting (four shapes in 32 px strain the autoencoder), and +-2/255 uniform pixel noise changes 0.0%
+of those rewards; on the base's own samples it changes 1.7% of geneval rewards (0-3.9% per sub-task). The
+first detector (nearest colour within 60 RGB, shape by bounding-box fill: > 0.9 square, > 0.625 circle) scored
+0.72-1.00 per sub-task on ground truth (position 0.72, counting 0.77) and flipped 0-4.4% of its rewards, 4.7%
+on samples: the autoencoder's edges fall outside the colour tolerance, its triangles fill 0.63-0.68 of their
+box and its squares 0.84-0.90, so shapes straddled the thresholds. Shape margins (best soft IoU minus the
+runner-up's) on every world shape: >= 0.10 sharp, >= 0.05 through the autoencoder.
+
+Self-check: OMP_NUM_THREADS=1 python rewards.py (scores rendered test images with every reward).
+"""
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from world.toy_world import BACKGROUND, PALETTE, SCENES, SHAPES  # world constants only, no renderer
+
+GREY = 0.5  # the colour a washed-out image drifts to (pickscore, deqa)
+
+
+# ------------------------------------------------------------------------------------------- geneval
+COLOUR_NAMES = list(PALETTE)
+_BG = torch.tensor(BACKGROUND, dtype=torch.float32)                                              # (3,)
+_DIR = torch.tensor([PALETTE[c] for c in COLOUR_NAMES], dtype=torch.float32) - _BG               # (K, 3)
+COLOUR_TOL = 50.0      # RGB distance (0-255) of a pixel from its colour's blend line with the background
+MIN_COVER = 0.5        # a pixel at least half covered by a colour belongs to it: the shape's edge, whatever the blur
+MIN_AREA = 12          # components smaller than this are specks (the world's smallest object covers ~30 pixels)
+EDGE_BLURS = (0.0, 0.4, 0.8)   # px: Gaussian blurs tried on the templates (the world's autoencoder: ~0.5)
+SHAPE_PAD, SUPERSAMPLE = 3, 4   # template window around a component's box; sub-pixels per pixel side
+POSITION_THRESHOLD = 0.1  # GenEval's: offsets are reduced by 0.1 * (sum of box sizes) before the direction test
+
+
+class Detection(NamedTuple):
+    shape: str
+    colour: str
+    box: tuple   # (x0, y0, x1, y1), exclusive ends, pixels
+    area: int
+
+
+def colour_cover(images):
+    """Blend model of every pixel: p = BACKGROUND + a_k (PALETTE[k] - BACKGROUND) + residual.
+    images (B, 3, H, W) in [0, 1] -> (label (B, H, W) int: the colour k with the smallest residual among
+    those with a_k >= MIN_COVER, len(COLOUR_NAMES) = background; cover (B, H, W, K) a_k clamped to [0, 1]).
+    Why a blend line and not the nearest colour: an edge pixel is a mix of the shape's colour and the
+    background, so it lies on that line; thresholding the coverage at 1/2 puts the edge where it is."""
+    B, _, H, W = images.shape
+    p = images.permute(0, 2, 3, 1).reshape(B, H * W, 1, 3) * 255.0 - _BG                # (B, HW, 1, 3)
+    a = (p * _DIR).sum(-1) / (_DIR * _DIR).sum(-1)                                     # (B, HW, K)
+    residual = (p - a.clamp(0, 1)[..., None] * _DIR).norm(dim=-1)                     # (B, HW, K)
+    residual = residual.masked_fill(a < MIN_COVER, float("inf"))
+    best, label = residual.min(-1)                                                    # (B, HW)
+    label[best > COLOUR_TOL] = len(COLOUR_NAMES)
+    return label.reshape(B, H, W).numpy(), a.clamp(0, 1).reshape(B, H, W, -1).numpy()
+
+
+def shape_templates(mx, my, vx, vy, X, Y):
+    """Ideal circle, square and upward triangle with centroid (mx, my) and variances (vx, vy), as 0/1 masks
+    on the point grid (X, Y) -> (3, *X.shape). Second moments: circle r^2/4, square side^2/12, triangle
+    base^2/24 across and height^2/18 down, its centroid a third of the height above the base."""
+    rx, ry = 2 * np.sqrt(vx), 2 * np.sqrt(vy)
+    circle = ((X - mx) / rx) ** 2 + ((Y - my) / ry) ** 2 <= 1
+    square = (np.abs(X - mx) <= np.sqrt(3 * vx)) & (np.abs(Y - my) <= np.sqrt(3 * vy))
+    base, height = np.sqrt(24 * vx), np.sqrt(18 * vy)
+    top = my - 2 * height / 3
+    triangle = (Y >= top) & (Y <= top + height) & (np.abs(X - mx) <= base / 2 * (Y - top) / height)
+    return np.stack([circle, square, triangle]).astype(np.float32)
+
+
+def shape_scores(cover):
+    """Soft IoU of one component's coverage map (h, w) with each ideal shape of SHAPES fitted to its
+    moments and blurred, best over the blurs of EDGE_BLURS -> (3,). A blur's variance is taken off the
+    map's before fitting (blurring adds its variance)."""
+    h, w = cover.shape
+    ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+    rows, cols, mass = cover.sum(1), cover.sum(0), cover.sum()
+    my, mx = rows @ ys / mass, cols @ xs / mass
+    Y, X = np.meshgrid((np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE,
+                       (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE, indexing="ij")
+    best = np.zeros(len(SHAPES))
+    for blur in EDGE_BLURS:
+        vy = max(rows @ (ys - my) ** 2 / mass - blur ** 2, 0.5)
+        vx = max(cols @ (xs - mx) ** 2 / mass - blur ** 2, 0.5)
+        T = shape_templates(mx, my, vx, vy, X, Y).reshape(3, h, SUPERSAMPLE, w, SUPERSAMPLE).mean((2, 4))
+        if blur:
+            T = ndimage.gaussian_filter(T, (0, blur, blur), mode="constant")              # (3, h, w)
+        best = np.maximum(best, np.minimum(cover, T).sum((1, 2)) / np.maximum(cover, T).sum((1, 2)))
+    return best
+
+
+def classify_shape(cover):
+    """(shape, margin): the best-fitting ideal shape and its soft IoU minus the runner-up's."""
+    iou = shape_scores(cover)
+    second, first = np.sort(iou)[-2:]
+    return SHAPES[int(iou.argmax())], float(first - second)
+
+
+def _components(label, cover):
+    """(colour index, box slices, area, coverage window) of every component of one image's label map."""
+    H, W = label.shape
+    K, p = len(COLOUR_NAMES), SHAPE_PAD
+    for k in np.unique(label[label < K]):
+        lab, _ = ndimage.label(label == k, structure=np.ones((3, 3), bool))           # 8-connected
+        for i, (ys, xs) in enumerate(ndimage.find_objects(lab), start=1):
+            win = np.s_[max(ys.start - p, 0):ys.stop + p, max(xs.start - p, 0):xs.stop + p]
+            own = lab[win] == i
+            area = int(own.sum())
+            if area < MIN_AREA:
+                continue
+            # its coverage: own pixels and the 1-px rim of blended edge pixels not claimed by another object
+            rim = ndimage.binary_dilation(own) & ((label[win] == k) | (label[win] == K))
+            c = np.where(own | rim, cover[win + (k,)], 0.0)
+            # pad to a full window at the image border so the fitted templates have room
+            c = np.pad(c, ((p - (ys.start - win[0].start), max(ys.stop + p - H, 0)),
+                           (p - (xs.start - win[1].start), max(xs.stop + p - W, 0))))
+            yield k, (ys, xs), area, c
+
+
+def detect(images):
+    """Objects per image: list (B) of list[Detection], from pixels only."""
+    labels, cover = colour_cover(images)
+    out = []
+    for label, cov in zip(labels, cover):
+        found = []
+        for k, (ys, xs), area, c in _components(label, cov):
+            shape, _ = classify_shape(c)
+            found.append(Detection(shape, COLOUR_NAMES[k], (xs.start, ys.start, xs.stop, ys.stop), area))
+        out.append(found)
+    return out
+
+
+def relative_position(a, b):
+    """GenEval's relations of box a relative to box b (image y grows downwards): a set of
+    {'left of', 'right of', 'above', 'below'}; an offset counts after subtracting 0.1 * (box sizes)."""
+    ca = np.array([(a[0] + a[2]) / 2, (a[1] + a[3]) / 2])
+    cb = np.array([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2])
+    dims = np.array([a[2] - a[0] + b[2] - b[0], a[3] - a[1] + b[3] - b[1]])
+    offset = ca - cb
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    return {r for r, ok in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5),
+                            ("below", dy > 0.5)) if ok}
+
+
+# ----------------------------------------------------------------------------------------- pickscore
+DISC_AREA = 20.0   # ink-free pixels of disc colour that count as a full sun/moon (the world draws r = 3-5)
+
+
+def scene_of(prompt, meta):
+    """The SCENES key named in the prompt (longest match), else metadata["scene"], else None."""
+    named = [s for s in SCENES if s in prompt]
+    return max(named, key=len) if named else meta.get("scene")
+
+
+def pickscore_one(img, scene):
+    """Score of one image (3, H, W) in [0, 1] for a scene name (or None: vividness only)."""
+    H = img.shape[1]
+    if scene is None:   # no scene to be faithful to: mean distance from grey, 0.3 = a vivid image
+        return float(((img - GREY).norm(dim=0).mean() / 0.3).clamp(0, 1))
+    sky, ground, horizon, disc = (torch.tensor(c, dtype=torch.float32) / 255 if isinstance(c, tuple) else c
+                                  for c in SCENES[scene])
+    top, bottom = img[:, :int((horizon - 0.08) * H)], img[:, int((horizon + 0.08) * H) + 1:]    # (3, h, W)
+    m_sky, m_ground = top.flatten(1).median(1).values, bottom.flatten(1).median(1).values       # (3,)
+    # fidelity: 1 at the scene's colour, 0 at RGB distance >= 0.5 (about the washed-out q = 0 rendering)
+    fidelity = [float((1 - (m - c).norm() / 0.5).clamp(0, 1)) for m, c in ((m_sky, sky), (m_ground, ground))]
+    # vividness: how far from grey each region is, relative to how far the scene's colour is
+    vivid = float(np.mean([min(1.0, float((m - GREY).norm() / (c - GREY).norm())) for m, c in
+                           ((m_sky, sky), (m_ground, ground))]))
+    terms, weights = fidelity + [vivid], [0.3, 0.3, 0.2]
+    if disc is not None:   # largest 4-connected blob near the disc colour (and unlike the sky) in the sky
+        near = ((top - disc[:, None, None]).norm(dim=0) < 0.25) & ((top - m_sky[:, None, None]).norm(dim=0) > 0.1)
+        labels, n = ndimage.label(near.numpy())
+        blob = np.bincount(labels.ravel())[1:].max() if n else 0
+        terms.append(min(1.0, blob / DISC_AREA))
+        weights.append(0.2)
+    return float(np.dot(terms, weights) / sum(weights))
+
+
+# ---------------------------------------------------------------------------------------------- deqa
+K_NOISE, K_BLUR, K_BLOCK = 25.0, 2.5, 1.0   # points lost (of 5) per unit of each defect
+BLUR_SHARP, BLUR_SOFT = 0.5, 0.9            # re-blur energy ratio of a sharp edge (~0.38-0.5) / a soft one
+BLOCK = 4                                   # block size of the blockiness measure (JPEG's 8 is too big at 32x32)
+
+
+def _pad_unfold3(x):
+    """(B, C, H, W) -> (B, C, H, W, 9) 3x3 neighbourhoods with replicated borders."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    return p.unfold(2, 3, 1).unfold(3, 3, 1).flatten(-2)
+
+
+def _grad_energy(x):
+    """Mean squared horizontal + vertical finite differences per image, (B,)."""
+    return (x.diff(dim=3) ** 2).mean((1, 2, 3)) + (x.diff(dim=2) ** 2).mean((1, 2, 3))
+
+
+def deqa_terms(images):
+    """(noise, blur, blockiness) per image, each (B,): the three defects deqa_raw penalises."""
+    x = images.float()
+    # noise: median |x - median3x3(x)|; 0 on flat regions and clean edges, ~0.6 sigma for Gaussian noise
+    noise = (x - _pad_unfold3(x).median(-1).values).abs().flatten(1).median(1).values
+    # blur: share of gradient energy that survives a [1,2,1]/4 re-blur; a sharp step keeps ~0.38, a soft edge
+    # ~1. A flat image (no edges at all) has ratio 1 and counts as fully blurred.
+    k = torch.tensor([[1.0, 2.0, 1.0]]) / 4
+    k2 = (k.T @ k).expand(3, 1, 3, 3)
+    reblur = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+    ratio = (_grad_energy(reblur) + 1e-6) / (_grad_energy(x) + 1e-6)
+    blur = ((ratio - BLUR_SHARP) / (BLUR_SOFT - BLUR_SHARP)).clamp(0, 1)
+    # blockiness: excess of gradient energy on block boundaries over inside blocks, in both directions
+    # (min: one straight edge that happens to lie on a boundary, like a horizon, is not blockiness)
+    def excess(d, dim):   # d: finite differences along `dim`; boundary = between index BLOCK-1 and BLOCK
+        on = (torch.arange(d.shape[dim]) % BLOCK == BLOCK - 1)
+        e = d ** 2
+        e_on = e.index_select(dim, on.nonzero()[:, 0]).mean((1, 2, 3))
+        e_in = e.index_select(dim, (~on).nonzero()[:, 0]).mean((1, 2, 3))
+        return ((e_on - e_in) / (e_on + e_in + 1e-6)).clamp(0, 1)
+    blockiness = torch.minimum(excess(x.diff(dim=3), 3), excess(x.diff(dim=2), 2))
+    return noise, blur, blockiness
