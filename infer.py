@@ -8,8 +8,9 @@ Images from one prompt, with a base model alone or with a trained LoRA, saved as
 (a folder with model_index.json, or a hub id). --lora: a PEFT folder (adapter_model.safetensors +
 adapter_config.json, as training saves), or a diffusers SD3 LoRA (a .safetensors file, or a folder with
 pytorch_lora_weights.safetensors, as checkpoint.export_lora and diffusers' trainers write).
-Sampling is eval.sample_images (Euler ODE with CFG); image i uses the noise of seed + i. SD3 pipelines use their
-scheduler's shift (3.0 for SD3.5) unless --shift is given; the world model uses 1.0, as in training.
+Sampling is eval.sample_images (Euler ODE with CFG); image i uses the noise eval.noise_seed(seed, i, 0). SD3
+pipelines use their scheduler's shift (3.0 for SD3.5) unless --shift is given; the world model uses 1.0, as in
+training.
 """
 import argparse
 import os

@@ -35,7 +35,7 @@ from config import (adapter_folder, eval_settings, load_model, named_paths, pars
 import distributed
 import models
 import toy_world
-from eval import evaluate, evaluate_cached, format_metrics, write_json
+from eval import evaluate, evaluate_cached, format_metrics, format_paired, paired_difference, scalars, write_json
 from flow_matching import pretrain, pretrain_autoencoder, time_grid
 from cold_start import merge_into, sft_cold_start
 from grpo import gradient_signal, group_advantages, grpo_loss, zero_std_fraction
@@ -492,7 +492,7 @@ def stage_distill(cfg):
         log(stage="distill", iter=it, **metrics)
         if cfg.eval_every and done % cfg.eval_every == 0:
             scores = evaluate(model, "student", **kw)
-            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scores.items()})
+            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scalars(scores).items()})
             model.adapter("student")
     if world > 1:
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
@@ -531,7 +531,9 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
             folder = os.path.join(cfg.teacher_dir, teacher)
             scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
             print(format_metrics(f"teacher/{teacher}", scores))
-        print(format_metrics(f"flow_opd/{os.path.basename(path)}", evaluate(model, "student", **kw)))
+        student = evaluate(model, "student", **kw)
+        print(format_metrics(f"flow_opd/{os.path.basename(path)}", student))
+        print(format_paired("student - cold start", paired_difference(student, cold)))  # same prompts and noise
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 

@@ -28,7 +28,8 @@ from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
 
 BASE = os.path.join(ROOT, "checkpoints", "base")
 TINY = ["--grpo_iters", "2", "--prompts_per_iter", "2", "--group_size", "2", "--micro_batch", "4",
-        "--train_timesteps", "1", "--num_steps", "4", "--eval_steps", "2", "--eval_limit", "2",
+        "--train_timesteps", "1", "--num_steps", "4", "--eval_steps", "2", "--eval_prompts_per_task", "2",
+        "--eval_images_per_prompt", "1",
         "--device", "cpu", "--base", BASE]
 _real_load = models.load_world_model
 _cache = {}
@@ -183,7 +184,7 @@ def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(students),
               "--cold_start_dir", str(cold), "--opd_iters", "2", "--opd_prompts", "3", "--compile", "false"] + TINY
 
-    train.main(common)  # with the end-of-stage evaluation (eval_steps 2, eval_limit 2)
+    train.main(common)  # with the end-of-stage evaluation (eval_steps 2, 2 prompts per task)
     out = capsys.readouterr().out
     assert "cold start merge" in out and "flow_opd/merge" in out
     assert (cold / "merge" / "adapter_model.safetensors").exists()
@@ -373,7 +374,7 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
                                    "flow_opd/sft", "flow_opd/merge_no_mar"]
     cell = table["rows"]["flow_opd/merge"]["avg"]
     assert set(cell) == {"mean", "std", "n"} and cell["n"] == 1 and 0 <= cell["mean"] <= 1
-    assert "geneval_strict/single_object" in table["rows"]["base"]
+    assert "geneval_acc" in table["rows"]["base"] and "se/geneval_acc" in table["rows"]["base"]
     ood = json.load(open(tmp_path / "results" / "ood.json"))
     assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
     for png in ("grid_seed0.png", "curves_teachers_seed0.png", "curves_distill_seed0.png"):
