@@ -15,6 +15,7 @@ specs to adapter folders, `--prompts` files to records, `--*_reward` to the rewa
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -48,7 +49,13 @@ class Config:
     eval_steps: int = 40             # ODE steps for evaluation
     cfg_scale: float = 4.5           # classifier-free guidance scale (released code; paper silent)
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
-    eval_limit: int = 32             # prompts per task in end-of-stage evaluations (0 = all; eval.py: all)
+    # evaluation sizes (eval.py), on every path (world prompts, --eval_prompts files, eval.py): GenEval scores
+    # all its prompts x 4 images; the defaults keep the main job within 5 CPU minutes (README)
+    eval_prompts_per_task: int = 48  # prompts per task, stratified by sub-task (GenEval tag); 0 = all
+    eval_images_per_prompt: int = 2  # images per prompt (GenEval: 4), each from its own (seed, prompt, image) noise
+    eval_batch: int = 32             # images per evaluation sampling call (CFG doubles the transformer batch)
+    decode_batch: int = 16           # latents per VAE decode call, evaluation and rollouts (SD3.5 at 512 px:
+                                     # ~0.4 GB of bf16 activations per image)
     balance_tags: bool = True        # RL draws: GenEval prompts uniform over sub-tasks (metadata "tag"); false:
                                      # uniform over prompts, as flow_grpo reads its training file (rollouts.py)
     # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
@@ -130,6 +137,9 @@ class Config:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if self.num_steps < 2 or self.eval_steps < 1:
             raise ValueError("num_steps must be >= 2 and eval_steps >= 1")
+        if self.eval_prompts_per_task < 0 or min(self.eval_images_per_prompt, self.eval_batch, self.decode_batch) < 1:
+            raise ValueError("eval_prompts_per_task must be >= 0 (0 = all) and eval_images_per_prompt, eval_batch, "
+                             "decode_batch >= 1")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
         if self.text_encoder_device and not (self.text_encoder_device == "cpu"
@@ -183,11 +193,17 @@ def _bool(s):
 
 # Flag aliases in the conventions of diffusers' scripts and of the paper's command lines.
 ALIASES = {"base": ["--model", "--pretrained_model_name_or_path"], "mar_anchor": ["--mar"]}
+# Flags that are gone, and what replaced them.
+REMOVED = {"--eval_limit": "--eval_prompts_per_task N (stratified by sub-task, 0 = all) and --eval_images_per_prompt K "
+                           "(also --eval_batch, --decode_batch)"}
 
 
 def parse_config(argv=None, description=__doc__):
     """Every Config field is a `--name value` flag (see the module docstring); returns a checked Config.
     --preset NAME fills in PRESETS[NAME] first; flags given on the command line override it."""
+    for arg in argv if argv is not None else sys.argv[1:]:
+        if arg.split("=")[0] in REMOVED:
+            raise SystemExit(f"{arg.split('=')[0]} was removed: use {REMOVED[arg.split('=')[0]]}")
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         names = [f"--{f.name}"] + ALIASES.get(f.name, [])
@@ -242,6 +258,7 @@ def load_model(cfg):
         raise SystemExit(f"--model: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
+    model.decode_batch = cfg.decode_batch
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     return model
@@ -283,4 +300,6 @@ def reward_registry(cfg):
 
 
 def eval_settings(cfg):
-    return dict(limit=cfg.eval_limit or None, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+    """eval.evaluate's settings from the flags (the same on the world's prompts and --eval_prompts files)."""
+    return dict(prompts_per_task=cfg.eval_prompts_per_task, images_per_prompt=cfg.eval_images_per_prompt,
+                steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.eval_batch)

@@ -1,24 +1,41 @@
 """
-Evaluation: fixed-seed ODE samples on each task's test prompts, scored by the four rewards
-(Flow-OPD §4-5: 40 Euler steps, CFG 4.5 for evaluation; 10 SDE steps only for training).
+Evaluation: fixed-noise ODE samples on each task's test prompts, scored by the four rewards
+(Flow-OPD §4-5: 40 Euler steps, CFG 4.5 for evaluation; 10 SDE steps only for training), with GenEval's
+protocol of several images per prompt and a standard error for every score.
 
-Metrics: geneval (GenEval-like partial score on composition prompts, plus strict accuracy), ocr (on text
-prompts), pickscore (0-1, on scene prompts), deqa (raw 1-5, on every test prompt), and the paper's
-avg = (geneval + ocr + deqa/5 + pickscore)/4 (the paper divides raw PickScore by 26; ours is on 0-1 already).
-
-Determinism: prompt i of a split always gets the initial noise drawn from seed + i, whatever the batching,
-so two models are compared on the same noise.
+Prompts. Every test prompt of a task, or a subset stratified by sub-task (`stratified_subset`: equal numbers
+per metadata["tag"], the six GenEval tags for geneval; one stratum where there is no tag), chosen with a fixed
+seed (SUBSET_SEED), so every model and every noise seed is scored on the same prompts. Never "the first N":
+a prompt file lists its tags in blocks. The same rule applies to --eval_prompts files.
+Noise. Image j of prompt i (i = the prompt's index in its task's full list) starts from noise seeded by
+(seed, i, j) only (`noise_seed`), whatever the subset, batching or order, so two models are paired on the
+same noise, and the images of one prompt differ.
+Metrics.
+  geneval        the partial score (reward-server's `score`, the training reward) on composition prompts
+  geneval_acc    the paper's GenEval number: GenEval accuracy per tag (`geneval_acc/<tag>`), then their mean
+                 over the tags present. The world's accuracy is its strict correctness (rewards.geneval_details);
+                 a reward-server backend gives GenEval's own `correct` (reward_backends, only_strict=False).
+  ocr, pickscore the task's reward on its prompts (pickscore on 0-1)
+  deqa           raw 1-5, on every test prompt (pooled over the tasks)
+  avg            (geneval + ocr + deqa/5 + pickscore)/4 (the paper divides raw PickScore by 26; ours is 0-1)
+Standard errors (`se/<metric>`), clustered by prompt: the images of one prompt share it, so they are not
+independent draws; each prompt's images are averaged first, and a mean over n prompts has
+se = std(per-prompt means)/sqrt(n). A score made of several independent groups of prompts (geneval_acc: the
+tags; deqa and avg: the tasks) is sum_g w_g * mean_g with se = sqrt(sum_g w_g^2 se_g^2) (`combine`). These
+are sampling errors over prompts and noise for one trained model, not over training seeds.
+Paired differences (`paired_difference`): model A minus model B on the same prompts and noise, the same
+statistics applied to the per-prompt differences; much tighter than two separate se's when the models are
+correlated (`python eval.py --adapter ROW=PATH --paired`).
+Sizes. prompts_per_task (0 = all), images_per_prompt, batch_size (images per sampling call) and the model's
+decode_batch (VAE micro-batch, models.T2IModel.decode) bound memory on every path; images are kept as uint8 on
+the host and turned into floats per chunk of SCORE_CHUNK for the rewards.
 
 Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.json` writes
 {"rows": {ROW: {METRIC: {"mean", "std", "n"}}}, "meta"}; `--prompts FILE` evaluates any prompt file
 (prompts.py formats), `--ood` the out-of-domain composition set (compbench.py, scored per category).
 `python train.py --stage all` builds the paper's tables with these functions (results/main.json, ood.json).
 
-Reward calibration: `python eval.py --calibrate N` scores N images per GenEval sub-task and OCR, ground truth
-passed through the model's autoencoder and the model's own samples, and how many of those rewards change
-under +-2/255 uniform pixel noise (reward_calibration, noise_flips; the numbers are in rewards.py).
-
-Self-check: python eval.py --model checkpoints/base --limit 8
+Self-check: python eval.py --model checkpoints/base --prompts_per_task 12 --images_per_prompt 2
 """
 import argparse
 import json
@@ -27,64 +44,96 @@ import os
 import numpy as np
 import torch
 
-from world import toy_world
-from flow_matching import euler_sample
+from metrics import format_metrics, format_paired, paired_difference, summarise, summarise_prompts, write_json
+from prompts import records_by_task
 from rewards import REWARDS, geneval_details
+from rollouts import sample_images, sample_uint8, to_float
+from world import toy_world
+
+SUBSET_SEED = 0     # the stratified subset is part of the protocol: fixed, whatever the noise seed
+SCORE_CHUNK = 64    # images turned into floats and scored at a time (the reward servers' batch)
+CACHE_EXCLUDE = ("batch_size",)  # settings that do not change the scores stay out of eval.json keys
 
 
-def initial_noise(n, shape, seed):
-    """(n, *shape) standard normal; sample i depends only on seed + i."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+# ------------------------------------------------------------------------------------------ prompts
+def stratified_subset(records, n, seed=SUBSET_SEED):
+    """Sorted indices of at most n records, equal numbers per stratum (metadata["tag"]; records without a tag
+    form one stratum), each stratum's picks drawn by `seed`. A stratum with fewer records than the others'
+    share gives all it has (the world's geneval test set has 3 single_object prompts), so the counts are q or
+    less per stratum, q the largest that fits n. n <= 0 or n >= len(records): every record.
+    n < number of strata: one record from each of n strata drawn by `seed`."""
+    if n <= 0 or n >= len(records):
+        return list(range(len(records)))
+    strata = {}
+    for i, r in enumerate(records):   # strata in order of first appearance: deterministic for a given file
+        strata.setdefault((r.get("metadata") or {}).get("tag"), []).append(i)
+    rng = np.random.default_rng(seed)
+    members = [[group[j] for j in rng.permutation(len(group))] for group in strata.values()]
+    if n < len(members):
+        return sorted(members[k][0] for k in rng.permutation(len(members))[:n])
+    q = 1
+    while q < max(map(len, members)) and sum(min(len(m), q + 1) for m in members) <= n:
+        q += 1
+    return sorted(i for m in members for i in m[:q])
 
 
-@torch.no_grad()
-def sample_images(model, prompts, steps=40, cfg_scale=4.5, seed=0, batch_size=64, shift=None):
-    """ODE samples (B, 3, H, W) in [0, 1] for a list of prompts with the currently active adapter, on the
-    model's time grid (models.T2IModel.time_grid; shift: model.shift unless given; the world 1, SD3.5 3)."""
-    dev = model.transformer.device
-    x1 = initial_noise(len(prompts), model.latent_shape, seed)
-    sigmas = model.time_grid(steps, shift).to(dev)
-    images = []
-    for i in range(0, len(prompts), batch_size):
-        v_fn = model.velocity_fn(prompts[i:i + batch_size], cfg_scale)
-        images.append(model.decode(euler_sample(v_fn, x1[i:i + batch_size].to(dev), sigmas)).cpu())
-    return torch.cat(images)
+def world_records(split="test"):
+    """{task: records}: the miniature world's prompts of one split."""
+    return {task: toy_world.prompts(task, split) for task in toy_world.TASKS}
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def geneval_score_and_accuracy(fn, images, prompts, meta):
+    """(partial score, GenEval accuracy or None), each (B,): the world's detector gives strict correctness; a
+    backend with score_and_accuracy (reward_backends.GenEvalServerReward) gives GenEval's `correct`."""
+    if fn is REWARDS["geneval"]:
+        score, strict = geneval_details(images, meta)
+        return score, strict.float()
+    if hasattr(fn, "score_and_accuracy"):
+        return fn.score_and_accuracy(images, prompts, meta)
+    return fn(images, prompts, meta), None
 
 
 def score_task(task, images, records, rewards=REWARDS):
-    """Mean reward of images made for one task's records; deqa is reported on the raw 1-5 scale."""
-    prompts, meta = [r["prompt"] for r in records], [r["metadata"] for r in records]
-    out = {"deqa": rewards["deqa"](images, prompts, meta)}
-    out[task] = rewards[task](images, prompts, meta)
-    if task == "geneval" and rewards["geneval"] is REWARDS["geneval"]:  # per-tag strict accuracy: world scorer
-        _, strict = geneval_details(images, meta)
-        out["geneval_strict"] = strict.float()
-        for tag in toy_world.GENEVAL_TAGS:
-            mask = torch.tensor([m["tag"] == tag for m in meta])
-            if mask.any():
-                out[f"geneval_strict/{tag}"] = strict.float()[mask]
-    return out
+    """{metric: (B,) per image} for uint8 images made for one task's records: the task's reward, deqa (raw
+    1-5) and for geneval the accuracy (`geneval_acc`); scored SCORE_CHUNK images at a time."""
+    out = {}
+    for i in range(0, len(records), SCORE_CHUNK):
+        x, recs = to_float(images[i:i + SCORE_CHUNK]), records[i:i + SCORE_CHUNK]
+        prompts, meta = [r["prompt"] for r in recs], [r["metadata"] for r in recs]
+        part = {"deqa": rewards["deqa"](x, prompts, meta)}
+        if task == "geneval":
+            part["geneval"], acc = geneval_score_and_accuracy(rewards["geneval"], x, prompts, meta)
+            if acc is not None:
+                part["geneval_acc"] = acc
+        else:
+            part[task] = rewards[task](x, prompts, meta)
+        for k, v in part.items():
+            out.setdefault(k, []).append(v.float())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
-def world_records(split="test", limit=None):
-    """{task: records}: the miniature world's prompts of one split, the first `limit` of each task."""
-    return {task: toy_world.prompts(task, split)[:limit] for task in toy_world.TASKS}
-
-
-def evaluate(model, adapter=None, split="test", limit=None, steps=40, cfg_scale=4.5, seed=0, records=None,
-             rewards=REWARDS):
-    """{metric: mean} for one adapter (None = base) over `records` ({task: records}; default: the world's
-    `split` prompts, `limit` per task), each task scored by its own reward and by deqa."""
+# ---------------------------------------------------------------------------------------- evaluation
+def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps=40, cfg_scale=4.5, seed=0,
+             batch_size=16, records=None, rewards=REWARDS, split="test"):
+    """{metric: mean, "se/<metric>": se, "per_prompt": ..., "settings": ...} for one adapter (None = the base)
+    over `records` ({task: records}; default: the world's `split` prompts): per task a stratified subset of
+    prompts_per_task prompts (0 = all), images_per_prompt images each, scored by the task's reward and deqa.
+    "per_prompt" holds each prompt's index, tag and per-prompt means, for paired_difference."""
     model.adapter(adapter)
-    per_metric = {}
-    for task, recs in (records or world_records(split, limit)).items():
-        images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
-        for k, v in score_task(task, images, recs, rewards).items():
-            per_metric.setdefault(k, []).append(v)
-    metrics = {k: torch.cat(v).mean().item() for k, v in per_metric.items()}
-    if all(k in metrics for k in ("geneval", "ocr", "pickscore", "deqa")):
-        metrics["avg"] = (metrics["geneval"] + metrics["ocr"] + metrics["deqa"] / 5 + metrics["pickscore"]) / 4
-    return metrics
+    per_prompt = {}
+    for task, recs in (records or world_records(split)).items():
+        index = stratified_subset(recs, prompts_per_task)
+        chosen = [recs[i] for i in index for _ in range(images_per_prompt)]
+        ids = [(i, j) for i in index for j in range(images_per_prompt)]
+        images = sample_uint8(model, [r["prompt"] for r in chosen], ids, steps, cfg_scale, seed, batch_size)
+        scores = score_task(task, images, chosen, rewards)
+        per_prompt[task] = {"index": index, "tag": [(recs[i].get("metadata") or {}).get("tag") for i in index],
+                            **{k: v.reshape(len(index), images_per_prompt).double().nanmean(1).tolist()
+                               for k, v in scores.items()}}
+    return {**summarise_prompts(per_prompt), "per_prompt": per_prompt,
+            "settings": dict(prompts_per_task=prompts_per_task, images_per_prompt=images_per_prompt, steps=steps,
+                             cfg_scale=cfg_scale, seed=seed)}
 
 
 @torch.no_grad()
@@ -99,13 +148,15 @@ def evaluate_ood(model, adapter=None, steps=40, cfg_scale=4.5, seed=0):
 
 def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     """fn(model, adapter, **kw) (evaluate or evaluate_ood), remembered in folder/eval.json per function and
-    setting. An adapter folder is replaced whole when it is retrained (save_adapter writes a new folder and
-    renames it), so a cached score never outlives its weights; sampling is seeded, so a cached score equals
-    a fresh one. Custom `records` or `rewards` are not cached."""
+    setting (the key: the settings that change scores, as sorted JSON; batch sizes are left out). An adapter
+    folder is replaced whole when it is retrained (save_adapter writes a new folder and renames it), so a
+    cached score never outlives its weights; sampling is seeded, so a cached score equals a fresh one up to
+    float summation order. Custom `records` or `rewards` are not cached."""
     if "records" in kw or "rewards" in kw:
         return fn(model, adapter, **kw)
-    # evaluate's keys are its bare settings (the committed caches use them); other functions are named
-    key = json.dumps(kw, sort_keys=True) if fn is evaluate else json.dumps({fn.__name__: kw}, sort_keys=True)
+    settings = {k: v for k, v in kw.items() if k not in CACHE_EXCLUDE}
+    # evaluate's keys are its bare settings; other functions are named
+    key = json.dumps(settings if fn is evaluate else {fn.__name__: settings}, sort_keys=True)
     path = os.path.join(folder, "eval.json")
     cache = json.load(open(path)) if os.path.isfile(path) else {}
     if key not in cache:
@@ -114,126 +165,32 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     return cache[key]
 
 
-def write_json(path, obj):
-    """Write, then rename: a crash leaves the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reward calibration: does a reward give ground truth full marks, and is it stable to invisible noise?
-
-def calibration_records(per_stratum, seed=0):
-    """{stratum: records}: `per_stratum` records drawn with replacement from every GenEval sub-task (train and
-    test prompts) and from the OCR test prompts (toy_world.stratum names the strata)."""
-    rng = np.random.default_rng(seed)
-    pools = {}
-    for r in toy_world.prompts("geneval", "train") + toy_world.prompts("geneval", "test") + toy_world.prompts("ocr", "test"):
-        pools.setdefault(toy_world.stratum(r), []).append(r)
-    return {s: [pool[i] for i in rng.integers(len(pool), size=per_stratum)] for s, pool in pools.items()}
-
-
-def noise_flips(reward, images, records, amplitude=2 / 255, draws=3, seed=0):
-    """(rewards (B,), flip share (B,)): how often reward(images) changes when uniform noise in
-    [-amplitude, amplitude] is added to the pixels (clamped to [0, 1]), averaged over `draws` noise draws."""
-    prompts, meta = [r["prompt"] for r in records], [r["metadata"] for r in records]
-    gen = torch.Generator().manual_seed(seed)
-    clean = reward(images, prompts, meta)
-    flips = [reward((images + (torch.rand(images.shape, generator=gen) * 2 - 1) * amplitude).clamp(0, 1),
-                    prompts, meta) != clean for _ in range(draws)]
-    return clean, torch.stack(flips).float().mean(0)
-
-
-@torch.no_grad()
-def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, cfg_scale=4.5):
-    """{stratum: {"reward": mean, "flip": share}} of each GenEval sub-task's and OCR's reward on ground truth
-    rendered by toy_world and passed through the model's autoencoder (what a perfect generator could
-    draw), or with samples=True on the model's own ODE samples of the same prompts."""
-    rng, out = np.random.default_rng(seed), {}
-    for stratum, recs in calibration_records(per_stratum, seed).items():
-        if samples:
-            images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
-        else:
-            truth = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
-            images = model.decode(model.encode_images(truth))
-        clean, flips = noise_flips(REWARDS[recs[0]["task"]], images, recs, seed=seed)
-        out[stratum] = {"reward": clean.mean().item(), "flip": flips.mean().item()}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tables over seeds: {"rows": {ROW: {METRIC: {"mean": m, "std": s, "n": seeds}}}, "meta": {...}}
-
-def summarise(per_seed):
-    """{row: [metrics of seed 0, seed 1, ...]} -> {row: {metric: {mean, std, n}}} (std: sample std, 0 if n = 1)."""
-    rows = {}
-    for row, runs in per_seed.items():
-        rows[row] = {}
-        for k in runs[0]:
-            x = torch.tensor([r[k] for r in runs if k in r], dtype=torch.float64)
-            rows[row][k] = {"mean": x.mean().item(), "std": x.std().item() if len(x) > 1 else 0.0, "n": len(x)}
-    return rows
-
-
-def write_table(path, per_seed, meta):
-    """Write {"rows": summarise(per_seed), "meta": meta} to path (atomically) and return it."""
-    table = {"rows": summarise(per_seed), "meta": meta}
-    write_json(path, table)
-    return table
-
-
-def table_markdown(table, metrics=("geneval", "ocr", "pickscore", "deqa", "avg")):
-    """A markdown table of mean ± std (the rows and metrics of a written table)."""
-    lines = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for row, m in table["rows"].items():
-        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" if k in m else "" for k in metrics]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_metrics(name, m):
-    return (f"{name:<22} geneval {m['geneval']:.3f}  ocr {m['ocr']:.3f}  pickscore {m['pickscore']:.3f}  "
-            f"deqa {m['deqa']:.2f}  avg {m['avg']:.3f}")
-
-
-def records_by_task(path):
-    """{task: records} of a prompt file (prompts.read_prompts: our jsonl, GenEval metadata jsonl, or txt)."""
-    import prompts as prompt_files
-    out = {}
-    for r in prompt_files.read_prompts(path):
-        out.setdefault(r["task"], []).append(r)
-    return out
-
-
 def main(argv=None):
+    from config import Config
+    d = Config()
     ap = argparse.ArgumentParser(description="Evaluate the base and adapters; optionally write a table over seeds.")
     ap.add_argument("--model", default="checkpoints/base", help="world model folder")
     ap.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
                     help="a PEFT adapter folder to evaluate as row ROW (repeatable); the base is always row 'base'")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds; the table has mean ± std")
-    ap.add_argument("--limit", type=int, default=None, help="prompts per task (default: all test prompts)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--cfg_scale", type=float, default=4.5)
+    ap.add_argument("--prompts_per_task", "--limit", type=int, default=d.eval_prompts_per_task,
+                    help="prompts per task, stratified by sub-task (0: all; GenEval's protocol)")
+    ap.add_argument("--images_per_prompt", type=int, default=d.eval_images_per_prompt, help="GenEval: 4")
+    ap.add_argument("--batch_size", type=int, default=d.eval_batch, help="images per sampling call")
+    ap.add_argument("--decode_batch", type=int, default=d.decode_batch, help="latents per VAE decode call")
+    ap.add_argument("--steps", type=int, default=d.eval_steps)
+    ap.add_argument("--cfg_scale", type=float, default=d.cfg_scale)
     ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
     ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
-    ap.add_argument("--calibrate", type=int, default=None, metavar="N",
-                    help="reward calibration instead: N images per GenEval sub-task and OCR, ground truth through "
-                         "the autoencoder and the model's samples, reward and share flipped by +-2/255 noise")
+    ap.add_argument("--paired", action="store_true", help="also print each adapter minus the base, paired "
+                    "on prompts and noise (mean ± se), and write them under 'paired' in --out")
     ap.add_argument("--out", default=None, help="write results/NAME.json: {rows: {ROW: {METRIC: {mean, std, n}}}}")
     args = ap.parse_args(argv)
+    if args.paired and args.ood:
+        raise SystemExit("--paired compares per-prompt scores of evaluate(); --ood has none: drop one of them")
     import models
     model = models.load_world_model(args.model)
-    if args.calibrate:
-        truth, drawn = (reward_calibration(model, args.calibrate, args.seeds[0], samples, args.steps, args.cfg_scale)
-                        for samples in (False, True))
-        print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
-        print("|---|---|---|---|---|")
-        for s in truth:
-            print(f"| {s} | {truth[s]['reward']:.3f} | {truth[s]['flip']:.1%} | {drawn[s]['reward']:.3f} | "
-                  f"{drawn[s]['flip']:.1%} |")
-        return
+    model.decode_batch = args.decode_batch
     rows = {"base": None}
     for spec in args.adapter:
         row, sep, path = spec.partition("=")
@@ -242,18 +199,25 @@ def main(argv=None):
         model.load_adapter(path, row)
         rows[row] = row
     records = records_by_task(args.prompts) if args.prompts else None
-    per_seed = {}
+    per_seed, paired = {}, {}
     for row, adapter in rows.items():
         for seed in args.seeds:
             kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=seed)
-            m = (evaluate_ood(model, adapter, **kw) if args.ood
-                 else evaluate(model, adapter, limit=args.limit, records=records, **kw))
+            m = (evaluate_ood(model, adapter, **kw) if args.ood else
+                 evaluate(model, adapter, args.prompts_per_task, args.images_per_prompt, batch_size=args.batch_size,
+                          records=records, **kw))
             per_seed.setdefault(row, []).append(m)
-            print(f"{row:<24} seed {seed}  " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if "/" not in k))
+            print(f"seed {seed}  " + (format_metrics(row, m) if not args.ood else
+                                      f"{row:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items())))
+            if args.paired and row != "base":
+                paired.setdefault(row, []).append(paired_difference(m, per_seed["base"][len(per_seed[row]) - 1]))
+                print(f"seed {seed}  " + format_paired(f"{row} - base", paired[row][-1]))
     if args.out:
-        write_table(args.out, per_seed, {"model": args.model, "seeds": args.seeds, "steps": args.steps,
-                                         "cfg_scale": args.cfg_scale, "limit": args.limit,
-                                         "prompts": args.prompts or ("compbench" if args.ood else "world test")})
+        meta = {"model": args.model, "seeds": args.seeds, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                "prompts_per_task": args.prompts_per_task, "images_per_prompt": args.images_per_prompt,
+                "prompts": args.prompts or ("compbench" if args.ood else "world test")}
+        table = {"rows": summarise(per_seed), "meta": meta, **({"paired": paired} if paired else {})}
+        write_json(args.out, table)
         print(f"wrote {args.out}")
 
 

@@ -11,7 +11,7 @@ adapter_config.json, as training saves), or a diffusers SD3 LoRA (a .safetensors
 pytorch_lora_weights.safetensors, as checkpoint.export_lora and diffusers' trainers write), or a hub id of
 either (downloaded once, as train.py's --teacher). --resolution: pixels; the SD3.5-M LoRAs of Flow-GRPO and
 Flow-OPD are trained at 512, while the pipeline's native size is 1024 (the default, 0, keeps the native size).
-Sampling is eval.sample_images (Euler ODE with CFG); image i uses the noise of seed + i. SD3 pipelines sample on
+Sampling is eval.sample_images (Euler ODE with CFG); image i uses the noise eval.noise_seed(seed, i, 0). SD3 pipelines sample on
 their scheduler's grid (shift 3.0 for SD3.5) unless --shift is given; the world model uses 1.0, as in training.
 """
 import argparse
@@ -22,7 +22,7 @@ import torch
 
 import models
 from config import adapter_folder
-from eval import sample_images
+from rollouts import sample_images
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"

@@ -70,6 +70,7 @@ class T2IModel(nn.Module):
         self.latent_side = transformer.config.sample_size  # SD3.5-M: 128 (1024 px); set_resolution(512) -> 64
         self.shift = 1.0  # time shift of the sampling grid (flow_matching.shift_sigmas); SD3.5: its scheduler's 3.0
         self.scheduler = None  # SD3: the pipeline's FlowMatchEulerDiscreteScheduler, whose grid time_grid returns
+        self.decode_batch = 16  # latents per VAE call in decode (config --decode_batch)
 
     @property
     def latent_shape(self):
@@ -123,10 +124,16 @@ class T2IModel(nn.Module):
         z = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist.mean
         return (z - (c.shift_factor or 0.0)) * c.scaling_factor
 
-    def decode(self, latents):
-        c = self.vae.config
-        z = latents.to(self.vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
-        return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+    def decode(self, latents, batch_size=None):
+        """latents -> images (B, 3, H, W) float32 in [0, 1], at most batch_size (default self.decode_batch)
+        latents per VAE call: SD3.5's VAE holds ~0.4 GB of bf16 activations per 512 px image, so one call
+        on a whole evaluation batch is what runs out of memory."""
+        c, n = self.vae.config, batch_size or self.decode_batch
+        out = []
+        for i in range(0, len(latents), n):
+            z = latents[i:i + n].to(self.vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
+            out.append(((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1))
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ LoRA adapters on one backbone
     def adapter(self, name):

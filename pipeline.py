@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 import models
 from config import eval_settings
-from eval import evaluate_cached, evaluate_ood, format_metrics, sample_images, table_markdown, write_json, write_table
+from eval import evaluate_cached, evaluate_ood
+from metrics import format_metrics, table_markdown, write_json, write_table
+from rollouts import sample_images
 from teachers import stage_teachers
 from world import toy_world
 from world.pretrain import stage_pretrain

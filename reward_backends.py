@@ -6,7 +6,10 @@ packages are imported in the constructors; a missing one fails with its pip comm
   ocr        RapidOCRReward: PP-OCR det + rec (ONNX, offline), texts with confidence > 0 joined, rewards.ocr_score
              (Flow-GRPO's 1 - min(Levenshtein, len)/len on the quoted text); an OCR failure scores 0.
   pickscore  PickScoreReward: CLIPModel logit_scale.exp() * cos(text, image) / 26, on the training device.
-  geneval    GenEvalServerReward: reward-server client; the reward is the partial "scores".
+  geneval    GenEvalServerReward: reward-server client; the reward is the partial "scores" (training). For
+             evaluation, score_and_accuracy asks with only_strict=False and also returns "rewards", GenEval's own
+             per-image `correct` (the paper's GenEval number is its mean per tag, then over tags; eval.py).
+             The server fills "rewards" with 0 when only_strict is true, so training calls carry no accuracy.
   deqa       DeQAServerReward: reward-server client; raw 1-5 like rewards.REWARDS["deqa"].
 Reward-server protocol: POST pickle.dumps({"images": [JPEG bytes], "meta_datas": [...], "only_strict": bool}) in
 batches of 64; the answer is a pickled dict, decoded by PlainDataUnpickler, which resolves no global except
@@ -230,11 +233,13 @@ class GenEvalServerReward:
         self.client = RewardServerClient(_server_url(url, GENEVAL_URL_ENV), **client_kwargs)
         self.only_strict = only_strict   # Flow-GRPO's training calls skip GenEval's non-strict check
 
-    def details(self, images, prompts, metadata):
-        """{"index": sent sample positions, FIELDS: lists over them, GROUP_FIELDS: merged dicts}."""
+    def details(self, images, prompts, metadata, only_strict=None):
+        """{"index": sent sample positions, FIELDS: lists over them, GROUP_FIELDS: merged dicts}; only_strict:
+        self.only_strict unless given."""
         index = [i for i, m in enumerate(metadata) if "include" in m]
         metas = [dict(metadata[i], prompt=metadata[i].get("prompt", prompts[i])) for i in index]
-        responses, url = self.client.score(images[index], metas, self.only_strict), self.client.url   # [] if none
+        strict = self.only_strict if only_strict is None else only_strict
+        responses, url = self.client.score(images[index], metas, strict), self.client.url   # [] if none
         out = {"index": index, **{k: _scores(responses, k, len(index), url) for k in self.FIELDS},
                **{k: {} for k in self.GROUP_FIELDS}}
         for response in responses:
@@ -244,10 +249,20 @@ class GenEvalServerReward:
         return out
 
     def __call__(self, images, prompts, metadata):
-        d = self.details(images, prompts, metadata)
-        score = torch.full((len(metadata),), math.nan)
-        score[d["index"]] = torch.tensor(d["scores"], dtype=torch.float32)
-        return score
+        return self._per_sample(self.details(images, prompts, metadata), "scores", len(metadata))
+
+    def score_and_accuracy(self, images, prompts, metadata):
+        """(partial score, GenEval accuracy), each (B,) float32 and NaN where not sent, from one pass with
+        only_strict=False: accuracy = "rewards" (GenEval's `correct`: at least `count` objects, colours,
+        positions, no excluded class), not "strict_rewards" (exact counts, the reward-server's own addition)."""
+        d = self.details(images, prompts, metadata, only_strict=False)
+        return self._per_sample(d, "scores", len(metadata)), self._per_sample(d, "rewards", len(metadata))
+
+    @staticmethod
+    def _per_sample(details, key, n):
+        out = torch.full((n,), math.nan)
+        out[details["index"]] = torch.tensor(details[key], dtype=torch.float32)
+        return out
 
 
 class DeQAServerReward:

@@ -14,9 +14,11 @@ import contextlib
 import json
 import os
 
+import numpy as np
 import torch
 
 import distributed
+from flow_matching import euler_sample
 from router import sample_tasks
 from sde_sampler import Trajectory, rollout, step_mean
 
@@ -121,3 +123,51 @@ def jsonl_logger(path):
         with open(path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
     return log
+
+
+# ---------------------------------------------------------------------------- evaluation's ODE samples
+# Evaluation (eval.py), grids, infer.py and the SFT cold start draw deterministic ODE samples: image j of
+# prompt i starts from noise seeded by (seed, i, j) only, so two models are compared on the same noise.
+def noise_seed(seed, prompt_index, image_index):
+    """A 64-bit generator seed from (seed, prompt, image) alone. SeedSequence mixes the three, so nearby
+    settings share no noise (seed + i would give seed 1's prompt 0 the noise of seed 0's prompt 1)."""
+    return int(np.random.SeedSequence([seed, prompt_index, image_index]).generate_state(1, np.uint64)[0])
+
+
+def initial_noise(ids, shape, seed):
+    """(len(ids), *shape) standard normal; row k depends only on (seed, *ids[k]), ids = [(prompt, image)]."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(seed, p, j)))
+                        for p, j in ids])
+
+
+def to_uint8(images):
+    """(B, 3, H, W) float in [0, 1] -> uint8 (4x smaller on the host; what image files and reward servers get)."""
+    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_float(images):
+    """uint8 (B, 3, H, W) -> float32 in [0, 1]."""
+    return images.float() / 255
+
+
+@torch.no_grad()
+def sample_uint8(model, prompts, noise_ids=None, steps=40, cfg_scale=4.5, seed=0, batch_size=16, shift=None):
+    """ODE samples (B, 3, H, W) uint8 on the host for a list of prompts with the currently active adapter, on
+    the model's time grid (shift: model.shift unless given; the world 1, SD3.5 3). noise_ids[k] = (prompt index,
+    image index) of sample k (default (k, 0)); at most batch_size samples are drawn at a time and the VAE
+    decodes model.decode_batch of them at a time."""
+    dev = model.transformer.device
+    noise_ids = noise_ids or [(k, 0) for k in range(len(prompts))]
+    sigmas = model.time_grid(steps, shift).to(dev)  # SD3: its scheduler's grid (models.T2IModel.time_grid)
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        x1 = initial_noise(noise_ids[i:i + batch_size], model.latent_shape, seed).to(dev)
+        v_fn = model.velocity_fn(prompts[i:i + batch_size], cfg_scale)
+        images.append(to_uint8(model.decode(euler_sample(v_fn, x1, sigmas))).cpu())
+    return torch.cat(images)
+
+
+def sample_images(model, prompts, steps=40, cfg_scale=4.5, seed=0, batch_size=16, shift=None):
+    """sample_uint8 as floats in [0, 1], one image per prompt (sample k: noise (seed, k, 0)); for grids and
+    small draws."""
+    return to_float(sample_uint8(model, prompts, None, steps, cfg_scale, seed, batch_size, shift))

@@ -30,7 +30,8 @@ import checkpoint
 import distributed
 import models
 from config import eval_settings, load_model, prompt_pool, reward_registry
-from eval import evaluate_cached, format_metrics, write_json
+from eval import evaluate_cached
+from metrics import format_metrics, write_json
 from grpo import gradient_signal, group_advantages, grpo_loss, zero_std_fraction
 from rewards import REWARDS, combined_reward
 from rollouts import (amp, draw_records, jsonl_logger, micro_batch_conds, optimizer_step, policy_step_mean,

@@ -36,7 +36,8 @@ import pipeline
 from cold_start import merge_into, sft_cold_start
 from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, prompt_pool,
                     reward_registry)
-from eval import evaluate, evaluate_cached, format_metrics
+from eval import evaluate, evaluate_cached
+from metrics import format_metrics, format_paired, paired_difference, scalars
 from opd_loss import flow_opd_loss
 from rewards import REWARDS, combined_reward
 from rollouts import amp, draw_records, jsonl_logger, micro_batch_conds, optimizer_step, sample_rollouts, trainable, trained_steps
@@ -94,7 +95,7 @@ def stage_distill(cfg):
         log(stage="distill", iter=it, **metrics)
         if cfg.eval_every and done % cfg.eval_every == 0:
             scores = evaluate(model, "student", **kw)
-            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scores.items()})
+            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scalars(scores).items()})
             model.adapter("student")
     if world > 1:
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
@@ -233,7 +234,9 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
             folder = os.path.join(cfg.teacher_dir, teacher)
             scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
             print(format_metrics(f"teacher/{teacher}", scores))
-        print(format_metrics(f"flow_opd/{os.path.basename(path)}", evaluate(model, "student", **kw)))
+        student = evaluate(model, "student", **kw)
+        print(format_metrics(f"flow_opd/{os.path.basename(path)}", student))
+        print(format_paired("student - cold start", paired_difference(student, cold)))  # same prompts and noise
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 

@@ -22,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import metrics  # noqa: E402
+import rollouts  # noqa: E402
 import reward_backends as RB  # noqa: E402
 import rewards  # noqa: E402
 
@@ -196,7 +198,8 @@ class _Server:
         tags = [m["tag"] for m in data["meta_datas"]]
         group = {t: [1.0 if t == tag else -10.0 for tag in tags] for t in ("single_object", "counting")}
         n = len(bright)
-        return 200, pickle.dumps({"scores": bright, "rewards": [1.0] * n, "strict_rewards": [0.0] * n,
+        correct = 0.0 if data["only_strict"] else 1.0   # the real server skips GenEval's check when only_strict
+        return 200, pickle.dumps({"scores": bright, "rewards": [correct] * n, "strict_rewards": [0.0] * n,
                                   "group_rewards": group, "group_strict_rewards": group})
 
 
@@ -240,6 +243,29 @@ def test_server_geneval_batches_of_64_and_fields(geneval_server):
     d = reward.details(images, prompts, metadata)
     assert len(d["scores"]) == len(d["strict_rewards"]) == n
     assert d["group_rewards"]["counting"] == [1.0 if i % 2 else -10.0 for i in range(n)]   # merged over batches
+
+
+def test_server_geneval_accuracy_for_evaluation(geneval_server):
+    """Evaluation asks with only_strict=False and reads GenEval's `correct` ("rewards") per tag; training keeps
+    the partial score from only_strict=True requests."""
+    import eval as E
+    tags = ["single_object", "counting", "counting", "colors"]
+    recs = [{"prompt": f"p{i}", "metadata": {"tag": t, "include": [{"class": "cat", "count": 1}]}}
+            for i, t in enumerate(tags)]
+    images = rollouts.to_uint8(_grey_images(4))
+    reward_fns = RB.make_rewards(geneval=geneval_server.url)
+    reward_fns["geneval"].client.retries = 0
+    scores = E.score_task("geneval", images, recs, reward_fns)
+    assert [r["only_strict"] for r in geneval_server.requests] == [False]
+    torch.testing.assert_close(scores["geneval"], rollouts.to_float(images)[:, 0, 0, 0], atol=2 / 255, rtol=0)
+    assert scores["geneval_acc"].tolist() == [1.0] * 4
+    per_prompt = {"geneval": {"index": [0, 1, 2, 3], "tag": tags,
+                              **{k: v.tolist() for k, v in scores.items()}}}
+    m = metrics.summarise_prompts(per_prompt)
+    assert m["geneval_acc"] == 1.0 and set(k for k in m if k.startswith("geneval_acc/")) == {
+        "geneval_acc/single_object", "geneval_acc/counting", "geneval_acc/colors"}
+    reward_fns["geneval"](rollouts.to_float(images), [r["prompt"] for r in recs], [r["metadata"] for r in recs])
+    assert geneval_server.requests[-1]["only_strict"] is True      # the training reward
 
 
 def test_server_geneval_skips_records_without_include(geneval_server):

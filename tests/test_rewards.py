@@ -223,9 +223,9 @@ def test_ground_truth_through_the_autoencoder_scores_full_marks_and_resists_nois
     """What a perfect generator could draw (ground truth through the base's autoencoder) scores >= 0.97 on
     every GenEval sub-task and on OCR, and +-2/255 pixel noise changes under 1% of the rewards
     (the first detector: 0.72-1.00 per sub-task, up to 4.4% flipped)."""
-    import eval as E
+    from world import calibration
     torch.set_num_threads(1)
-    cal = E.reward_calibration(base, per_stratum=24, seed=3)
+    cal = calibration.reward_calibration(base, per_stratum=24, seed=3)
     assert set(cal) == set(tw.GENEVAL_TAGS) | {"ocr"}
     assert all(v["reward"] >= 0.97 for v in cal.values()), cal
     assert np.mean([v["flip"] for v in cal.values()]) < 0.01, cal

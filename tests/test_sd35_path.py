@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import rollouts  # noqa: E402
 import config  # noqa: E402
 import eval as evaluation  # noqa: E402
 import flow_matching  # noqa: E402
@@ -130,7 +131,7 @@ def test_sd35_time_grid_is_the_schedulers(sd3_world, steps, monkeypatch):
     assert not torch.allclose(grid, flow_matching.time_grid(steps, 3.0), rtol=1e-3)
     seen = []  # the evaluation sampler asks the model for its grid
     monkeypatch.setattr(evaluation, "euler_sample", lambda v, x1, sigmas: seen.append(sigmas) or x1)
-    evaluation.sample_images(model, ["a cat"], steps=steps)
+    rollouts.sample_images(model, ["a cat"], steps=steps)
     torch.testing.assert_close(seen[0], grid, rtol=0, atol=0)
 
 

@@ -16,7 +16,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_sd3 (test helpers)
-import eval as evaluation  # noqa: E402
 import models  # noqa: E402
 import rollouts  # noqa: E402
 import teachers  # noqa: E402
@@ -31,7 +30,8 @@ from world import toy_world  # noqa: E402
 
 BASE = os.path.join(ROOT, "checkpoints", "base")
 TINY = ["--grpo_iters", "2", "--prompts_per_iter", "2", "--group_size", "2", "--micro_batch", "4",
-        "--train_timesteps", "1", "--num_steps", "4", "--eval_steps", "2", "--eval_limit", "2",
+        "--train_timesteps", "1", "--num_steps", "4", "--eval_steps", "2", "--eval_prompts_per_task", "2",
+        "--eval_images_per_prompt", "1",
         "--device", "cpu", "--base", BASE]
 _real_load = models.load_world_model
 _cache = {}
@@ -103,7 +103,7 @@ def test_pretrain_stage_smoke(tmp_path):
     model = models.load_world_model(str(base))
     assert model.latent_shape == (8, 8, 8)
     with torch.no_grad():
-        imgs = evaluation.sample_images(model, ["a photo of a circle"], steps=2)
+        imgs = rollouts.sample_images(model, ["a photo of a circle"], steps=2)
     assert imgs.shape == (1, 3, 32, 32) and torch.isfinite(imgs).all()
     log = json.load(open(base / "pretrain_log.json"))
     assert log["config"]["pretrain_steps"] == 2 and log["device"] == "cpu"
@@ -151,7 +151,7 @@ def test_grpo_reward_rises(monkeypatch):
                               "--device", "cpu"])
     model = _load_base()
     prompts = [r["prompt"] for r in toy_world.prompts("geneval", "test")[:8]]
-    before = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
+    before = rollouts.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
     rows = []
     torch.manual_seed(0)
     teachers.train_grpo(model, "brightness", cfg, lambda **kw: rows.append(kw),
@@ -160,10 +160,10 @@ def test_grpo_reward_rises(monkeypatch):
     assert len(rewards) == 9
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.01, rewards
     model.adapter("brightness")
-    after = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
+    after = rollouts.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
     assert after > before + 0.05, (before, after)
     model.adapter(None)  # the base itself is untouched by the adapter's training
-    again = evaluation.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
+    again = rollouts.sample_images(model, prompts, steps=cfg.num_steps, seed=0).mean().item()
     assert again == pytest.approx(before, abs=1e-6)
 
 
@@ -185,7 +185,7 @@ def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(students),
               "--cold_start_dir", str(cold), "--opd_iters", "2", "--opd_prompts", "3", "--compile", "false"] + TINY
 
-    train.main(common)  # with the end-of-stage evaluation (eval_steps 2, eval_limit 2)
+    train.main(common)  # with the end-of-stage evaluation (eval_steps 2, 2 prompts per task)
     out = capsys.readouterr().out
     assert "cold start merge" in out and "flow_opd/merge" in out
     assert (cold / "merge" / "adapter_model.safetensors").exists()
@@ -380,7 +380,7 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
                                    "flow_opd/sft", "flow_opd/merge_no_mar"]
     cell = table["rows"]["flow_opd/merge"]["avg"]
     assert set(cell) == {"mean", "std", "n"} and cell["n"] == 1 and 0 <= cell["mean"] <= 1
-    assert "geneval_strict/single_object" in table["rows"]["base"]
+    assert "geneval_acc" in table["rows"]["base"] and "se/geneval_acc" in table["rows"]["base"]
     ood = json.load(open(tmp_path / "results" / "ood.json"))
     assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
     for png in ("grid_seed0.png", "curves_teachers_seed0.png", "curves_distill_seed0.png"):
