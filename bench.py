@@ -113,7 +113,7 @@ def parse(argv=None):
 
 
 def make_cfg(args):
-    return Config(device=args.device, seed=args.seed, num_steps=10, cfg_scale=4.5, noise_level=0.7,
+    return Config(device=args.device, seed=args.seed, num_steps=10, guidance_scale=4.5, noise_level=0.7,
                         opd_prompts=args.prompts, micro_batch=args.micro_batch, train_timesteps=args.train_timesteps,
                         routes=list(ROUTES), mar_anchor=ANCHOR, estimator="pathwise", compile=False)
 
@@ -222,7 +222,7 @@ def distill_losses(student, records, cfg, gen, loss_fn, velocities, step_end=Non
     for j in steps:
         for i in range(0, n, cfg.micro_batch):
             idx = torch.arange(i, min(i + cfg.micro_batch, n))
-            conds = guided_conds(student, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg.cfg_scale)
+            conds = guided_conds(student, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg.guidance_scale)
             x_t, t, t_next = traj.x_t[idx, j], traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
             with torch.no_grad():
                 v_T, v_A = velocities(x_t, t, conds, i, i + cfg.micro_batch)

@@ -249,10 +249,12 @@ def resume_training(cfg, run_dir, model, opt, ema, gen, rank, adapter="student")
 def export_lora(model, adapter, out_dir):
     """out_dir/peft/ (PEFT) and out_dir/pytorch_lora_weights.safetensors (diffusers' SD3 LoRA format, with the
     LoraConfig as metadata so alpha/r survives: without it diffusers assumes alpha = r). Returns out_dir."""
-    from diffusers import StableDiffusion3Pipeline
+    # the pipeline's LoRA mixin alone: importing StableDiffusion3Pipeline would load transformers' image
+    # processors, which warn on machines without torchvision
+    from diffusers.loaders import SD3LoraLoaderMixin
     model.save_adapter(adapter, os.path.join(out_dir, "peft"))
     state = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state(adapter).items()}
-    StableDiffusion3Pipeline.save_lora_weights(
+    SD3LoraLoaderMixin.save_lora_weights(
         out_dir, transformer_lora_layers=state,
         transformer_lora_adapter_metadata=model.transformer.peft_config[adapter].to_dict())
     return out_dir

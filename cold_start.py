@@ -146,7 +146,7 @@ def merge_into(model, name, teachers, mode="delta", out_rank=None):
 
 
 def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teacher=256, batch_size=32, lr=3e-4,
-                   sample_steps=20, cfg_scale=4.5, rank=32, alpha=64, seed=0):
+                   sample_steps=20, guidance_scale=4.5, rank=32, alpha=64, seed=0):
     """SFT variant: each teacher (task -> adapter name) draws ODE samples on its own task's train prompts
     (pool: {task: records}; default: the world's train split);
     a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
@@ -165,7 +165,7 @@ def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teac
             for i in range(0, len(ps), 64):
                 noise = torch.randn(len(ps[i:i + 64]), *model.latent_shape, generator=gen).to(dev)
                 sigmas = model.time_grid(sample_steps).to(dev)
-                x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], cfg_scale), noise, sigmas))
+                x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], guidance_scale), noise, sigmas))
             prompts += ps
     x0 = torch.cat(x0)                                                        # (N, C, h, w)
     model.add_lora(name, rank, alpha)

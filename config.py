@@ -47,7 +47,7 @@ class Config:
     # --- sampling (§2.4) ---
     num_steps: int = 10              # T: training SDE steps
     eval_steps: int = 40             # ODE steps for evaluation
-    cfg_scale: float = 4.5           # classifier-free guidance scale (released code; paper silent)
+    guidance_scale: float = 4.5      # classifier-free guidance scale (released code; paper silent)
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
     # evaluation sizes (eval.py), on every path (world prompts, --eval_prompts files, eval.py): GenEval scores
     # all its prompts x 4 images; the defaults keep the main job within 5 CPU minutes (README)
@@ -160,7 +160,7 @@ PRESETS = {"sd35m_paper": {
     "resolution": (512, "paper §4 and released config: 512 px"),
     "num_steps": (10, "paper T = 10 training steps"),
     "eval_steps": (40, "paper and released: 40 ODE steps for evaluation"),
-    "cfg_scale": (4.5, "released code and model card (the paper is silent)"),
+    "guidance_scale": (4.5, "released code and model card (the paper is silent)"),
     "noise_level": (0.7, "paper a = 0.7"),
     "max_sequence_length": (128, "flow_grpo and released: T5 prompts of 128 tokens"),
     "lora_rank": (32, "paper and released r = 32"),
@@ -192,7 +192,8 @@ def _bool(s):
 
 
 # Flag aliases in the conventions of diffusers' scripts and of the paper's command lines.
-ALIASES = {"base": ["--model", "--pretrained_model_name_or_path"], "mar_anchor": ["--mar"]}
+ALIASES = {"base": ["--model", "--pretrained_model_name_or_path"], "mar_anchor": ["--mar"],
+           "guidance_scale": ["--cfg_scale"]}  # classifier-free guidance's scale (diffusers: guidance_scale)
 # Flags that are gone, and what replaced them.
 REMOVED = {"--eval_limit": "--eval_prompts_per_task N (stratified by sub-task, 0 = all) and --eval_images_per_prompt K "
                            "(also --eval_batch, --decode_batch)"}
@@ -302,4 +303,4 @@ def reward_registry(cfg):
 def eval_settings(cfg):
     """eval.evaluate's settings from the flags (the same on the world's prompts and --eval_prompts files)."""
     return dict(prompts_per_task=cfg.eval_prompts_per_task, images_per_prompt=cfg.eval_images_per_prompt,
-                steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.eval_batch)
+                steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed, batch_size=cfg.eval_batch)

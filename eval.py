@@ -40,13 +40,14 @@ Self-check: python eval.py --model checkpoints/base --prompts_per_task 12 --imag
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import torch
 
 from metrics import format_metrics, format_paired, paired_difference, summarise, summarise_prompts, write_json
 from prompts import records_by_task
-from rewards import REWARDS, geneval_details
+from rewards import REWARDS, REWARDS_VERSION, geneval_details
 from rollouts import sample_images, sample_uint8, to_float
 from world import toy_world
 
@@ -114,7 +115,7 @@ def score_task(task, images, records, rewards=REWARDS):
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps=40, cfg_scale=4.5, seed=0,
+def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps=40, guidance_scale=4.5, seed=0,
              batch_size=16, records=None, rewards=REWARDS, split="test"):
     """{metric: mean, "se/<metric>": se, "per_prompt": ..., "settings": ...} for one adapter (None = the base)
     over `records` ({task: records}; default: the world's `split` prompts): per task a stratified subset of
@@ -126,23 +127,23 @@ def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps
         index = stratified_subset(recs, prompts_per_task)
         chosen = [recs[i] for i in index for _ in range(images_per_prompt)]
         ids = [(i, j) for i in index for j in range(images_per_prompt)]
-        images = sample_uint8(model, [r["prompt"] for r in chosen], ids, steps, cfg_scale, seed, batch_size)
+        images = sample_uint8(model, [r["prompt"] for r in chosen], ids, steps, guidance_scale, seed, batch_size)
         scores = score_task(task, images, chosen, rewards)
         per_prompt[task] = {"index": index, "tag": [(recs[i].get("metadata") or {}).get("tag") for i in index],
                             **{k: v.reshape(len(index), images_per_prompt).double().nanmean(1).tolist()
                                for k, v in scores.items()}}
     return {**summarise_prompts(per_prompt), "per_prompt": per_prompt,
             "settings": dict(prompts_per_task=prompts_per_task, images_per_prompt=images_per_prompt, steps=steps,
-                             cfg_scale=cfg_scale, seed=seed)}
+                             guidance_scale=guidance_scale, seed=seed)}
 
 
 @torch.no_grad()
-def evaluate_ood(model, adapter=None, steps=40, cfg_scale=4.5, seed=0):
+def evaluate_ood(model, adapter=None, steps=40, guidance_scale=4.5, seed=0):
     """Out-of-domain composition (compbench.py): the geneval score and strict accuracy per category."""
     from world import compbench
     model.adapter(adapter)
     recs = compbench.records()
-    images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
+    images = sample_images(model, [r["prompt"] for r in recs], steps, guidance_scale, seed)
     return {k: v.float().mean().item() for k, v in compbench.score(images, recs).items()}
 
 
@@ -154,14 +155,17 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     float summation order. Custom `records` or `rewards` are not cached."""
     if "records" in kw or "rewards" in kw:
         return fn(model, adapter, **kw)
-    settings = {k: v for k, v in kw.items() if k not in CACHE_EXCLUDE}
+    settings = {**{k: v for k, v in kw.items() if k not in CACHE_EXCLUDE}, "rewards": REWARDS_VERSION}
     # evaluate's keys are its bare settings; other functions are named
     key = json.dumps(settings if fn is evaluate else {fn.__name__: settings}, sort_keys=True)
     path = os.path.join(folder, "eval.json")
     cache = json.load(open(path)) if os.path.isfile(path) else {}
     if key not in cache:
+        t0 = time.time()
+        print(f"evaluating {adapter or 'the base'} ({fn.__name__}, {settings}); cached in {path}", flush=True)
         cache[key] = fn(model, adapter, **kw)
         write_json(path, cache)
+        print(f"evaluated {adapter or 'the base'} in {(time.time() - t0) / 60:.1f} min", flush=True)
     return cache[key]
 
 
@@ -179,7 +183,7 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=d.eval_batch, help="images per sampling call")
     ap.add_argument("--decode_batch", type=int, default=d.decode_batch, help="latents per VAE decode call")
     ap.add_argument("--steps", type=int, default=d.eval_steps)
-    ap.add_argument("--cfg_scale", type=float, default=d.cfg_scale)
+    ap.add_argument("--guidance_scale", "--cfg_scale", type=float, default=d.guidance_scale)
     ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
     ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
     ap.add_argument("--paired", action="store_true", help="also print each adapter minus the base, paired "
@@ -202,7 +206,7 @@ def main(argv=None):
     per_seed, paired = {}, {}
     for row, adapter in rows.items():
         for seed in args.seeds:
-            kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, seed=seed)
+            kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seed=seed)
             m = (evaluate_ood(model, adapter, **kw) if args.ood else
                  evaluate(model, adapter, args.prompts_per_task, args.images_per_prompt, batch_size=args.batch_size,
                           records=records, **kw))
@@ -213,7 +217,7 @@ def main(argv=None):
                 paired.setdefault(row, []).append(paired_difference(m, per_seed["base"][len(per_seed[row]) - 1]))
                 print(f"seed {seed}  " + format_paired(f"{row} - base", paired[row][-1]))
     if args.out:
-        meta = {"model": args.model, "seeds": args.seeds, "steps": args.steps, "cfg_scale": args.cfg_scale,
+        meta = {"model": args.model, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "prompts_per_task": args.prompts_per_task, "images_per_prompt": args.images_per_prompt,
                 "prompts": args.prompts or ("compbench" if args.ood else "world test")}
         table = {"rows": summarise(per_seed), "meta": meta, **({"paired": paired} if paired else {})}

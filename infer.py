@@ -84,7 +84,7 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--num_images", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--cfg_scale", type=float, default=4.5)
+    ap.add_argument("--guidance_scale", type=float, default=4.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shift", type=float, default=None, help="time shift (default: the scheduler's, else 1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +106,7 @@ def main(argv=None):
         lora = args.lora if os.path.exists(args.lora) else adapter_folder("--lora", args.lora)  # a hub id
         load_lora(model, lora, "lora")
     model.adapter("lora" if args.lora else None)
-    images = sample_images(model, [args.prompt] * args.num_images, args.steps, args.cfg_scale, args.seed,
+    images = sample_images(model, [args.prompt] * args.num_images, args.steps, args.guidance_scale, args.seed,
                            shift=args.shift)  # (N, 3, H, W); shift None: the model's own (models.T2IModel.shift)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     image_grid(images, cols=int(np.ceil(np.sqrt(args.num_images)))).save(args.out)

@@ -97,10 +97,10 @@ class T2IModel(nn.Module):
     def encode_prompts(self, prompts):
         return self.encoder(list(prompts))
 
-    def velocity(self, x, t, cond, uncond=None, cfg_scale=1.0):
+    def velocity(self, x, t, cond, uncond=None, guidance_scale=1.0):
         """v(x_t, t | c), with CFG v_u + s (v_c - v_u) when uncond is given. x (B, C, h, w), t (B,)."""
         embeds, pooled = cond
-        if uncond is not None and cfg_scale != 1.0:
+        if uncond is not None and guidance_scale != 1.0:
             x_in, t_in = torch.cat([x, x]), torch.cat([t, t])
             embeds, pooled = torch.cat([uncond[0], embeds]), torch.cat([uncond[1], pooled])
         else:
@@ -109,14 +109,14 @@ class T2IModel(nn.Module):
         v = self.transformer(hidden_states=x_in.to(dtype), encoder_hidden_states=embeds.to(dtype),
                              pooled_projections=pooled.to(dtype), timestep=1000 * t_in, return_dict=False)[0]
         if x_in is not x:
-            v = guidance(*v.chunk(2), cfg_scale)  # (v_uncond, v_cond)
+            v = guidance(*v.chunk(2), guidance_scale)  # (v_uncond, v_cond)
         return v
 
-    def velocity_fn(self, prompts, cfg_scale=1.0):
+    def velocity_fn(self, prompts, guidance_scale=1.0):
         """Encode prompts (and the empty prompt) once; return velocity_fn(x, t) for the samplers."""
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts)) if cfg_scale != 1.0 else None
-        return lambda x, t: self.velocity(x, t, cond, uncond, cfg_scale)
+        uncond = self.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
+        return lambda x, t: self.velocity(x, t, cond, uncond, guidance_scale)
 
     def encode_images(self, images):
         """images (B, 3, H, W) in [0, 1] -> latents, scaled as SD3 does: (z - shift) * scale."""
@@ -324,5 +324,5 @@ if __name__ == "__main__":
     cond = m.encode_prompts(['a sign that says "K7"', "a photo of two circles"])
     uncond = m.encode_prompts(["", ""])
     x = torch.randn(2, *m.latent_shape)
-    v = m.velocity(x, torch.tensor([0.5, 0.9]), cond, uncond, cfg_scale=4.5)
+    v = m.velocity(x, torch.tensor([0.5, 0.9]), cond, uncond, guidance_scale=4.5)
     print("velocity", tuple(v.shape), "zero-initialised output:", bool(v.abs().max() == 0))

@@ -87,7 +87,7 @@ def evaluate_rows(cfg, rows, timings):
     folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
     model = models.load_world_model(cfg.base, cfg.device)
     kw = eval_settings(cfg)
-    ood_kw = {k: kw[k] for k in ("steps", "cfg_scale", "seed")}
+    ood_kw = {k: kw[k] for k in ("steps", "guidance_scale", "seed")}
     main, ood = {}, {}
     for row, folder in tqdm(rows.items(), desc="evaluate"):
         adapter = None if folder is None else row
@@ -121,7 +121,7 @@ def draw_pictures(cfg, model, rows):
     samples = {}
     for row, folder in rows.items():
         model.adapter(None if folder is None else row)
-        samples[row] = sample_images(model, prompts, cfg.eval_steps, cfg.cfg_scale, cfg.seed)
+        samples[row] = sample_images(model, prompts, cfg.eval_steps, cfg.guidance_scale, cfg.seed)
     out = lambda name: os.path.join(cfg.results_dir, name)
     plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"))
     run = os.path.join(cfg.runs_dir, f"seed{cfg.seed}")

@@ -127,6 +127,9 @@ REWARDS = {
     "deqa": deqa_raw,               # raw [1, 5]
 }
 REWARD_SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}  # reward = REWARDS[k](...) / scale
+# Bumped whenever a world reward or its test prompts change, so cached scores (eval.json) of the old ones are
+# never reused: 2 = the calibrated detector (world/judges.py) and the composed pickscore scenes.
+REWARDS_VERSION = 2
 
 
 def combined_reward(images, records, weights, rewards=REWARDS):

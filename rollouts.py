@@ -58,7 +58,7 @@ def guided_conds(model, prompts, guidance_scale):
 def micro_batch_conds(model, records, cfg):
     """guided_conds per micro-batch of records, encoded once per iteration (the text encoder is frozen) and
     reused at every trained step."""
-    return [guided_conds(model, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg.cfg_scale)
+    return [guided_conds(model, [r["prompt"] for r in records[i:i + cfg.micro_batch]], cfg.guidance_scale)
             for i in range(0, len(records), cfg.micro_batch)]
 
 
@@ -72,7 +72,7 @@ def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
     for i in range(0, len(records), cfg.micro_batch):
         prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
         x1 = x1_all[i:i + cfg.micro_batch].to(cfg.device)
-        v_fn = model.velocity_fn(prompts, cfg.cfg_scale)
+        v_fn = model.velocity_fn(prompts, cfg.guidance_scale)
         with amp(cfg):
             trajs.append(rollout(v_fn, x1, sigmas, cfg.noise_level, gen, sde_steps))
     per_sample = [torch.cat(f) for f in list(zip(*trajs))[:5]]  # x_t, x_next, mean, std, logp
@@ -151,7 +151,7 @@ def to_float(images):
 
 
 @torch.no_grad()
-def sample_uint8(model, prompts, noise_ids=None, steps=40, cfg_scale=4.5, seed=0, batch_size=16, shift=None):
+def sample_uint8(model, prompts, noise_ids=None, steps=40, guidance_scale=4.5, seed=0, batch_size=16, shift=None):
     """ODE samples (B, 3, H, W) uint8 on the host for a list of prompts with the currently active adapter, on
     the model's time grid (shift: model.shift unless given; the world 1, SD3.5 3). noise_ids[k] = (prompt index,
     image index) of sample k (default (k, 0)); at most batch_size samples are drawn at a time and the VAE
@@ -162,12 +162,12 @@ def sample_uint8(model, prompts, noise_ids=None, steps=40, cfg_scale=4.5, seed=0
     images = []
     for i in range(0, len(prompts), batch_size):
         x1 = initial_noise(noise_ids[i:i + batch_size], model.latent_shape, seed).to(dev)
-        v_fn = model.velocity_fn(prompts[i:i + batch_size], cfg_scale)
+        v_fn = model.velocity_fn(prompts[i:i + batch_size], guidance_scale)
         images.append(to_uint8(model.decode(euler_sample(v_fn, x1, sigmas))).cpu())
     return torch.cat(images)
 
 
-def sample_images(model, prompts, steps=40, cfg_scale=4.5, seed=0, batch_size=16, shift=None):
+def sample_images(model, prompts, steps=40, guidance_scale=4.5, seed=0, batch_size=16, shift=None):
     """sample_uint8 as floats in [0, 1], one image per prompt (sample k: noise (seed, k, 0)); for grids and
     small draws."""
-    return to_float(sample_uint8(model, prompts, None, steps, cfg_scale, seed, batch_size, shift))
+    return to_float(sample_uint8(model, prompts, None, steps, guidance_scale, seed, batch_size, shift))

@@ -159,7 +159,7 @@ def make_student(model, cfg, teachers, sources):
     elif cfg.cold_start == "sft":
         loss = sft_cold_start(model, "student", teachers, prompt_pool(cfg.prompts, "train"), steps=cfg.sft_steps,
                               samples_per_teacher=cfg.sft_samples, rank=cfg.lora_rank,
-                              alpha=cfg.lora_alpha, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+                              alpha=cfg.lora_alpha, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
         print(f"cold start sft: final flow-matching loss {loss:.4f}")
     elif cfg.cold_start == "none":
         model.add_lora("student", cfg.lora_rank, cfg.lora_alpha)
@@ -234,7 +234,10 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
             folder = os.path.join(cfg.teacher_dir, teacher)
             scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
             print(format_metrics(f"teacher/{teacher}", scores))
+        t1 = time.time()
+        print("evaluating the student ...", flush=True)
         student = evaluate(model, "student", **kw)
+        print(f"evaluated the student in {(time.time() - t1) / 60:.1f} min", flush=True)
         print(format_metrics(f"flow_opd/{os.path.basename(path)}", student))
         print(format_paired("student - cold start", paired_difference(student, cold)))  # same prompts and noise
     print(f"total {(time.time() - t0) / 60:.1f} min")

@@ -38,7 +38,7 @@ def test_reference_copies_equal_adapters(fuse):
     for key, name in [("ocr", "ocr"), ("anchor", bench.ANCHOR)]:   # each copy holds its own LoRA only, or none
         assert list(getattr(refs[key].transformer, "peft_config", {})) == ([] if fuse else [name])
     x, t = torch.randn(2, *ours.latent_shape), torch.tensor([0.7, 0.3])
-    conds = rollouts.guided_conds(ours, ["a photo of two circles", 'a sign that says "K7"'], cfg.cfg_scale)
+    conds = rollouts.guided_conds(ours, ["a photo of two circles", 'a sign that says "K7"'], cfg.guidance_scale)
     for name, key in [("ocr", "ocr"), (bench.ANCHOR, "anchor")]:
         ours.adapter(name)
         v = ours.velocity(x, t, *conds)

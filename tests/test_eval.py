@@ -41,7 +41,7 @@ class FakeModel:
     def adapter(self, name):
         self.active = name
 
-    def velocity_fn(self, prompts, cfg_scale=1.0):
+    def velocity_fn(self, prompts, guidance_scale=1.0):
         v = 0.0 if self.active is None else 0.5
         return lambda x, t: torch.full_like(x, v)
 

@@ -81,17 +81,17 @@ def test_sd3_pipeline_roundtrip(sd3):
     cond, uncond = (embeds, pooled), sd3.encode_prompts(["", ""])
     x, t = _inputs(sd3)
     with torch.no_grad():
-        v = sd3.velocity(x, t, cond, uncond, cfg_scale=4.5)
+        v = sd3.velocity(x, t, cond, uncond, guidance_scale=4.5)
         v_c = sd3.velocity(x, t, cond)
         v_u = sd3.velocity(x, t, uncond)
         assert v.shape == x.shape and v_c.shape == x.shape
         assert not torch.allclose(v_c, v_u, atol=1e-4)  # the guidance term is not trivially zero
         torch.testing.assert_close(v, v_u + 4.5 * (v_c - v_u), atol=1e-5, rtol=0)
-        # cfg_scale 1 (or no uncond) is the plain conditional velocity
-        torch.testing.assert_close(sd3.velocity(x, t, cond, uncond, cfg_scale=1.0), v_c, atol=0, rtol=0)
+        # guidance_scale 1 (or no uncond) is the plain conditional velocity
+        torch.testing.assert_close(sd3.velocity(x, t, cond, uncond, guidance_scale=1.0), v_c, atol=0, rtol=0)
 
         # velocity_fn encodes the prompts (and the empty prompt) once and agrees with velocity
-        torch.testing.assert_close(sd3.velocity_fn(PROMPTS, cfg_scale=4.5)(x, t), v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(sd3.velocity_fn(PROMPTS, guidance_scale=4.5)(x, t), v, atol=1e-6, rtol=0)
         torch.testing.assert_close(sd3.velocity_fn(PROMPTS)(x, t), v_c, atol=1e-6, rtol=0)
 
         # autoencoder: images in [0, 1] -> latents of latent_shape -> images in [0, 1]
@@ -129,7 +129,7 @@ def test_world_model_velocity_is_zero_at_init(world):
         cond = world.encode_prompts(['a sign that says "K7"', "a photo of two circles"])
         uncond = world.encode_prompts(["", ""])
         assert cond[0].shape == (2, 24, 128) and cond[1].shape == (2, 128)
-        v = world.velocity(x, t, cond, uncond, cfg_scale=4.5)
+        v = world.velocity(x, t, cond, uncond, guidance_scale=4.5)
     assert v.shape == x.shape
     assert torch.equal(v, torch.zeros_like(v))
     pe = world.transformer.pos_embed.pos_embed
@@ -144,7 +144,7 @@ def test_world_model_save_load_roundtrip(tmp_path):
     prompts = ['a sign that says "K7"', "a red circle above a blue square"]
     x, t = _inputs(model, seed=5)
     with torch.no_grad():
-        v = model.velocity(x, t, model.encode_prompts(prompts), model.encode_prompts(["", ""]), cfg_scale=3.0)
+        v = model.velocity(x, t, model.encode_prompts(prompts), model.encode_prompts(["", ""]), guidance_scale=3.0)
     assert v.abs().max() > 1e-3
 
     # fp32: exact
@@ -155,7 +155,7 @@ def test_world_model_save_load_roundtrip(tmp_path):
     loaded = load_world_model(str(tmp_path / "w32"))
     assert loaded.transformer.dtype == torch.float32 and not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
-        v32 = loaded.velocity_fn(prompts, cfg_scale=3.0)(x, t)
+        v32 = loaded.velocity_fn(prompts, guidance_scale=3.0)(x, t)
     torch.testing.assert_close(v32, v, atol=1e-6, rtol=0)
 
     # fp16 (the default): within half-precision rounding of the weights; loading upcasts to fp32
@@ -163,7 +163,7 @@ def test_world_model_save_load_roundtrip(tmp_path):
     loaded16 = load_world_model(str(tmp_path / "w16"))
     assert loaded16.transformer.dtype == torch.float32
     with torch.no_grad():
-        v16 = loaded16.velocity_fn(prompts, cfg_scale=3.0)(x, t)
+        v16 = loaded16.velocity_fn(prompts, guidance_scale=3.0)(x, t)
     assert (v16 - v).abs().max() <= 2e-3 * v.abs().max()  # fp16: ~3.5e-4 of max |v|; bf16 ~3e-3
 
     # a stock SD3Transformer2DModel loads the saved transformer, learned position table included
@@ -235,7 +235,7 @@ def test_lora_adapters_on_one_backbone():
     with torch.no_grad():
         cond = model.encode_prompts(["a red circle", 'a sign that says "K7"'])
         uncond = model.encode_prompts(["", ""])
-        vel = lambda: model.velocity(x, t, cond, uncond, cfg_scale=2.0)  # noqa: E731
+        vel = lambda: model.velocity(x, t, cond, uncond, guidance_scale=2.0)  # noqa: E731
         model.adapter(None)  # no adapters yet: a no-op
         base = vel()
         assert base.abs().max() > 1e-3

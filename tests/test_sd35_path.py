@@ -224,7 +224,7 @@ def test_infer_lora_from_hub_id_at_a_resolution(sd3_world, tmp_path, monkeypatch
 # ------------------------------------------------------------------------- the preset, the README commands
 def test_preset_sd35m_paper_values_and_explicit_flags_win():
     cfg = config.parse_config(["--preset", "sd35m_paper"])
-    assert (cfg.resolution, cfg.num_steps, cfg.eval_steps, cfg.cfg_scale, cfg.noise_level) == (512, 10, 40, 4.5, 0.7)
+    assert (cfg.resolution, cfg.num_steps, cfg.eval_steps, cfg.guidance_scale, cfg.noise_level) == (512, 10, 40, 4.5, 0.7)
     assert cfg.train_timesteps == cfg.num_steps - 1 == 9      # timestep_fraction 0.99: every step but the last
     assert cfg.opd_prompts * cfg.opd_group == 128 and cfg.opd_lr == 1e-4
     assert cfg.cold_start == "merge_average" and (cfg.lora_rank, cfg.lora_alpha) == (32, 64)

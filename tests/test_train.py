@@ -399,7 +399,7 @@ def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir
     x = torch.randn(3, *model.latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((3,), 0.6)
     conds = rollouts.guided_conds(model, ["a photo of a circle", 'a sign that says "K7"', "a photo of a square"],
-                                  cfg.cfg_scale)
+                                  cfg.guidance_scale)
     routed = ["geneval", "ocr", "ocr"]
     per = {}
     for n in names:

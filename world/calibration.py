@@ -41,14 +41,14 @@ def noise_flips(reward, images, records, amplitude=2 / 255, draws=3, seed=0):
 
 
 @torch.no_grad()
-def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, cfg_scale=4.5):
+def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, guidance_scale=4.5):
     """{stratum: {"reward": mean, "flip": share}} of each GenEval sub-task's and OCR's reward on ground truth
     rendered by toy_world and passed through the model's autoencoder (what a perfect generator could
     draw), or with samples=True on the model's own ODE samples of the same prompts."""
     rng, out = np.random.default_rng(seed), {}
     for stratum, recs in calibration_records(per_stratum, seed).items():
         if samples:
-            images = sample_images(model, [r["prompt"] for r in recs], steps, cfg_scale, seed)
+            images = sample_images(model, [r["prompt"] for r in recs], steps, guidance_scale, seed)
         else:
             truth = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
             images = model.decode(model.encode_images(truth))
@@ -63,10 +63,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=60, help="images per GenEval sub-task and for OCR")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--cfg_scale", type=float, default=4.5)
+    ap.add_argument("--guidance_scale", type=float, default=4.5)
     args = ap.parse_args(argv)
     model = models.load_world_model(args.model)
-    truth, drawn = (reward_calibration(model, args.n, args.seed, samples, args.steps, args.cfg_scale)
+    truth, drawn = (reward_calibration(model, args.n, args.seed, samples, args.steps, args.guidance_scale)
                     for samples in (False, True))
     print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
     print("|---|---|---|---|---|")
