@@ -51,7 +51,7 @@ class Config:
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
     # evaluation sizes (eval.py), on every path (world prompts, --eval_prompts files, eval.py): GenEval scores
     # all its prompts x 4 images; the defaults keep the main job within 5 CPU minutes (README)
-    eval_prompts_per_task: int = 48  # prompts per task, stratified by sub-task (GenEval tag); 0 = all
+    eval_prompts_per_task: int = 36  # prompts per task, stratified by sub-task (GenEval tag); 0 = all
     eval_images_per_prompt: int = 2  # images per prompt (GenEval: 4), each from its own (seed, prompt, image) noise
     eval_batch: int = 32             # images per evaluation sampling call (CFG doubles the transformer batch)
     decode_batch: int = 16           # latents per VAE decode call, evaluation and rollouts (SD3.5 at 512 px:
@@ -154,8 +154,8 @@ class Config:
 # paper's setup (FLOW_OPD_PAPER.md §4) and the released code's mix_opd_8gpu/base.py configs (§8). Values equal
 # to today's defaults are listed too, so the preset still holds if a default changes for the miniature world.
 # Not in it: the estimator (pathwise, our documented departure; `--estimator released` is the released one),
-# mixed_precision (bf16; released fp16), eval_limit (the paper scores the full test sets, ~5k prompts x 40
-# steps per model; --eval_limit 0 does that), and memory settings (micro_batch, gradient_checkpointing).
+# mixed_precision (bf16; released fp16), evaluation sizes (the paper scores the full test sets, ~5k prompts x 40
+# steps per model; --eval_prompts_per_task 0 does that), and memory settings (micro_batch, gradient_checkpointing).
 PRESETS = {"sd35m_paper": {
     "resolution": (512, "paper §4 and released config: 512 px"),
     "num_steps": (10, "paper T = 10 training steps"),

@@ -167,7 +167,7 @@ def test_grpo_reward_rises(monkeypatch):
     assert again == pytest.approx(before, abs=1e-6)
 
 
-def test_grpo_snr_stage_writes_one_row_per_teacher(tmp_path, fast_load, capsys):
+def test_grpo_snr_stage_writes_one_row_per_teacher_and_keeps_earlier_rows(tmp_path, fast_load, capsys):
     """--stage grpo_snr: independent gradients of a fresh LoRA, no optimizer step, one row per teacher.
     (Whether a reward is learnable is not asserted: at this size even brightness, which GRPO raises in
     test_grpo_reward_rises, has kappa within noise of 0; grpo.gradient_signal has its exact tests.)"""
@@ -178,6 +178,11 @@ def test_grpo_snr_stage_writes_one_row_per_teacher(tmp_path, fast_load, capsys):
     for r in rows.values():
         assert -1 <= r["kappa"] <= 1 and r["se"] >= 0 and r["samples_per_batch"] == 4 and r["seconds_per_batch"] > 0
     assert "[ocr] kappa = " in capsys.readouterr().out
+    # a later run adds its rows beside the earlier ones (and replaces a teacher's own); brightness is the control
+    train.main(["--stage", "grpo_snr", "--teachers", "brightness", "--snr_batches", "3", "--lora_rank", "4",
+                "--lora_alpha", "8", "--results_dir", str(tmp_path)] + TINY)
+    again = json.load(open(tmp_path / "grpo_snr.json"))["rows"]
+    assert sorted(again) == ["brightness", "ocr", "pickscore"] and again["ocr"] == rows["ocr"]
 
 
 def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
