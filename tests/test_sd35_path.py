@@ -18,7 +18,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rollouts  # noqa: E402
 import config  # noqa: E402
-import eval as evaluation  # noqa: E402
 import flow_matching  # noqa: E402
 import infer  # noqa: E402
 import models  # noqa: E402
@@ -130,7 +129,7 @@ def test_sd35_time_grid_is_the_schedulers(sd3_world, steps, monkeypatch):
     assert 0 < grid[-2].item() < 0.01  # the scheduler's tiny last step, unlike the world's equal steps
     assert not torch.allclose(grid, flow_matching.time_grid(steps, 3.0), rtol=1e-3)
     seen = []  # the evaluation sampler asks the model for its grid
-    monkeypatch.setattr(evaluation, "euler_sample", lambda v, x1, sigmas: seen.append(sigmas) or x1)
+    monkeypatch.setattr(rollouts, "euler_sample", lambda v, x1, sigmas: seen.append(sigmas) or x1)
     rollouts.sample_images(model, ["a cat"], steps=steps)
     torch.testing.assert_close(seen[0], grid, rtol=0, atol=0)
 
