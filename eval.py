@@ -48,7 +48,7 @@ import torch
 from metrics import format_metrics, format_paired, paired_difference, summarise, summarise_prompts, write_json
 from prompts import records_by_task
 from rewards import REWARDS, REWARDS_VERSION, geneval_details
-from rollouts import sample_images, sample_uint8, to_float
+from rollouts import sample_uint8, to_float
 from world import toy_world
 
 SUBSET_SEED = 0     # the stratified subset is part of the protocol: fixed, whatever the noise seed
@@ -138,12 +138,14 @@ def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps
 
 
 @torch.no_grad()
-def evaluate_ood(model, adapter=None, steps=40, guidance_scale=4.5, seed=0):
-    """Out-of-domain composition (compbench.py): the geneval score and strict accuracy per category."""
+def evaluate_ood(model, adapter=None, prompts_per_task=0, steps=40, guidance_scale=4.5, seed=0, batch_size=16):
+    """Out-of-domain composition (world/compbench.py): the geneval score and strict accuracy per category, on a
+    subset stratified by category (prompts_per_task as for evaluate; 0 = all 96), one image per prompt."""
     from world import compbench
     model.adapter(adapter)
     recs = compbench.records()
-    images = sample_images(model, [r["prompt"] for r in recs], steps, guidance_scale, seed)
+    recs = [recs[i] for i in stratified_subset(recs, prompts_per_task)]
+    images = to_float(sample_uint8(model, [r["prompt"] for r in recs], None, steps, guidance_scale, seed, batch_size))
     return {k: v.float().mean().item() for k, v in compbench.score(images, recs).items()}
 
 
@@ -207,7 +209,7 @@ def main(argv=None):
     for row, adapter in rows.items():
         for seed in args.seeds:
             kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seed=seed)
-            m = (evaluate_ood(model, adapter, **kw) if args.ood else
+            m = (evaluate_ood(model, adapter, args.prompts_per_task, batch_size=args.batch_size, **kw) if args.ood else
                  evaluate(model, adapter, args.prompts_per_task, args.images_per_prompt, batch_size=args.batch_size,
                           records=records, **kw))
             per_seed.setdefault(row, []).append(m)

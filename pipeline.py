@@ -87,7 +87,7 @@ def evaluate_rows(cfg, rows, timings):
     folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
     model = models.load_world_model(cfg.base, cfg.device)
     kw = eval_settings(cfg)
-    ood_kw = {k: kw[k] for k in ("steps", "guidance_scale", "seed")}
+    ood_kw = {k: kw[k] for k in ("prompts_per_task", "steps", "guidance_scale", "seed", "batch_size")}
     main, ood = {}, {}
     for row, folder in tqdm(rows.items(), desc="evaluate"):
         adapter = None if folder is None else row
