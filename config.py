@@ -51,7 +51,7 @@ class Config:
     noise_level: float = 0.7         # a in sigma_t = a sqrt(t / (1 - t))
     # evaluation sizes (eval.py), on every path (world prompts, --eval_prompts files, eval.py): GenEval scores
     # all its prompts x 4 images; the defaults keep the main job within 5 CPU minutes (README)
-    eval_prompts_per_task: int = 36  # prompts per task, stratified by sub-task (GenEval tag); 0 = all
+    eval_prompts_per_task: int = 30  # prompts per task, stratified by sub-task (GenEval tag); 0 = all
     eval_images_per_prompt: int = 2  # images per prompt (GenEval: 4), each from its own (seed, prompt, image) noise
     eval_batch: int = 32             # images per evaluation sampling call (CFG doubles the transformer batch)
     decode_batch: int = 16           # latents per VAE decode call, evaluation and rollouts (SD3.5 at 512 px:
