@@ -140,11 +140,13 @@ def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps
 @torch.no_grad()
 def evaluate_ood(model, adapter=None, prompts_per_task=0, steps=40, guidance_scale=4.5, seed=0, batch_size=16):
     """Out-of-domain composition (world/compbench.py): the geneval score and strict accuracy per category, on a
-    subset stratified by category (prompts_per_task as for evaluate; 0 = all 96), one image per prompt."""
+    subset stratified by category (prompts_per_task as for evaluate, at least one per category; 0 = all 96), one
+    image per prompt."""
     from world import compbench
     model.adapter(adapter)
     recs = compbench.records()
-    recs = [recs[i] for i in stratified_subset(recs, prompts_per_task)]
+    n = prompts_per_task and max(prompts_per_task, len(compbench.CATEGORIES))  # every category scored
+    recs = [recs[i] for i in stratified_subset(recs, n)]
     images = to_float(sample_uint8(model, [r["prompt"] for r in recs], None, steps, guidance_scale, seed, batch_size))
     return {k: v.float().mean().item() for k, v in compbench.score(images, recs).items()}
 

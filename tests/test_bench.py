@@ -84,13 +84,18 @@ def test_one_iteration_each(variant):
     assert "released / ours" in report
 
 
-def test_sd35m_path_on_a_small_sd3(monkeypatch):
+@pytest.fixture
+def small_sd35m(monkeypatch):
+    """bench's SD3.5-M configuration shrunk to a two-block SD3 that a CPU runs in seconds."""
     small = dict(bench.SD35M, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                  caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=8, sample_size=8,
                  dual_attention_layers=(0,))
     monkeypatch.setattr(bench, "SD35M", small)
     monkeypatch.setattr(bench, "SD35M_TOKENS", 7)
     monkeypatch.setattr(bench, "SD35M_LATENT", 8)
+
+
+def test_sd35m_path_on_a_small_sd3(small_sd35m):
     for variant in ("ours", "released"):
         res = bench.run_variant(bench.parse(["--config", "sd35m", "--iters", "1", "--variant", variant]))
         assert res["median_s"] > 0 and res["weights_mib"] > 0
@@ -161,13 +166,7 @@ def test_sd35m_plan_meets_the_target():
     assert memory.largest_micro_batch(C, 24 * memory.GiB, "ours", True, False) >= 2
 
 
-def test_gpu_check_dry_run_on_cpu(monkeypatch, tmp_path):
-    small = dict(bench.SD35M, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                 caption_projection_dim=16, pooled_projection_dim=24, pos_embed_max_size=8, sample_size=8,
-                 dual_attention_layers=(0,))
-    monkeypatch.setattr(bench, "SD35M", small)
-    monkeypatch.setattr(bench, "SD35M_TOKENS", 7)
-    monkeypatch.setattr(bench, "SD35M_LATENT", 8)
+def test_gpu_check_dry_run_on_cpu(small_sd35m, monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "GPU_RUNS", bench.GPU_RUNS[:3])   # off CUDA the compiled run is the eager one
     argv = ["--gpu_check", "--device", "cpu", "--config", "sd35m", "--train_timesteps", "1", "--prompts", "2",
             "--out_json", str(tmp_path / "gpu_check.json")]
