@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 import models
+from hub import ModelUnavailableError, hub_advice
 from world import toy_world
 
 
@@ -255,7 +256,7 @@ def load_model(cfg):
     try:
         model = models.load_model(cfg.base, cfg.device, precision(cfg), cfg.text_encoder_device or None,
                                   cfg.max_sequence_length)
-    except (FileNotFoundError, models.ModelUnavailableError) as e:  # a missing folder; a gated or absent hub id
+    except (FileNotFoundError, ModelUnavailableError) as e:  # a missing folder; a gated or absent hub id
         raise SystemExit(f"--model: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
@@ -274,7 +275,7 @@ def adapter_folder(name, spec):
         return snapshot_download(spec)
     except (OSError, ValueError) as e:  # hub errors (gated, not found, offline) are OSErrors; a malformed id ValueError
         raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded: "
-                         f"{models.hub_advice(spec, e)}") from None
+                         f"{hub_advice(spec, e)}") from None
 
 
 def prompt_pool(specs, split):

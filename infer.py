@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import models
+from hub import ModelUnavailableError
 from config import adapter_folder
 from rollouts import sample_images
 
@@ -98,7 +99,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on CPUs
     try:
         model = models.load_model(args.model, args.device, dtype)
-    except (FileNotFoundError, models.ModelUnavailableError) as e:
+    except (FileNotFoundError, ModelUnavailableError) as e:
         raise SystemExit(f"--model: {e}") from None
     if args.resolution:
         model.set_resolution(args.resolution)

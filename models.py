@@ -24,6 +24,7 @@ import torch.nn as nn
 
 import flow_matching
 from flow_matching import guidance
+from hub import ModelUnavailableError, hub_advice
 from world import model as world_model
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -263,36 +264,6 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_dev
                                 f"by `python train.py --stage pretrain`; SD3 needs a pipeline folder or hub id")
     return load_sd3(name_or_path, dtype=dtype, device=device, text_encoder_device=text_encoder_device,
                     max_sequence_length=max_sequence_length)
-
-
-class ModelUnavailableError(RuntimeError):
-    """A model or adapter that could not be downloaded or read; the message names the cause and what to do."""
-
-
-def hub_advice(name, error):
-    """One message for a hub id or folder `name` that failed to load with `error`: the cause (the first hub
-    error in the exception chain, since diffusers re-raises them as OSError) and what to do about it."""
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-    chain, e = [], error
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    kinds = (GatedRepoError, RepositoryNotFoundError, LocalEntryNotFoundError)
-    cause = next((e for kind in kinds for e in chain if isinstance(e, kind)), error)
-    download = f"download it where the hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR"
-    if isinstance(cause, GatedRepoError):
-        fix = (f"{name} is gated: accept its licence on https://huggingface.co/{name} while logged in, then log in "
-               f"here with `hf auth login` (or set HF_TOKEN); or {download}")
-    elif isinstance(cause, RepositoryNotFoundError):
-        fix = (f"the hub has no repository {name} that you may see: check the id; a gated or private one needs "
-               f"`hf auth login` and, for a gated one, its licence accepted on https://huggingface.co/{name}; or {download}")
-    elif isinstance(cause, LocalEntryNotFoundError):
-        fix = f"the hub is unreachable (offline?) and {name} is not in the local cache: {download}"
-    else:
-        fix = (f"if {name} is a folder, check that it is a complete diffusers pipeline; if it is a hub id, log in "
-               f"with `hf auth login` and accept the licence on its model page if it is gated; or {download}")
-    detail = (str(cause).strip().splitlines() or [""])[0][:300]
-    return f"{name!r} could not be loaded ({type(cause).__name__}: {detail}). Fix: {fix}"
 
 
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_device=None, max_sequence_length=128):

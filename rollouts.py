@@ -30,15 +30,19 @@ def draw_records(pool, task_weights, n, gen, balance_tags=True):
     weights = {t: w for t, w in task_weights.items() if t in pool}
     if not weights:
         raise SystemExit(f"no prompts for the tasks {sorted(task_weights)}: pass --prompts TASK=FILE for them")
+    strata = {t: _strata(pool[t], balance_tags) for t in weights}  # grouped once per call, not per draw
     out = []
     for task in sample_tasks(weights, n, gen):
-        records = pool[task]
-        tags = sorted({r.get("metadata", {}).get("tag") for r in records} - {None}) if balance_tags else []
-        if tags:
-            tag = tags[torch.randint(len(tags), (1,), generator=gen).item()]
-            records = [r for r in records if r.get("metadata", {}).get("tag") == tag]
+        groups = strata[task]
+        records = groups[torch.randint(len(groups), (1,), generator=gen).item()] if len(groups) > 1 else groups[0]
         out.append(records[torch.randint(len(records), (1,), generator=gen).item()])
     return out
+
+
+def _strata(records, balance_tags):
+    """[records of one GenEval tag, ...] in sorted tag order, or [records] unbalanced or without tags."""
+    tags = sorted({r.get("metadata", {}).get("tag") for r in records} - {None}) if balance_tags else []
+    return [[r for r in records if r.get("metadata", {}).get("tag") == t] for t in tags] or [records]
 
 
 def amp(cfg):

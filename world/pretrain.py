@@ -127,8 +127,7 @@ def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, s
 
 
 def _render_batch(n, rng):
-    recs = [toy_world.prompts(toy_world.TASKS[rng.integers(len(toy_world.TASKS))], "train") for _ in range(n)]
-    return toy_world.to_tensor([toy_world.render(r[rng.integers(len(r))], rng) for r in recs])
+    return toy_world.to_tensor([toy_world.render(toy_world.random_record(rng), rng) for _ in range(n)])
 
 
 def _caption(record, rng, caption_noise, cfg_dropout):
