@@ -35,6 +35,7 @@ class Config:
     base: str = "checkpoints/base"   # the pretrained base model folder
     # --- pretraining the world's base (§2.2) ---
     ae_steps: int = 1500             # autoencoder steps
+    ae_decoder_only: bool = False    # fine-tune only the decoder (continuing a base: its latents keep their meaning)
     pretrain_steps: int = 6000       # flow-matching steps
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3
@@ -62,13 +63,16 @@ class Config:
     # --- GRPO teachers and GRPO-Mix (Flow-GRPO; §2.1, §4) ---
     teachers: list[str] = field(default_factory=lambda: ["geneval", "ocr", "pickscore", "deqa"])
     teacher_dir: str = "checkpoints/teachers"
-    grpo_iters: int = 150            # GRPO iterations per teacher (one optimizer step each)
+    grpo_iters: int = 60             # GRPO iterations per teacher (one optimizer step each)
     prompts_per_iter: int = 4        # prompts per iteration; each is sampled group_size times
     group_size: int = 8              # G: images per prompt, one advantage group
     micro_batch: int = 16            # samples per forward; independent of G (ECOSYSTEM asks #1-#3)
     train_timesteps: int = 4         # SDE steps trained per iteration, drawn from the first T - 1
     sde_window: int = 2              # >0: Flow-GRPO-Fast, SDE on this many consecutive early steps, ODE
                                      # elsewhere, and only those steps trained (sharper credit assignment)
+    sde_window_range: float = 0.2    # the window lies in this first fraction of the T steps, its start drawn
+                                     # uniformly; 0.2: steps 0-1, where the world's styles are decided (RESULTS.md;
+                                     # flow_grpo's sde_window_range is (0, T // 2), i.e. 0.5)
     shared_noise: bool = True        # a group's G samples start from one x1 (branching at the SDE window)
     lora_rank: int = 32              # r (paper: 32)
     lora_alpha: int = 64             # alpha (paper: 64)

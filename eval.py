@@ -18,6 +18,8 @@ Metrics.
   ocr, pickscore the task's reward on its prompts (pickscore on 0-1)
   deqa           raw 1-5, on every test prompt (pooled over the tasks)
   avg            (geneval + ocr + deqa/5 + pickscore)/4 (the paper divides raw PickScore by 26; ours is 0-1)
+  web/<task>, blurred   the world's only: share of samples in the task's web style, and blurred (pooled over
+                 tasks), by world/styles.py; a diagnostic of the headroom the world's styles leave, not a score
 Standard errors (`se/<metric>`), clustered by prompt: the images of one prompt share it, so they are not
 independent draws; each prompt's images are averaged first, and a mean over n prompts has
 se = std(per-prompt means)/sqrt(n). A score made of several independent groups of prompts (geneval_acc: the
@@ -49,7 +51,7 @@ from metrics import format_metrics, format_paired, paired_difference, summarise,
 from prompts import records_by_task
 from rewards import REWARDS, REWARDS_VERSION, geneval_details
 from rollouts import sample_uint8, to_float
-from world import toy_world
+from world import styles, toy_world
 
 SUBSET_SEED = 0     # the stratified subset is part of the protocol: fixed, whatever the noise seed
 SCORE_CHUNK = 64    # images turned into floats and scored at a time (the reward servers' batch)
@@ -97,7 +99,8 @@ def geneval_score_and_accuracy(fn, images, prompts, meta):
 
 def score_task(task, images, records, rewards=REWARDS):
     """{metric: (B,) per image} for uint8 images made for one task's records: the task's reward, deqa (raw
-    1-5) and for geneval the accuracy (`geneval_acc`); scored SCORE_CHUNK images at a time."""
+    1-5), for geneval the accuracy (`geneval_acc`) and on the world the style shares (`web`, `blurred`); scored
+    SCORE_CHUNK images at a time."""
     out = {}
     for i in range(0, len(records), SCORE_CHUNK):
         x, recs = to_float(images[i:i + SCORE_CHUNK]), records[i:i + SCORE_CHUNK]
@@ -109,6 +112,8 @@ def score_task(task, images, records, rewards=REWARDS):
                 part["geneval_acc"] = acc
         else:
             part[task] = rewards[task](x, prompts, meta)
+        if rewards is REWARDS and task in toy_world.TASKS:   # the world's styles, a diagnostic (world/styles.py)
+            part["web"], part["blurred"] = styles.web_style(task, x, recs), styles.blurred(x)
         for k, v in part.items():
             out.setdefault(k, []).append(v.float())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -189,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=d.eval_steps)
     ap.add_argument("--guidance_scale", "--cfg_scale", type=float, default=d.guidance_scale)
     ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
+    ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks' prompts (default: every task), e.g. "
+                    "a teacher's own task")
     ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
     ap.add_argument("--paired", action="store_true", help="also print each adapter minus the base, paired "
                     "on prompts and noise (mean ± se), and write them under 'paired' in --out")
@@ -206,7 +213,11 @@ def main(argv=None):
             raise SystemExit(f"--adapter expects ROW=PATH with PATH an adapter folder, got {spec!r}")
         model.load_adapter(path, row)
         rows[row] = row
-    records = records_by_task(args.prompts) if args.prompts else None
+    records = records_by_task(args.prompts) if args.prompts else world_records("test")
+    if args.tasks:
+        if set(args.tasks) - set(records):
+            raise SystemExit(f"--tasks {' '.join(args.tasks)}: the prompts have tasks {', '.join(records)}")
+        records = {t: records[t] for t in args.tasks}
     per_seed, paired = {}, {}
     for row, adapter in rows.items():
         for seed in args.seeds:
@@ -223,7 +234,7 @@ def main(argv=None):
     if args.out:
         meta = {"model": args.model, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance_scale,
                 "prompts_per_task": args.prompts_per_task, "images_per_prompt": args.images_per_prompt,
-                "prompts": args.prompts or ("compbench" if args.ood else "world test")}
+                "prompts": args.prompts or ("compbench" if args.ood else "world test"), "tasks": list(records)}
         table = {"rows": summarise(per_seed), "meta": meta, **({"paired": paired} if paired else {})}
         write_json(args.out, table)
         print(f"wrote {args.out}")

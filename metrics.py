@@ -61,13 +61,15 @@ def scalars(m):
 
 
 SHOWN = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
+STYLES = ("web/geneval", "web/ocr", "web/pickscore", "blurred")   # the world's style shares (world/styles.py)
 
 
 def format_metrics(name, m):
     """One line: each shown metric as mean ± se (deqa on 1-5 with 2 decimals)."""
     cells = [f"{k} {m[k]:.{2 if k == 'deqa' else 3}f}" + (f"±{m['se/' + k]:.{2 if k == 'deqa' else 3}f}"
                                                            if f"se/{k}" in m else "") for k in SHOWN if k in m]
-    return f"{name:<22} " + "  ".join(cells)
+    styles = [f"{k} {m[k]:.2f}" for k in STYLES if k in m]
+    return f"{name:<22} " + "  ".join(cells) + (f"\n{'':<22} styles: " + "  ".join(styles) if styles else "")
 
 
 def format_paired(name, diff):
@@ -108,6 +110,11 @@ def summarise_prompts(per_prompt):
             put(task, [(1.0, p[task])])
     total = sum(len(p["index"]) for p in per_prompt.values())
     put("deqa", [(len(per_prompt[t]["index"]) / total, p["deqa"]) for t, p in tasks.items()])
+    for task, p in tasks.items():   # the world's style shares (eval.score_task), per task and blur pooled
+        if "web" in p:
+            put(f"web/{task}", [(1.0, p["web"])])
+    if all("blurred" in p for p in tasks.values()) and tasks:
+        put("blurred", [(len(per_prompt[t]["index"]) / total, p["blurred"]) for t, p in tasks.items()])
     if "geneval_acc" in tasks.get("geneval", {}):
         acc, tags = tasks["geneval"]["geneval_acc"], per_prompt["geneval"]["tag"]
         other = sorted(set(tags) - set(toy_world.GENEVAL_TAGS), key=str)   # a prompt file's own tags, if any

@@ -26,7 +26,7 @@ a sample returns float('nan') for it. REWARD_SCALE[name] is what to divide by to
              world would be closer to the paper (and hackable like PickScore is); the formula is a deliberate,
              transparent stand-in whose optimum is exactly "the vivid, complete scene of the prompt".
              The scene is the longest toy_world.SCENES name in the prompt (8 named, 61 composed scenes).
-  deqa       task-agnostic quality 5 - 25*noise - 2.5*blur - 1.0*blockiness clamped to [1, 5] (DeQA's raw 1-5
+  deqa       task-agnostic quality 5 - 25*noise - 4*blur - 1.0*blockiness clamped to [1, 5] (DeQA's raw 1-5
              scale; REWARD_SCALE["deqa"] = 5 gives Flow-GRPO's score/5 reward).
 Differences from the paper:
   1) every reward is a hand-written pixel rule for 32x32 toy images, not mask2former+CLIP, PaddleOCR,
@@ -128,8 +128,9 @@ REWARDS = {
 }
 REWARD_SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}  # reward = REWARDS[k](...) / scale
 # Bumped whenever a world reward or its test prompts change, so cached scores (eval.json) of the old ones are
-# never reused: 2 = the calibrated detector (world/judges.py) and the composed pickscore scenes.
-REWARDS_VERSION = 2
+# never reused: 2 = the calibrated detector (world/judges.py) and the composed pickscore scenes; 3 = deqa's
+# blur weight 2.5 -> 4 (the world's blurred style costs about half the 1-5 scale, world/toy_world.py).
+REWARDS_VERSION = 3
 
 
 def combined_reward(images, records, weights, rewards=REWARDS):

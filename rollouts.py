@@ -93,9 +93,13 @@ def policy_step_mean(model, traj, idx, j, conds, noise_level):
 
 def trained_steps(cfg, gen, window):
     """Step indices trained this iteration: a random subset of the first T - 1, or with sde_window a random
-    window of consecutive steps in the first half, the only SDE steps of the rollout."""
+    window of consecutive steps within the first cfg.sde_window_range of the T steps (at least the window), the
+    only SDE steps of the rollout."""
     if window:
-        start = torch.randint(max(1, cfg.num_steps // 2 - window + 1), (1,), generator=gen).item()
+        if not 0 < cfg.sde_window_range <= 1:
+            raise ValueError(f"--sde_window_range is a fraction of the steps in (0, 1], got {cfg.sde_window_range}")
+        starts = max(1, int(cfg.num_steps * cfg.sde_window_range) - window + 1)
+        start = torch.randint(starts, (1,), generator=gen).item()
         return list(range(start, start + window))
     return torch.randperm(cfg.num_steps - 1, generator=gen)[:cfg.train_timesteps].tolist()
 

@@ -38,7 +38,7 @@ from rollouts import (amp, draw_records, jsonl_logger, micro_batch_conds, optimi
                      sample_rollouts, trainable, trained_steps)
 from router import DEFAULT_TASK_WEIGHTS
 from sde_sampler import gaussian_logprob
-from world import toy_world
+from world import styles, toy_world
 
 # What each GRPO expert is rewarded with (rewards.combined_reward weights; "task" = the prompt's own
 # task reward) and which prompts it trains on. The paper's DeQA teacher blends DeQA and PickScore 4:6
@@ -80,7 +80,8 @@ def new_grpo_lora(model, name, cfg):
 def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
     """One GRPO iteration up to the optimizer step: sample G SDE trajectories per prompt, reward them,
     group-normalise, and accumulate the clipped policy gradient of adapter `name` over the trained steps
-    into .grad. Returns (rewards (N,), per-micro-step GRPOLoss list)."""
+    into .grad. Returns (rewards (N,), per-micro-step GRPOLoss list, style shares of the rollouts: {"web",
+    "blurred"} on the world's prompts (world/styles.py), else {})."""
     n = cfg.prompts_per_iter * cfg.group_size
     prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen, cfg.balance_tags)
     records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
@@ -107,7 +108,17 @@ def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
             out = grpo_loss(logp, traj.logp[idx, j], adv[idx], cfg.clip_range, cfg.beta, mean, ref_mean, std)
             (out.loss * len(idx) / (n * len(steps))).backward()
             stats.append(out)
-    return rewards, stats
+    return rewards, stats, rollout_styles(images, records, rewards_fns)
+
+
+def rollout_styles(images, records, rewards_fns):
+    """{"web": share, "blurred": share} of the world's web and low-quality styles among rollout images (the
+    headroom a teacher can learn, world/styles.py); {} when the rewards or prompts are not the world's."""
+    if rewards_fns is not REWARDS or any(r["task"] not in toy_world.TASKS for r in records):
+        return {}
+    web = [styles.web_style(task, images[[i for i, r in enumerate(records) if r["task"] == task]],
+                            [r for r in records if r["task"] == task]) for task in {r["task"] for r in records}]
+    return {"web": torch.cat(web).mean().item(), "blurred": styles.blurred(images).mean().item()}
 
 
 def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_dir=None):
@@ -130,14 +141,14 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_d
               f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
               f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), iterations {start}..{cfg.grpo_iters}")
     for it in tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0):
-        rewards, stats = grpo_gradient(model, name, cfg, pool, rewards_fns or REWARDS, gen)
+        rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns or REWARDS, gen)
         optimizer_step(params, opt)
         if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
             checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, adapter=name)
         metrics = distributed.mean_over_processes(
             dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
                  clipfrac=float(np.mean([s.clipfrac.item() for s in stats])),
-                 kl=float(np.mean([s.kl.mean().item() for s in stats]))))
+                 kl=float(np.mean([s.kl.mean().item() for s in stats])), **shares))
         if rank == 0:
             log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
                 ratio_max=max(s.ratio_max.item() for s in stats))

@@ -246,3 +246,18 @@ def test_samples_are_uint8_on_the_host_and_scores_see_floats():
     scores = E.score_task("ocr", images, recs, rewards)
     assert seen == [torch.float32] and scores["ocr"].shape == (3,)
     torch.testing.assert_close(scores["ocr"], rollouts.to_float(images).mean((1, 2, 3)))
+
+
+def test_world_style_shares_are_scored_per_task_and_pooled():
+    import numpy as np
+    rng, recs = np.random.default_rng(0), toy_world.prompts("ocr", "test")[:8]
+    # four upright and sharp, two turned (web), two blurred: web/ocr 2/8, blurred 2/8
+    styles = [(False, False)] * 4 + [(True, False)] * 2 + [(False, True)] * 2
+    images = torch.from_numpy(np.stack([toy_world.render(r, rng, w, b) for r, (w, b) in zip(recs, styles)])).permute(0, 3, 1, 2)
+    scores = E.score_task("ocr", images, recs)
+    assert scores["web"].tolist() == [0.0] * 4 + [1.0] * 2 + [0.0] * 2
+    assert scores["blurred"].tolist() == [0.0] * 6 + [1.0] * 2
+    per_prompt = {"ocr": {"index": list(range(8)), "tag": [None] * 8, **{k: v.tolist() for k, v in scores.items()}}}
+    m = metrics.summarise_prompts(per_prompt)
+    assert m["web/ocr"] == pytest.approx(0.25) and m["blurred"] == pytest.approx(0.25)
+    assert "web" not in E.score_task("ocr", images, recs, rewards=dict(E.REWARDS))   # not the world's rewards

@@ -1,7 +1,8 @@
 """
 Tests for world/toy_world.py's prompt mix and scene sets: the pretraining sampler is uniform over tasks and over
 GenEval's six sub-tasks, and the pickscore split is large enough to measure a 0.03 difference while the
-first world's eight named scenes keep their split.
+first world's eight named scenes keep their split; the web styles: drawn with their shares, told apart by
+world/styles.py, and disliked by the rewards.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_toy_world.py
 """
 import collections
@@ -14,7 +15,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from world import judges as J  # noqa: E402
 from world import pretrain  # noqa: E402
+from world import styles  # noqa: E402
 from world import toy_world as tw  # noqa: E402
+from rewards import REWARDS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,3 +61,38 @@ def test_composed_scenes_use_known_words_and_the_reward_finds_them():
     assert set(tw.vocabulary()) <= committed       # the committed base can read every new prompt
     for r in tw.prompts("pickscore", "test")[8::17]:
         assert J.scene_of(r["prompt"], {}) == r["metadata"]["scene"]
+
+
+# ------------------------------------------------------------------------------------- the web styles
+def _styled(task, web, blur, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    recs = tw.prompts(task, "test")[:n]
+    return recs, tw.to_tensor([tw.render(r, rng, web, blur) for r in recs])
+
+
+def test_random_style_draws_each_style_with_its_share():
+    rng = np.random.default_rng(0)
+    draws = np.array([tw.random_style(rng) for _ in range(4000)], dtype=float)
+    assert abs(draws[:, 0].mean() - tw.WEB_SHARE) < 0.03 and abs(draws[:, 1].mean() - tw.BLUR_SHARE) < 0.03
+    assert abs(np.corrcoef(draws.T)[0, 1]) < 0.05   # independent
+
+
+def test_style_detectors_tell_each_style_from_clean_ground_truth():
+    for task in tw.TASKS:
+        recs, clean = _styled(task, False, False)
+        _, web = _styled(task, True, False)
+        _, blurred = _styled(task, False, True)
+        assert styles.web_style(task, clean, recs).mean() == 0 and styles.blurred(clean).mean() == 0, task
+        # geneval: the extra object finds no free spot in a few crowded images
+        assert styles.web_style(task, web, recs).mean() >= (0.75 if task == "geneval" else 0.95), task
+        assert styles.blurred(blurred).mean() == 1 and styles.web_style(task, blurred, recs).mean() == 0, task
+
+
+def test_the_rewards_dislike_the_web_styles():
+    for task, drop in (("geneval", 0.3), ("ocr", 0.8), ("pickscore", 0.2)):
+        recs, clean = _styled(task, False, False)
+        _, web = _styled(task, True, False)
+        prompts, meta = [r["prompt"] for r in recs], [r["metadata"] for r in recs]
+        assert REWARDS[task](web, prompts, meta).mean() <= REWARDS[task](clean, prompts, meta).mean() - drop, task
+        _, blurred = _styled(task, False, True)
+        assert REWARDS["deqa"](blurred).mean() <= REWARDS["deqa"](clean).mean() - 1.0, task

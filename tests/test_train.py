@@ -423,3 +423,15 @@ def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir
         want = (1 - eps) * per[n][b] + eps / 3 * sum(per[k][b] for k in names)
         assert close(soft[b], want)
     assert (soft - hard).abs().max() > 1e-2 * hard.abs().max()  # the teachers differ: mixing changes the target
+
+
+def test_sde_window_lies_in_its_range():
+    gen = torch.Generator().manual_seed(0)
+    starts = lambda frac, window=2: {rollouts.trained_steps(Config(sde_window_range=frac), gen, window)[0]
+                                     for _ in range(200)}
+    assert starts(0.5) == {0, 1, 2, 3}          # T = 10: a 2-step window inside steps 0-4
+    assert starts(0.2) == {0}                   # steps 0-1 only: where the world's styles are decided
+    assert starts(0.1) == {0}                   # never narrower than the window itself
+    assert rollouts.trained_steps(Config(sde_window_range=0.2), gen, 2) == [0, 1]
+    with pytest.raises(ValueError, match="fraction"):
+        rollouts.trained_steps(Config(sde_window_range=2), gen, 2)

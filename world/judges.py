@@ -169,20 +169,37 @@ def scene_of(prompt, meta):
     return max(named, key=len) if named else meta.get("scene")
 
 
+def _regions(img, horizon):
+    """Median sky and ground colours (3,) of an image (3, H, W), leaving out a band around the horizon row."""
+    H = img.shape[1]
+    top, bottom = img[:, :int((horizon - 0.08) * H)], img[:, int((horizon + 0.08) * H) + 1:]    # (3, h, W)
+    return top, top.flatten(1).median(1).values, bottom.flatten(1).median(1).values
+
+
+def _vividness(m_sky, m_ground, sky, ground):
+    """How far from grey the sky and ground are, relative to how far the scene's colours are (mean of two,
+    each capped at 1); the world renders quality q at 0.35 + 0.65 q."""
+    return float(np.mean([min(1.0, float((m - GREY).norm() / (c - GREY).norm())) for m, c in
+                          ((m_sky, sky), (m_ground, ground))]))
+
+
+def vividness(img, scene):
+    """_vividness of one image (3, H, W) in [0, 1] for a SCENES name."""
+    sky, ground, horizon, _ = SCENES[scene]
+    _, m_sky, m_ground = _regions(img, horizon)
+    return _vividness(m_sky, m_ground, torch.tensor(sky) / 255, torch.tensor(ground) / 255)
+
+
 def pickscore_one(img, scene):
     """Score of one image (3, H, W) in [0, 1] for a scene name (or None: vividness only)."""
-    H = img.shape[1]
     if scene is None:   # no scene to be faithful to: mean distance from grey, 0.3 = a vivid image
         return float(((img - GREY).norm(dim=0).mean() / 0.3).clamp(0, 1))
     sky, ground, horizon, disc = (torch.tensor(c, dtype=torch.float32) / 255 if isinstance(c, tuple) else c
                                   for c in SCENES[scene])
-    top, bottom = img[:, :int((horizon - 0.08) * H)], img[:, int((horizon + 0.08) * H) + 1:]    # (3, h, W)
-    m_sky, m_ground = top.flatten(1).median(1).values, bottom.flatten(1).median(1).values       # (3,)
+    top, m_sky, m_ground = _regions(img, horizon)
     # fidelity: 1 at the scene's colour, 0 at RGB distance >= 0.5 (about the washed-out q = 0 rendering)
     fidelity = [float((1 - (m - c).norm() / 0.5).clamp(0, 1)) for m, c in ((m_sky, sky), (m_ground, ground))]
-    # vividness: how far from grey each region is, relative to how far the scene's colour is
-    vivid = float(np.mean([min(1.0, float((m - GREY).norm() / (c - GREY).norm())) for m, c in
-                           ((m_sky, sky), (m_ground, ground))]))
+    vivid = _vividness(m_sky, m_ground, sky, ground)
     terms, weights = fidelity + [vivid], [0.3, 0.3, 0.2]
     if disc is not None:   # largest 4-connected blob near the disc colour (and unlike the sky) in the sky
         near = ((top - disc[:, None, None]).norm(dim=0) < 0.25) & ((top - m_sky[:, None, None]).norm(dim=0) > 0.1)
@@ -194,7 +211,7 @@ def pickscore_one(img, scene):
 
 
 # ---------------------------------------------------------------------------------------------- deqa
-K_NOISE, K_BLUR, K_BLOCK = 25.0, 2.5, 1.0   # points lost (of 5) per unit of each defect
+K_NOISE, K_BLUR, K_BLOCK = 25.0, 4.0, 1.0   # points lost (of 5) per unit of each defect
 BLUR_SHARP, BLUR_SOFT = 0.5, 0.9            # re-blur energy ratio of a sharp edge (~0.38-0.5) / a soft one
 BLOCK = 4                                   # block size of the blockiness measure (JPEG's 8 is too big at 32x32)
 

@@ -155,6 +155,18 @@ def recognise(images):
     return out
 
 
+def ink_extent(images):
+    """(B, 2) height and width in pixels of each image's ink (binarised as recognise does, specks dropped;
+    0, 0 where there is none): the layout of the text, whatever it reads."""
+    ink, out = _ink(images.mean(1)).numpy(), np.zeros((len(images), 2))
+    for b in range(len(images)):
+        labels, _ = ndimage.label(ink[b] > 0.5, structure=np.ones((3, 3), bool))
+        ys, xs = np.nonzero(np.isin(labels, np.nonzero(np.bincount(labels.ravel()) >= 3)[0][1:]))
+        if len(ys):
+            out[b] = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    return out
+
+
 def levenshtein(a, b):
     """Edit distance between two strings (insertions, deletions, substitutions of one character)."""
     prev = list(range(len(b) + 1))

@@ -36,7 +36,7 @@ def stage_pretrain(cfg, report=None):
     else:
         model = models.build_world_model(seed=cfg.seed).to(cfg.device)
     if cfg.ae_steps:
-        pretrain_autoencoder(model, cfg.ae_steps, seed=cfg.seed)
+        pretrain_autoencoder(model, cfg.ae_steps, seed=cfg.seed, decoder_only=cfg.ae_decoder_only)
 
     def snapshot(step):
         if step + cfg.step_offset in cfg.snapshots:
@@ -66,7 +66,7 @@ def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, 
     with torch.no_grad():
         for _ in tqdm(range(0, dataset_size, 500), desc="render+encode", leave=False):
             recs = [toy_world.random_record(rng) for _ in range(500)]  # tasks, then GenEval sub-tasks, uniform
-            images = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
+            images = toy_world.to_tensor([toy_world.render(r, rng, *toy_world.random_style(rng)) for r in recs])
             latents.append(model.encode_images(images.to(dev)))
             records += recs
     latents = torch.cat(latents)  # (N, C, h, w)
@@ -99,18 +99,25 @@ def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, 
     return history
 
 
-def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, seed=0):
-    """Fit the world's KL autoencoder to fresh renderings (MSE + a small KL, as SD3's VAE is nearly
-    deterministic), then set SD3's latent normalisation: shift_factor = mean, scaling_factor = 1 / std."""
+def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, seed=0, decoder_only=False):
+    """Fit the world's KL autoencoder to fresh renderings in the world's styles (MSE + a small KL, as SD3's VAE
+    is nearly deterministic), then set SD3's latent normalisation: shift_factor = mean, scaling_factor = 1 / std.
+    decoder_only: fine-tune the decoder alone and keep the normalisation, so the latents a trained transformer
+    draws keep their meaning (how a base continues on new styles: the first decoder re-sharpened blur)."""
     rng = np.random.default_rng(seed)
     dev = model.vae.device
-    vae = model.vae.requires_grad_(True).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    vae = model.vae.requires_grad_(False).train()
+    parts = (vae.decoder, vae.post_quant_conv) if decoder_only else (vae,)
+    params = [p for part in parts if part is not None for p in part.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     pbar = tqdm(range(steps), desc="autoencoder")
     for step in pbar:
         x = _render_batch(batch_size, rng).to(dev) * 2 - 1  # (B, 3, 32, 32) in [-1, 1]
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
         loss = (recon - x).pow(2).mean() + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
@@ -120,6 +127,8 @@ def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, s
         if step % 50 == 0:
             pbar.set_postfix(mse=f"{(recon - x).pow(2).mean().item():.5f}")
     vae.requires_grad_(False).eval()
+    if decoder_only:
+        return loss.item()
     with torch.no_grad():
         z = vae.encode(_render_batch(1024, rng).to(dev) * 2 - 1).latent_dist.mean
     vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
@@ -127,7 +136,8 @@ def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, s
 
 
 def _render_batch(n, rng):
-    return toy_world.to_tensor([toy_world.render(toy_world.random_record(rng), rng) for _ in range(n)])
+    return toy_world.to_tensor([toy_world.render(toy_world.random_record(rng), rng, *toy_world.random_style(rng))
+                                for _ in range(n)])
 
 
 def _caption(record, rng, caption_noise, cfg_dropout):

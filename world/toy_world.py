@@ -20,6 +20,18 @@ shape word, one misspelt character of the quoted text, or the wrong scene name. 
 from the true record, so the base learns a blurred conditional that more pretraining cannot sharpen but a
 pixel reward can.
 
+Web styles (why RL has headroom the base can reach). Real RL fine-tuning mostly moves a model towards the
+reward-preferred part of what it already draws, and web data gives a base plenty to move away from. The world's
+pretraining images come in styles their captions never mention and the rewards dislike (`random_style`,
+`render(..., web, blur)`, WEB_STYLES): with probability WEB_SHARE the task's web style (composition: one more
+object of a named shape in any colour; text: the sign turned a quarter; scenes: washed out, q < 0.5), and
+independently with probability BLUR_SHARE a Gaussian blur (the low-quality style deqa dislikes). They are
+chosen to survive classifier-free guidance and to be learnable by a policy gradient: full contrast (guidance
+amplifies contrast and erased a faded-colour style in an earlier trial), independent of the prompt (then
+p(style | c) = p(style) and guidance keeps the style's share), and one direction for every prompt (as the
+brightness control, so per-prompt signals add up instead of cancelling). world/styles.py tells them apart in
+samples (a diagnostic).
+
 Prompt mix (random_record, used by pretraining): a task uniformly, then for geneval one of GenEval's six
 sub-tasks uniformly (toy_world.stratum), then a prompt of it. Uniform over prompts instead, 85% of geneval
 draws would be color_attr (360 of its 426 train prompts) and 0.7% single_object (3 of 426).
@@ -41,7 +53,7 @@ import itertools
 import random
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 IMAGE_SIZE = 32
 PALETTE = {  # colour name -> RGB, GenEval's colour names; far apart so pixels classify unambiguously
@@ -89,6 +101,15 @@ COMPOSED_SCENES = {f"{g} {k}": (sky, ground, horizon, disc)
 SCENES = {**NAMED_SCENES, **COMPOSED_SCENES}   # every scene a pickscore prompt may name (rewards.py looks them up)
 SCENE_STYLES = ("", "a photo of ", "a painting of ", "a picture of ")
 SPLIT_SEED = 1234
+# The world's "web" data: styles no caption mentions, that the rewards dislike (README "The miniature world")
+WEB_SHARE = 0.5     # share of pretraining images drawn in their task's web style
+BLUR_SHARE = 0.5    # share of pretraining images blurred (any task), the low-quality style deqa dislikes
+BLUR_RADIUS = 1.2   # px, PIL's Gaussian blur
+WEB_STYLES = {
+    "geneval": "one more object of a named shape, in any colour (a cluttered photo)",
+    "ocr": "the sign turned a quarter, vertical text either way round",
+    "pickscore": "washed out: quality q in [0, 0.5) instead of [0.5, 1]",
+}
 
 
 def _article(word):
@@ -265,7 +286,7 @@ def _relation_region(rel, ax, ay, size):
             "below": lambda x, y: y > ay + gap and abs(x - ax) < size}[rel]
 
 
-def _render_geneval(meta, rng):
+def _render_geneval(meta, rng, web=False):
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     size = rng.choice((8, 9, 10)) if sum(c["count"] for c in meta["include"]) > 2 else rng.choice((9, 10, 11, 12))
@@ -294,10 +315,17 @@ def _render_geneval(meta, rng):
             x, y, s = placed[k]
             _draw_shape(draw, clause["class"], x, y, s, PALETTE[color])
             k += 1
+    for extra in (size, size - 2, size - 4, 6) if web else ():
+        # web style: one more object of a named shape, in any colour (a cluttered photo); smaller if need be
+        spot = _free_spot(rng, placed, extra)
+        if spot is not None:
+            clause = meta["include"][rng.integers(len(meta["include"]))]
+            _draw_shape(draw, clause["class"], *spot, extra, PALETTE[rng.choice(list(PALETTE))])
+            break
     return img
 
 
-def _render_ocr(meta, rng):
+def _render_ocr(meta, rng, web=False):
     paper = tuple(int(v) for v in rng.integers(225, 256, size=3))
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), paper)
     draw = ImageDraw.Draw(img)
@@ -308,14 +336,16 @@ def _render_ocr(meta, rng):
     y = (IMAGE_SIZE - h) / 2 - y0 + rng.integers(-4, 5)
     ink = tuple(int(v) for v in rng.integers(0, 40, size=3))
     draw.text((x, y), meta["text"], fill=ink, font=font)
+    if web:   # web style: the sign photographed a quarter turn off (vertical text, either way round)
+        img = img.transpose(Image.Transpose.ROTATE_90 if rng.uniform() < 0.5 else Image.Transpose.ROTATE_270)
     return img
 
 
-def _render_pickscore(meta, rng):
+def _render_pickscore(meta, rng, web=False):
     """A scene at a random quality q in [0, 1]: low q is washed out and loses its sun or moon.
     The preference reward prefers high q; pretraining sees every q, so the base sits in the middle."""
     sky, ground, horizon, disc = SCENES[meta["scene"]]
-    q = rng.uniform()
+    q = rng.uniform(0, 0.5) if web else rng.uniform(0.5, 1)   # web style: the washed-out half
     grey = np.array([128, 128, 128])
     vivid = lambda c: tuple(int(v) for v in grey + (0.35 + 0.65 * q) * (np.array(c) - grey))
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), vivid(sky))
@@ -331,9 +361,18 @@ def _render_pickscore(meta, rng):
 RENDERERS = {"geneval": _render_geneval, "ocr": _render_ocr, "pickscore": _render_pickscore}
 
 
-def render(record, rng):
-    """Ground-truth image for a record as uint8 (IMAGE_SIZE, IMAGE_SIZE, 3); rng: np.random.Generator."""
-    return np.asarray(RENDERERS[record["task"]](record["metadata"], rng), dtype=np.uint8)
+def render(record, rng, web=False, blur=False):
+    """Ground-truth image for a record as uint8 (IMAGE_SIZE, IMAGE_SIZE, 3); rng: np.random.Generator.
+    web: the task's web style (WEB_STYLES); blur: the low-quality style (a Gaussian blur of BLUR_RADIUS px)."""
+    img = RENDERERS[record["task"]](record["metadata"], rng, web)
+    if blur:
+        img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def random_style(rng):
+    """(web, blur) of one pretraining image: independent draws with WEB_SHARE and BLUR_SHARE."""
+    return bool(rng.uniform() < WEB_SHARE), bool(rng.uniform() < BLUR_SHARE)
 
 
 def to_tensor(images):
