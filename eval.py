@@ -18,8 +18,7 @@ Metrics.
   ocr, pickscore the task's reward on its prompts (pickscore on 0-1)
   deqa           raw 1-5, on every test prompt (pooled over the tasks)
   avg            (geneval + ocr + deqa/5 + pickscore)/4 (the paper divides raw PickScore by 26; ours is 0-1)
-  web/<task>, blurred   the world's only: share of samples in the task's web style, and blurred (pooled over
-                 tasks), by world/styles.py; a diagnostic of the headroom the world's styles leave, not a score
+  web/<task>, blurred   the world only: shares of samples in the task's web style and blurred (world/styles.py)
 Standard errors (`se/<metric>`), clustered by prompt: the images of one prompt share it, so they are not
 independent draws; each prompt's images are averaged first, and a mean over n prompts has
 se = std(per-prompt means)/sqrt(n). A score made of several independent groups of prompts (geneval_acc: the
@@ -185,6 +184,9 @@ def main(argv=None):
     ap.add_argument("--model", default="checkpoints/base", help="world model folder")
     ap.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
                     help="a PEFT adapter folder to evaluate as row ROW (repeatable); the base is always row 'base'")
+    ap.add_argument("--other_model", action="append", default=[], metavar="ROW=PATH",
+                    help="another full world model to evaluate as row ROW (repeatable), paired with --model like an "
+                         "adapter (e.g. the same base pretrained longer: the plateau control)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds; the table has mean ± std")
     ap.add_argument("--prompts_per_task", "--limit", type=int, default=d.eval_prompts_per_task,
                     help="prompts per task, stratified by sub-task (0: all; GenEval's protocol)")
@@ -194,8 +196,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=d.eval_steps)
     ap.add_argument("--guidance_scale", "--cfg_scale", type=float, default=d.guidance_scale)
     ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
-    ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks' prompts (default: every task), e.g. "
-                    "a teacher's own task")
+    ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks' prompts (default: all)")
     ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
     ap.add_argument("--paired", action="store_true", help="also print each adapter minus the base, paired "
                     "on prompts and noise (mean ± se), and write them under 'paired' in --out")
@@ -205,21 +206,26 @@ def main(argv=None):
         raise SystemExit("--paired compares per-prompt scores of evaluate(); --ood has none: drop one of them")
     import models
     model = models.load_world_model(args.model)
-    model.decode_batch = args.decode_batch
-    rows = {"base": None}
+    rows = {"base": (model, None)}   # row -> (model, adapter)
     for spec in args.adapter:
         row, sep, path = spec.partition("=")
         if not sep or not os.path.isdir(path):
             raise SystemExit(f"--adapter expects ROW=PATH with PATH an adapter folder, got {spec!r}")
         model.load_adapter(path, row)
-        rows[row] = row
+        rows[row] = (model, row)
+    for spec in args.other_model:
+        row, sep, path = spec.partition("=")
+        if not sep or not os.path.isdir(path):
+            raise SystemExit(f"--other_model expects ROW=PATH with PATH a world model folder, got {spec!r}")
+        rows[row] = (models.load_world_model(path), None)
     records = records_by_task(args.prompts) if args.prompts else world_records("test")
     if args.tasks:
         if set(args.tasks) - set(records):
             raise SystemExit(f"--tasks {' '.join(args.tasks)}: the prompts have tasks {', '.join(records)}")
         records = {t: records[t] for t in args.tasks}
     per_seed, paired = {}, {}
-    for row, adapter in rows.items():
+    for row, (model, adapter) in rows.items():
+        model.decode_batch = args.decode_batch
         for seed in args.seeds:
             kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seed=seed)
             m = (evaluate_ood(model, adapter, args.prompts_per_task, batch_size=args.batch_size, **kw) if args.ood else

@@ -13,8 +13,9 @@ images, group-normalise the rewards, and accumulate the clipped policy gradient 
 trained steps; then one optimizer step.
 Time convention: t = 1 is noise (SD3 / Flow-GRPO).
 Departures from the paper: 1) Flow-GRPO-Fast: SDE only on a window of `sde_window` consecutive early steps
-(ODE elsewhere), a group's G samples share one initial noise and branch there, and only the window is
-trained (README); 2) one optimizer step per iteration, so every PPO ratio is exactly 1 (the released code
+(ODE elsewhere) inside the first `sde_window_range` of the steps (the world: steps 0-1, where its styles are
+decided), a group's G samples share one initial noise and branch there, and only the window is trained
+(README); 2) one optimizer step per iteration, so every PPO ratio is exactly 1 (the released code
 takes 2 per epoch): the clip of 1e-4 never acts, and the loss is a plain policy gradient.
 """
 import dataclasses
@@ -214,6 +215,6 @@ def stage_grpo_snr(cfg):
         print(f"[{name}] kappa = {sig.kappa:.4f} ± {sig.se:.4f}: {sig.batches_for_snr1:.0f} batches of "
               f"{row['samples_per_batch']} samples for one gradient with SNR 1 ({row['seconds_per_batch']:.1f} s "
               f"per batch)")
-        rows = json.load(open(path))["rows"] if os.path.isfile(path) else {}
-        rows[name] = row  # written after every teacher: an interrupted run keeps what it measured
-        write_json(path, {"rows": rows})
+        table = json.load(open(path)) if os.path.isfile(path) else {}   # other keys (earlier worlds) are kept
+        table.setdefault("rows", {})[name] = row  # written after every teacher: an interrupted run keeps it
+        write_json(path, table)

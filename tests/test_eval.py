@@ -261,3 +261,16 @@ def test_world_style_shares_are_scored_per_task_and_pooled():
     m = metrics.summarise_prompts(per_prompt)
     assert m["web/ocr"] == pytest.approx(0.25) and m["blurred"] == pytest.approx(0.25)
     assert "web" not in E.score_task("ocr", images, recs, rewards=dict(E.REWARDS))   # not the world's rewards
+
+
+def test_eval_cli_restricts_tasks_and_pairs_another_full_model(tmp_path):
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "base")
+    out = tmp_path / "t.json"
+    E.main(["--model", base, "--other_model", f"again={base}", "--tasks", "ocr", "--prompts_per_task", "2",
+            "--images_per_prompt", "1", "--steps", "2", "--paired", "--out", str(out)])
+    table = json.loads(out.read_text())
+    assert set(table["rows"]) == {"base", "again"} and table["meta"]["tasks"] == ["ocr"]
+    assert "geneval" not in table["rows"]["base"] and "ocr" in table["rows"]["base"]
+    assert table["paired"]["again"][0]["ocr"] == {"mean": 0.0, "se": 0.0}   # the same model on the same noise
+    with pytest.raises(SystemExit, match="--tasks"):
+        E.main(["--model", base, "--tasks", "paint", "--steps", "2"])

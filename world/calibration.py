@@ -7,6 +7,7 @@ uniform pixel noise. The numbers are in world/judges.py's docstring; tests/test_
 (ground truth >= 0.97 per sub-task, < 1% flips).
 
     python -m world.calibration --n 60 [--model checkpoints/base]
+    python -m world.calibration --n 60 --styles     (what each web style costs the rewards, toy_world.WEB_STYLES)
 """
 import argparse
 
@@ -16,7 +17,7 @@ import torch
 import models
 from rollouts import sample_images
 from rewards import REWARDS
-from world import toy_world
+from world import styles, toy_world
 
 
 def calibration_records(per_stratum, seed=0):
@@ -57,6 +58,29 @@ def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, 
     return out
 
 
+@torch.no_grad()
+def style_costs(model, per_stratum=60, seed=0):
+    """{stratum: {style: reward}}: what each web style costs each reward on ground truth through the model's
+    autoencoder. Styles: clean, web (the task's web style), blurred; the task reward (pickscore: the 128 test
+    scenes) and deqa (raw 1-5); `web_detected`: the share world/styles.py flags in the web-styled images."""
+    rng, out = np.random.default_rng(seed), {}
+    strata = calibration_records(per_stratum, seed)
+    strata["pickscore"] = [toy_world.prompts("pickscore", "test")[i]
+                           for i in rng.integers(len(toy_world.prompts("pickscore", "test")), size=per_stratum)]
+    for stratum, recs in strata.items():
+        task, row = recs[0]["task"], {}
+        prompts, meta = [r["prompt"] for r in recs], [r["metadata"] for r in recs]
+        for style, (web, blur) in {"clean": (False, False), "web": (True, False), "blurred": (False, True)}.items():
+            truth = toy_world.to_tensor([toy_world.render(r, rng, web, blur) for r in recs])
+            images = model.decode(model.encode_images(truth))
+            row[style] = REWARDS[task](images, prompts, meta).mean().item()
+            row[f"deqa/{style}"] = REWARDS["deqa"](images).mean().item()
+            if web:
+                row["web_detected"] = styles.web_style(task, images, recs).mean().item()
+        out[stratum] = row
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="checkpoints/base", help="world model folder")
@@ -64,8 +88,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--guidance_scale", type=float, default=4.5)
+    ap.add_argument("--styles", action="store_true", help="what each web style costs the rewards, instead")
     args = ap.parse_args(argv)
     model = models.load_world_model(args.model)
+    if args.styles:
+        costs = style_costs(model, args.n, args.seed)
+        print("| stratum | clean | web style | blurred | deqa clean | deqa web | deqa blurred | web style detected |")
+        print("|---|---|---|---|---|---|---|---|")
+        for s, c in costs.items():
+            print(f"| {s} | {c['clean']:.2f} | {c['web']:.2f} | {c['blurred']:.2f} | {c['deqa/clean']:.2f} | "
+                  f"{c['deqa/web']:.2f} | {c['deqa/blurred']:.2f} | {c['web_detected']:.2f} |")
+        return
     truth, drawn = (reward_calibration(model, args.n, args.seed, samples, args.steps, args.guidance_scale)
                     for samples in (False, True))
     print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
