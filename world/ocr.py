@@ -149,10 +149,14 @@ def recognise(images):
     ink = _ink(images.mean(1)).numpy()                                                # (B, H, W)
     out = []
     for b in range(len(images)):
-        labels, _ = ndimage.label(ink[b] > 0.5, structure=np.ones((3, 3), bool))
-        mask = np.isin(labels, np.nonzero(np.bincount(labels.ravel()) >= 3)[0][1:])   # drop specks < 3 px
-        out.append(_read_line(ink[b], mask, T, chars))
+        out.append(_read_line(ink[b], _ink_mask(ink[b]), T, chars))
     return out
+
+
+def _ink_mask(ink):
+    """(H, W) bool: the binarised ink of one soft ink map (H, W), 8-connected specks < 3 px dropped."""
+    labels, _ = ndimage.label(ink > 0.5, structure=np.ones((3, 3), bool))
+    return np.isin(labels, np.nonzero(np.bincount(labels.ravel()) >= 3)[0][1:])
 
 
 def ink_extent(images):
@@ -160,8 +164,7 @@ def ink_extent(images):
     0, 0 where there is none): the layout of the text, whatever it reads."""
     ink, out = _ink(images.mean(1)).numpy(), np.zeros((len(images), 2))
     for b in range(len(images)):
-        labels, _ = ndimage.label(ink[b] > 0.5, structure=np.ones((3, 3), bool))
-        ys, xs = np.nonzero(np.isin(labels, np.nonzero(np.bincount(labels.ravel()) >= 3)[0][1:]))
+        ys, xs = np.nonzero(_ink_mask(ink[b]))
         if len(ys):
             out[b] = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
     return out

@@ -1,7 +1,7 @@
 """
 Detectors of the miniature world's "web" styles (toy_world.WEB_STYLES, BLUR_SHARE): which samples a model draws
-in the styles its captions never mention and its rewards dislike. A diagnostic of the world (issue: does a
-recipe have headroom it can learn?), never a reward: the rewards judge the prompt, these judge the style.
+in the styles its captions never mention and its rewards dislike. A diagnostic of the world (does a recipe
+have headroom it can learn?), never a reward: the rewards judge the prompt, these judge the style.
 
     web       geneval: more objects than the prompt names (the clutter style);
               ocr: the ink's box is tall where the text drawn upright is wide, or wide where it is tall
@@ -42,7 +42,8 @@ def web_style(task, images, records):
         named = [sum(c["count"] for c in m["include"]) for m in meta]
         return torch.tensor([float(len(objs) > n) for objs, n in zip(detect(images), named)])
     if task == "ocr":   # turned: the ink's aspect is on the other side of 1 from the text's upright aspect
-        drawn = np.log((ink_extent(images) + 1)[:, 1] / (ink_extent(images) + 1)[:, 0])      # log(w / h), (B,)
+        extent = ink_extent(images) + 1                                                      # (B, 2) h, w
+        drawn = np.log(extent[:, 1] / extent[:, 0])                                          # log(w / h), (B,)
         upright = np.log(np.array([_upright_aspect(m["text"]) for m in meta]))
         return torch.tensor((np.abs(drawn) > MIN_LOG_ASPECT) & (np.sign(drawn) != np.sign(upright))).float()
     if task == "pickscore":
