@@ -95,7 +95,10 @@ class Config:
     opd_group: int = 1               # samples per prompt (OPD needs no group baseline)
     opd_lr: float = 1e-3             # AdamW on the student LoRA
     soft_routing: float = 0.0        # eps > 0: mix all teachers, (1 - eps) own + eps / K each (router.py)
-    eval_every: int = 0              # evaluate the student every N distill iterations (0: only at the end)
+    eval_every: int = 0              # every N iterations of distillation, GRPO-Mix or a teacher, and before the
+                                     # first, a probe evaluation logged with the images sampled so far (the
+                                     # curves of avg against images sampled; 0: only at the end)
+    probe_prompts_per_task: int = 8  # the probe: this many prompts per task (stratified), one image each
     checkpoint_every: int = 0        # every N iterations a checkpoint-N/ in <student_dir>/<name> (distill)
                                      # or in <teacher_dir>/runs/<name> (teachers, grpo_mix)
     student_dir: str = "checkpoints/students"
@@ -145,6 +148,8 @@ class Config:
         if self.eval_prompts_per_task < 0 or min(self.eval_images_per_prompt, self.eval_batch, self.decode_batch) < 1:
             raise ValueError("eval_prompts_per_task must be >= 0 (0 = all) and eval_images_per_prompt, eval_batch, "
                              "decode_batch >= 1")
+        if self.eval_every < 0 or self.probe_prompts_per_task < 1:
+            raise ValueError("eval_every must be >= 0 (0 = off) and probe_prompts_per_task >= 1")
         if self.preset and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; presets: {sorted(PRESETS)}")
         if self.text_encoder_device and not (self.text_encoder_device == "cpu"
@@ -303,6 +308,12 @@ def reward_registry(cfg):
     import reward_backends
     on_gpu = cfg.device.startswith("cuda")  # PickScore's CLIP runs beside the model, in its precision
     return reward_backends.make_rewards(**choice, device=cfg.device, dtype=precision(cfg) if on_gpu else torch.float32)
+
+
+def probe_settings(cfg):
+    """The settings of the probe evaluation --eval_every runs during training: eval_settings' steps, guidance
+    and noise on a smaller stratified subset, one image per prompt."""
+    return {**eval_settings(cfg), "prompts_per_task": cfg.probe_prompts_per_task, "images_per_prompt": 1}
 
 
 def eval_settings(cfg):

@@ -81,6 +81,11 @@ def max_parameter_spread(params):
     return spread.item()
 
 
+def world_size():
+    """Processes in the run (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+import torch
 from tqdm import tqdm
 
 import models
@@ -28,10 +29,14 @@ from world import toy_world
 from world.pretrain import stage_pretrain
 
 
+# Probe evaluations every CURVE_EVERY iterations of GRPO-Mix and of the two main Flow-OPD students: their avg
+# against the images each has sampled (results/sample_cost_seed<S>.png), the paper's comparison at equal cost.
+CURVE_EVERY = 10
+
 # Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
 # the two ablations' (the OPD estimator; the cold start by A/B averaging, beside exact dW and SFT above).
-MAIN_VARIANTS = {"flow_opd/merge": dict(cold_start="merge"),
-                 "flow_opd/sft": dict(cold_start="sft"),
+MAIN_VARIANTS = {"flow_opd/merge": dict(cold_start="merge", eval_every=CURVE_EVERY),
+                 "flow_opd/sft": dict(cold_start="sft", eval_every=CURVE_EVERY),
                  "flow_opd/merge_no_mar": dict(cold_start="merge", mar_anchor="none")}
 ABLATION_VARIANTS = {"flow_opd/merge_logratio": dict(cold_start="merge", estimator="logratio"),
                      "flow_opd/merge_released": dict(cold_start="merge", estimator="released"),
@@ -65,7 +70,7 @@ def stage_all(cfg, stage_distill):
     if not os.path.isdir(cfg.base):
         stage_pretrain(cfg)
     stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
-    stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False), ["grpo_mix"])
+    stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False, eval_every=CURVE_EVERY), ["grpo_mix"])
     timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
     rows = pipeline_rows(cfg, run)
     for row, overrides in selected_variants(cfg).items():
@@ -110,10 +115,65 @@ def evaluate_rows(cfg, rows, timings):
     draw_pictures(cfg, model, rows)
 
 
+def failed_by_every_row(samples, recs):
+    """The prompts of the grid that no row draws right: GenEval strict correctness for composition prompts
+    (the world's and the out-of-domain set's), the task reward >= 0.5 for the others. samples: {row: (N, 3,
+    H, W) in [0, 1]} for recs (N records)."""
+    from rewards import REWARDS, geneval_details
+    ok = torch.zeros(len(recs), dtype=torch.bool)
+    meta, prompts = [r["metadata"] for r in recs], [r["prompt"] for r in recs]
+    for images in samples.values():
+        for task in {r["task"] for r in recs}:
+            idx = [i for i, r in enumerate(recs) if r["task"] == task]
+            x, m, p = images[idx], [meta[i] for i in idx], [prompts[i] for i in idx]
+            good = geneval_details(x, m).strict if task == "geneval" else REWARDS[task](x, p, m) >= 0.5
+            ok[idx] |= good.bool().cpu()
+    return [prompts[i] for i in range(len(recs)) if not ok[i]]
+
+
+def images_sampled(log_path, stage, per_iter):
+    """Images a GRPO run sampled, from its log: iterations logged for `stage` x images per iteration."""
+    if not os.path.isfile(log_path):
+        return 0
+    with open(log_path) as f:
+        entries = [json.loads(s) for s in f if s.strip()]
+    return len({e["iter"] for e in entries if e.get("stage") == stage and "reward" in e}) * per_iter
+
+
+def sample_cost(cfg, run, rows):
+    """The cost comparison of GRPO-Mix and Flow-OPD in images sampled: each probe curve (stage *_eval in the
+    logs, --eval_every), the images each needs to first reach GRPO-Mix's final probe avg, and the images the
+    teachers sampled before any distillation (their logs; GRPO iterations x prompts_per_iter x group_size of
+    this config) and the SFT cold start's ODE samples. Returns ({row: probe entries}, summary dict)."""
+    def probes(path, stage):
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [e for e in map(json.loads, filter(str.strip, f)) if e.get("stage") == stage]
+    curves = {"grpo_mix": probes(os.path.join(run, "train_log.jsonl"), "grpo_mix_eval")}
+    for row in ("flow_opd/merge", "flow_opd/sft"):
+        curves[row] = probes(os.path.join(os.path.dirname(rows[row]), "train_log.jsonl"), "distill_eval")
+    curves = {k: v for k, v in curves.items() if v}
+    per_iter = cfg.prompts_per_iter * cfg.group_size
+    teachers = {t: images_sampled(os.path.join(cfg.teacher_dir, "train_log.jsonl"), t, per_iter)
+                for t in cfg.routes + ["deqa"]}
+    summary = {"teachers_images": teachers, "sft_cold_start_images": cfg.sft_samples * len(cfg.routes)}
+    if "grpo_mix" in curves:
+        target = curves["grpo_mix"][-1]["eval/avg"]
+        summary["grpo_mix_final_probe_avg"] = target
+        summary["images_to_reach_it"] = {row: next((e["images"] for e in c if e["eval/avg"] >= target), None)
+                                         for row, c in curves.items()}
+        summary["final_probe_avg"] = {row: c[-1]["eval/avg"] for row, c in curves.items()}
+        summary["final_images"] = {row: c[-1]["images"] for row, c in curves.items()}
+    return curves, summary
+
+
 def draw_pictures(cfg, model, rows):
     """results/grid_seed<S>.png: every row's samples on fixed prompts (2 test prompts per task and 4 OOD
-    compositions) from the same noise; results/curves_*.png: the training curves of the teachers and
-    GRPO-Mix, and of the Flow-OPD variants (per-task reward of the training samples, KL, MAR)."""
+    compositions) from the same noise, with the prompts every row fails noted under it;
+    results/curves_*.png: the training curves of the teachers and GRPO-Mix, and of the Flow-OPD variants
+    (KL on a log scale, MAR, per-task reward of the training samples); results/sample_cost_seed<S>.png and
+    .json: GRPO-Mix's and the main students' probe avg against the images each sampled (sample_cost)."""
     import plots
     from world import compbench
     recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:2]] + compbench.records()[::24][:4]
@@ -123,13 +183,20 @@ def draw_pictures(cfg, model, rows):
         model.adapter(None if folder is None else row)
         samples[row] = sample_images(model, prompts, cfg.eval_steps, cfg.guidance_scale, cfg.seed)
     out = lambda name: os.path.join(cfg.results_dir, name)
-    plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"))
+    failed = failed_by_every_row(samples, recs)
+    notes = [f"no row draws right ({len(failed)} of {len(recs)}): " + "; ".join(failed)] if failed else []
+    plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"), notes=notes)
     run = os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
     logs = {"": os.path.join(cfg.teacher_dir, "train_log.jsonl"), "seed": os.path.join(run, "train_log.jsonl")}
-    plots.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "kl"],
+    plots.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "web", "kl"],
                           out(f"curves_teachers_seed{cfg.seed}.png"))
     logs = {row: os.path.join(os.path.dirname(folder), "train_log.jsonl") for row, folder in rows.items()
             if row.startswith("flow_opd/")}
     plots.training_curves(logs, ["kl", "mar", "reward/geneval", "reward/ocr", "reward/pickscore"],
-                          out(f"curves_distill_seed{cfg.seed}.png"))
+                          out(f"curves_distill_seed{cfg.seed}.png"), log_keys=("kl",))
+    curves, summary = sample_cost(cfg, run, rows)
+    if curves:
+        plots.training_curves(curves, ["eval/avg"], out(f"sample_cost_seed{cfg.seed}.png"), smooth=1,
+                              x_key="images")
+        write_json(out(f"sample_cost_seed{cfg.seed}.json"), summary)
     print(f"pictures: {out(f'grid_seed{cfg.seed}.png')}, curves_*_seed{cfg.seed}.png")

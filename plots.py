@@ -5,10 +5,12 @@ teachers; {"stage": "distill", "iter", "kl", "mar", "reward/<task>"} for student
 
 PIL only, no matplotlib: the curves are a few lines per panel, PIL is already pinned for the world and
 the rewards, and one fewer dependency keeps the CPU install small; the price is plain axes (min, middle
-and max ticks, no log scale). Layout constants are module-level so a caller (or a test) knows the size:
-  image_grid       width  LABEL_WIDTH + N (scale W + PAD),
-                   height PAD + (HEADER_LINES LINE if col_labels) + rows (scale H + PAD)
-  training_curves  width, len(keys) * panel_height
+and max ticks; a log scale draws log10 of the values and labels the ticks with the values). Layout
+constants are module-level so a caller (or a test) knows the size:
+  image_grid       width  row_label_width(rows) + N (scale W + PAD),
+                   height PAD + (HEADER_LINES LINE if col_labels) + rows (scale H + PAD) + notes LINE (+ PAD)
+  training_curves  width, (panels drawn) * panel_height; a key whose values are all 0 gets no panel
+  bar_chart        width, height
 Run the self-check (writes samples_grid.png and training_curves.png to a folder):  python plots.py /tmp
 """
 import json
@@ -57,29 +59,37 @@ def _draw_lines(draw, xy, lines, font, fill=(0, 0, 0)):
         draw.text((xy[0], xy[1] + k * LINE), s, fill=fill, font=font)
 
 
-def image_grid(rows, col_labels=None, scale=4, path=None):
-    """A PIL image of rows {name: (N, 3, H, W) in [0, 1]}, names on the left, col_labels (N strings, e.g.
-    prompts) on top, each image upscaled `scale` times by nearest neighbour (32 px samples stay crisp).
-    Saved as PNG when path is given."""
+def row_label_width(names):
+    """Width of image_grid's row-label column: LABEL_WIDTH, or wider so the longest name fits on one line."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return max(LABEL_WIDTH, max(math.ceil(draw.textlength(n, font=_font())) for n in names) + 2 * PAD)
+
+
+def image_grid(rows, col_labels=None, scale=4, path=None, notes=()):
+    """A PIL image of rows {name: (N, 3, H, W) in [0, 1]}, names on the left in full, col_labels (N strings,
+    e.g. prompts) on top, each image upscaled `scale` times by nearest neighbour (32 px samples stay crisp),
+    and `notes` (lines of text, e.g. which prompts every row fails) under the grid. Saved as PNG when path
+    is given."""
     names = list(rows)
     n, _, h, w = rows[names[0]].shape
     if any(rows[k].shape[0] != n or tuple(rows[k].shape[2:]) != (h, w) for k in names):
         raise ValueError(f"every row needs {n} images of {h}x{w}: {[tuple(rows[k].shape) for k in names]}")
     if col_labels is not None and len(col_labels) != n:
         raise ValueError(f"{len(col_labels)} column labels for {n} columns")
-    cw, ch = w * scale, h * scale
+    cw, ch, lw = w * scale, h * scale, row_label_width(names)
     top = PAD + (HEADER_LINES * LINE if col_labels is not None else 0)
-    canvas = Image.new("RGB", (LABEL_WIDTH + n * (cw + PAD), top + len(names) * (ch + PAD)), "white")
+    bottom = top + len(names) * (ch + PAD)
+    canvas = Image.new("RGB", (lw + n * (cw + PAD), bottom + len(notes) * LINE + (PAD if notes else 0)), "white")
     draw, font = ImageDraw.Draw(canvas), _font()
     for j, label in enumerate(col_labels or []):
-        _draw_lines(draw, (LABEL_WIDTH + j * (cw + PAD), PAD), _fit(draw, label, font, cw, HEADER_LINES), font)
+        _draw_lines(draw, (lw + j * (cw + PAD), PAD), _fit(draw, label, font, cw, HEADER_LINES), font)
     for i, name in enumerate(names):
         y = top + i * (ch + PAD)
-        lines = _fit(draw, name, font, LABEL_WIDTH - 2 * PAD, max(1, ch // LINE))
-        _draw_lines(draw, (PAD, y + (ch - len(lines) * LINE) // 2), lines, font)
+        draw.text((PAD, y + (ch - LINE) // 2), name, fill=(0, 0, 0), font=font)
         pixels = (rows[name].detach().float().clamp(0, 1) * 255).round().to(torch.uint8)   # (N, 3, H, W)
         for j, img in enumerate(pixels.permute(0, 2, 3, 1).cpu().numpy()):
-            canvas.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (LABEL_WIDTH + j * (cw + PAD), y))
+            canvas.paste(Image.fromarray(img).resize((cw, ch), Image.NEAREST), (lw + j * (cw + PAD), y))
+    _draw_lines(draw, (PAD, bottom), [_truncate(draw, s, font, canvas.width - 2 * PAD) for s in notes], font)
     if path:
         canvas.save(path)
     return canvas
@@ -123,13 +133,19 @@ def _load(logs):
     return out
 
 
-def _points(run, key):
-    xy = [(e["iter"], e[key]) for e in run if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])]
-    return np.array(xy, dtype=float).reshape(-1, 2)
+def _points(run, key, x_key="iter", log=False):
+    """(n, 2) array of (x, y) for the entries holding both, finite; log: (x, log10 y) for y > 0 only."""
+    num = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    xy = [(e[x_key], e[key]) for e in run if num(e.get(x_key)) and num(e.get(key)) and (e[key] > 0 or not log)]
+    xy = np.array(xy, dtype=float).reshape(-1, 2)
+    if log:
+        xy[:, 1] = np.log10(xy[:, 1])
+    return xy
 
 
-def _panel(draw, box, key, series, colours, smooth, font):
-    """One key: faint raw curves, bold moving averages, min/middle/max ticks, title and legend."""
+def _panel(draw, box, key, series, colours, smooth, font, log=False):
+    """One key: faint raw curves, bold moving averages, min/middle/max ticks (log: of log10 y, labelled with
+    y), title and legend."""
     x0, y0, x1, y1 = box[0] + MARGIN[0], box[1] + MARGIN[1], box[2] - MARGIN[2], box[3] - MARGIN[3]
     pts = np.concatenate(list(series.values()))
     (xlo, ylo), (xhi, yhi) = pts.min(0), pts.max(0)
@@ -138,11 +154,13 @@ def _panel(draw, box, key, series, colours, smooth, font):
     for f in (0, 0.5, 1):
         yy = y1 - f * (y1 - y0)
         draw.line([(x0, yy), (x1, yy)], fill=(225, 225, 225))
-        draw.text((box[0] + 2, yy - LINE // 2), f"{ylo + f * (yhi - ylo):.3g}", fill=(0, 0, 0), font=font)
-        draw.text((x0 + f * (x1 - x0) - 8, y1 + 2), f"{xlo + f * (xhi - xlo):.0f}", fill=(0, 0, 0), font=font)
+        y = ylo + f * (yhi - ylo)
+        draw.text((box[0] + 2, yy - LINE // 2), f"{10 ** y if log else y:.3g}", fill=(0, 0, 0), font=font)
+        draw.text((x0 + f * (x1 - x0) - 8, y1 + 2), f"{xlo + f * (xhi - xlo):.4g}", fill=(0, 0, 0), font=font)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-    x_text = x0 + draw.textlength(key, font=font) + 12
-    draw.text((x0, box[1] + 2), key, fill=(0, 0, 0), font=font)
+    title = f"{key} (log scale)" if log else key
+    x_text = x0 + draw.textlength(title, font=font) + 12
+    draw.text((x0, box[1] + 2), title, fill=(0, 0, 0), font=font)
     for label, p in series.items():   # every raw curve first, so no faint line hides a bold one
         faint = tuple(int(255 - 0.3 * (255 - v)) for v in colours[label])   # 30 % of the colour on white
         draw.line(to_px(p[:, 0], p[:, 1]), fill=faint, width=1)
@@ -152,20 +170,59 @@ def _panel(draw, box, key, series, colours, smooth, font):
         x_text += draw.textlength(label, font=font) + 10
 
 
-def training_curves(logs, keys, path=None, smooth=10, width=640, panel_height=200):
+def training_curves(logs, keys, path=None, smooth=10, width=640, panel_height=200, x_key="iter", log_keys=()):
     """A PIL image of one panel per key (stacked), one line per run: logs is {name: jsonl path or list of
     dicts} or a list of paths; a log holding several stages or reruns gives one line each. Raw values are
-    drawn faint, their trailing `smooth`-iteration mean bold. Saved as PNG when path is given."""
+    drawn faint, their trailing `smooth`-point mean bold, against x_key (e.g. "images": images sampled);
+    keys in log_keys on a log scale. A key whose values are all 0 (the teachers' KL at beta = 0) gets no
+    panel. Saved as PNG when path is given."""
     runs = _load(logs)
     colours = {label: COLOURS[i % len(COLOURS)] for i, label in enumerate(runs)}
-    canvas = Image.new("RGB", (width, panel_height * len(keys)), "white")
-    draw, font = ImageDraw.Draw(canvas), _font()
-    for k, key in enumerate(keys):
-        series = {lbl: p for lbl, run in runs.items() if len(p := _points(run, key))}
+    panels = []
+    for key in keys:
+        series = {lbl: p for lbl, run in runs.items() if len(p := _points(run, key, x_key))}
         if not series:
             seen = sorted({name for run in runs.values() for e in run for name in e})
-            raise ValueError(f"no log has numeric values of {key!r}; keys seen: {seen}")
-        _panel(draw, (0, k * panel_height, width, (k + 1) * panel_height), key, series, colours, smooth, font)
+            raise ValueError(f"no log has numeric values of {key!r} against {x_key!r}; keys seen: {seen}")
+        if any(np.any(p[:, 1] != 0) for p in series.values()):
+            log = key in log_keys
+            panels.append((key, {lbl: p for lbl, run in runs.items() if len(p := _points(run, key, x_key, log))}, log))
+    canvas = Image.new("RGB", (width, panel_height * len(panels)), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    for k, (key, series, log) in enumerate(panels):
+        _panel(draw, (0, k * panel_height, width, (k + 1) * panel_height), key, series, colours, smooth, font, log)
+    if path:
+        canvas.save(path)
+    return canvas
+
+
+def bar_chart(bars, title, path=None, width=480, height=240):
+    """A PIL image of one bar per label with a ±1 standard-error whisker: bars is {label: (mean, se)}; the
+    value axis spans 0 and every whisker, with a line at 0. Saved as PNG when path is given."""
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, font = ImageDraw.Draw(canvas), _font()
+    x0, y0, x1, y1 = MARGIN[0], MARGIN[1], width - MARGIN[2], height - MARGIN[3]
+    lo = min([0.0] + [m - s for m, s in bars.values()])
+    hi = max([0.0] + [m + s for m, s in bars.values()])
+    hi = max(hi, lo + 1e-12)
+    to_y = lambda v: y1 - (v - lo) / (hi - lo) * (y1 - y0)
+    for f in (0, 0.5, 1):
+        v = lo + f * (hi - lo)
+        draw.line([(x0, to_y(v)), (x1, to_y(v))], fill=(225, 225, 225))
+        draw.text((2, to_y(v) - LINE // 2), f"{v:.3g}", fill=(0, 0, 0), font=font)
+    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+    draw.line([(x0, to_y(0)), (x1, to_y(0))], fill=(0, 0, 0))
+    draw.text((x0, 2), title, fill=(0, 0, 0), font=font)
+    slot = (x1 - x0) / max(1, len(bars))
+    for i, (label, (m, s)) in enumerate(bars.items()):
+        cx = x0 + (i + 0.5) * slot
+        draw.rectangle([cx - slot * 0.3, min(to_y(m), to_y(0)), cx + slot * 0.3, max(to_y(m), to_y(0))],
+                       fill=COLOURS[i % len(COLOURS)])
+        draw.line([(cx, to_y(m - s)), (cx, to_y(m + s))], fill=(0, 0, 0), width=2)
+        for v in (m - s, m + s):
+            draw.line([(cx - 4, to_y(v)), (cx + 4, to_y(v))], fill=(0, 0, 0), width=2)
+        text = _truncate(draw, label, font, slot)
+        draw.text((cx - draw.textlength(text, font=font) / 2, y1 + 2), text, fill=(0, 0, 0), font=font)
     if path:
         canvas.save(path)
     return canvas

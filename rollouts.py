@@ -13,6 +13,7 @@ own ratio (Position:Counting:Attribute:Colors:Two:Single = 7:5:3:1:1:0), which `
 import contextlib
 import json
 import os
+import time
 
 import numpy as np
 import torch
@@ -123,9 +124,15 @@ def optimizer_step(params, opt, ema=None):
         ema.update()
 
 
-def jsonl_logger(path):
-    """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash."""
+def jsonl_logger(path, fresh=False):
+    """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash.
+    fresh: a new run, so an existing log is first renamed to <name>-<its last write time>.jsonl (kept, not
+    appended to: one run per file, and a resumed run passes fresh=False to continue its own)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if fresh and os.path.isfile(path):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        root, ext = os.path.splitext(path)
+        os.replace(path, f"{root}-{stamp}{ext}")
 
     def log(**metrics):
         with open(path, "a") as f:

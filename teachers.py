@@ -30,8 +30,8 @@ from tqdm import tqdm
 import checkpoint
 import distributed
 import models
-from config import eval_settings, load_model, prompt_pool, reward_registry
-from eval import evaluate_cached
+from config import eval_settings, load_model, probe_settings, prompt_pool, reward_registry
+from eval import evaluate_cached, log_probe
 from metrics import format_metrics, write_json
 from grpo import gradient_signal, group_advantages, grpo_loss, zero_std_fraction
 from rewards import REWARDS, combined_reward
@@ -141,9 +141,15 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_d
               f"in micro-batches of {cfg.micro_batch}; {k} of {cfg.num_steps} steps trained"
               f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
               f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), iterations {start}..{cfg.grpo_iters}")
-    for it in tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0):
+    # --eval_every: a probe evaluation on the world's test prompts (a --prompts run has no such set)
+    probing = cfg.eval_every and rank == 0 and not cfg.prompts
+    if probing and start == 0:
+        log_probe(model, name, probe_settings(cfg), log, stage=f"{name}_eval", iter=0, images=0)
+    bar = tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0)
+    for it in bar:
         rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns or REWARDS, gen)
         optimizer_step(params, opt)
+        bar.set_postfix(reward=f"{rewards.mean().item():.3f}")
         if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
             checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, adapter=name)
         metrics = distributed.mean_over_processes(
@@ -153,6 +159,9 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_d
         if rank == 0:
             log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
                 ratio_max=max(s.ratio_max.item() for s in stats))
+        if probing and (it + 1) % cfg.eval_every == 0:
+            log_probe(model, name, probe_settings(cfg), log, stage=f"{name}_eval", iter=it + 1,
+                      images=(it + 1) * n * distributed.world_size())
 
 
 def stage_teachers(cfg, names=None):

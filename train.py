@@ -34,10 +34,10 @@ import checkpoint
 import distributed
 import pipeline
 from cold_start import merge_into, sft_cold_start
-from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, prompt_pool,
-                    reward_registry)
-from eval import evaluate, evaluate_cached
-from metrics import format_metrics, format_paired, paired_difference, scalars
+from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, probe_settings,
+                    prompt_pool, reward_registry)
+from eval import evaluate, evaluate_cached, log_probe
+from metrics import format_metrics, format_paired, paired_difference
 from opd_loss import flow_opd_loss
 from rewards import REWARDS, combined_reward
 from rollouts import amp, draw_records, jsonl_logger, micro_batch_conds, optimizer_step, sample_rollouts, trainable, trained_steps
@@ -60,7 +60,13 @@ def stage_distill(cfg):
         model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
     pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
     kw, evaluating = student_evaluation(cfg, rewards_fns, rank)
+    if evaluating:
+        t1 = time.time()
+        print(f"evaluating the cold start ({kw['prompts_per_task'] or 'all'} prompts per task x "
+              f"{kw['images_per_prompt']} images; cached in {cold_path}/eval.json) ...", flush=True)
     cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None
+    if evaluating:
+        print(f"evaluated the cold start in {(time.time() - t1) / 60:.1f} min", flush=True)
     model.adapter("student")
     params = trainable(model, "student")
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
@@ -68,14 +74,19 @@ def stage_distill(cfg):
     loss_fn = torch.compile(flow_opd_loss) if cfg.compile else flow_opd_loss  # the velocity-discrepancy core
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own prompts and noise
     start = checkpoint.resume_training(cfg, run_dir, model, opt, ema, gen, rank) if cfg.resume_from_checkpoint else 0
-    log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl")) if rank == 0 else None
+    log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl"), fresh=start == 0) if rank == 0 else None
+    per_iter = cfg.opd_prompts * cfg.opd_group * world  # images the student samples per iteration
+    probe = {**kw, **probe_settings(cfg)}  # --eval_every: the avg-vs-images curve (kw: --eval_prompts, rewards)
     weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers}
     if rank == 0:
         anchor_name = anchor or ("base" if cfg.mar_anchor == "base" else "none")
         print(f"distill {name}: teachers {teachers}, MAR anchor {anchor_name}, "
               f"{cfg.opd_prompts} prompts x {cfg.opd_group} per iteration x {world} processes, "
               f"iterations {start}..{cfg.opd_iters}")
-    for it in tqdm(range(start, cfg.opd_iters), desc="distill", disable=rank != 0):
+    if cfg.eval_every and start == 0 and rank == 0:
+        log_probe(model, "student", probe, log, stage="distill_eval", iter=0, images=0)
+    bar = tqdm(range(start, cfg.opd_iters), desc="distill", disable=rank != 0)
+    for it in bar:
         drawn = sorted(draw_records(pool, weights, cfg.opd_prompts, gen, cfg.balance_tags), key=lambda r: r["task"])
         records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
@@ -93,10 +104,9 @@ def stage_distill(cfg):
         if rank > 0:
             continue
         log(stage="distill", iter=it, **metrics)
+        bar.set_postfix(kl=f"{metrics['kl']:.3g}", mar=f"{metrics['mar']:.3g}")  # the step KL and MAR terms
         if cfg.eval_every and done % cfg.eval_every == 0:
-            scores = evaluate(model, "student", **kw)
-            log(stage="distill_eval", iter=done, **{f"eval/{k}": v for k, v in scalars(scores).items()})
-            model.adapter("student")
+            log_probe(model, "student", probe, log, stage="distill_eval", iter=done, images=done * per_iter)
     if world > 1:
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
               flush=True)

@@ -5,6 +5,7 @@ leaves no checkpoint under the final name; `keep`, `latest` and the resume error
 diffusers formats, checked against a fresh StableDiffusion3Pipeline (tests/tiny_sd3.py) loading the export.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_checkpoint.py
 """
+import json
 import os
 import random
 import re
@@ -244,3 +245,17 @@ def test_export_diffusers_lora_without_metadata_and_foreign_keys(tiny_path, tmp_
     save_file({**state, "text_encoder.q.lora_A.weight": torch.zeros(4, 8)}, str(tmp_path / "te.safetensors"))
     with pytest.raises(ValueError, match="outside the transformer"):
         load_diffusers_lora(fresh, str(tmp_path / "te.safetensors"), "y")
+
+
+def test_fresh_log_keeps_the_previous_run_and_appending_continues_it(tmp_path):
+    from rollouts import jsonl_logger
+    path = tmp_path / "run" / "train_log.jsonl"
+    log = jsonl_logger(str(path), fresh=True)   # nothing there yet: nothing to move
+    log(iter=0, kl=1.0)
+    jsonl_logger(str(path))(iter=1, kl=0.5)     # a resumed run appends to its own log
+    assert [json.loads(s)["iter"] for s in path.read_text().splitlines()] == [0, 1]
+    jsonl_logger(str(path), fresh=True)(iter=0, kl=2.0)   # a new run: a file of its own
+    kept = [p for p in (tmp_path / "run").iterdir() if p.name != "train_log.jsonl"]
+    assert len(kept) == 1 and re.fullmatch(r"train_log-\d{8}-\d{6}\.jsonl", kept[0].name)
+    assert [json.loads(s)["iter"] for s in kept[0].read_text().splitlines()] == [0, 1]
+    assert [json.loads(s)["kl"] for s in path.read_text().splitlines()] == [2.0]

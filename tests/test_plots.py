@@ -29,16 +29,27 @@ def test_image_grid_size_and_cell_pixels(tmp_path, labels):
     img = np.asarray(Image.open(path).convert("RGB"))
     top = P.PAD + (P.HEADER_LINES * P.LINE if labels else 0)
     cell = 32 * scale
-    assert img.shape == (top + 2 * (cell + P.PAD), P.LABEL_WIDTH + 3 * (cell + P.PAD), 3)
+    lw = P.row_label_width(rows)
+    assert lw > P.LABEL_WIDTH   # the long name is not cut: the column widens to hold it on one line
+    assert img.shape == (top + 2 * (cell + P.PAD), lw + 3 * (cell + P.PAD), 3)
     for r, x in enumerate(rows.values()):
         want = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()   # (N, H, W, 3)
         for j in range(3):
-            y0, x0 = top + r * (cell + P.PAD), P.LABEL_WIDTH + j * (cell + P.PAD)
+            y0, x0 = top + r * (cell + P.PAD), lw + j * (cell + P.PAD)
             for i, k in [(0, 0), (5, 17), (31, 31)]:   # source pixel (i, k) fills a scale x scale block
                 block = img[y0 + i * scale:y0 + (i + 1) * scale, x0 + k * scale:x0 + (k + 1) * scale]
                 assert (block == want[j, i, k]).all(), (r, j, i, k)
-    assert (img[top:top + cell, :P.LABEL_WIDTH] < 128).any()          # a row label is written
-    assert (img[:top, P.LABEL_WIDTH:] < 128).any() == bool(labels)    # column labels only when given
+    assert (img[top:top + cell, :lw] < 128).any()                     # a row label is written
+    assert (img[top + cell + P.PAD:, P.LABEL_WIDTH:lw] < 128).any()   # the long one past the default width
+    assert (img[:top, lw:] < 128).any() == bool(labels)               # column labels only when given
+
+
+def test_image_grid_notes_go_under_the_grid():
+    rows = grid_rows()
+    plain = np.asarray(P.image_grid(rows))
+    noted = np.asarray(P.image_grid(rows, notes=["every row fails: a photo of a circle", "second line"]))
+    assert noted.shape[0] == plain.shape[0] + 2 * P.LINE + P.PAD and noted.shape[1] == plain.shape[1]
+    assert (noted[:plain.shape[0]] == plain).all() and (noted[plain.shape[0]:] < 128).any()
 
 
 def test_image_grid_rejects_ragged_rows():
@@ -81,3 +92,30 @@ def test_training_curves_splits_reruns_and_rejects_unknown_keys(tmp_path):
     assert (img == P.COLOURS[0]).all(-1).any() and (img == P.COLOURS[1]).all(-1).any()
     with pytest.raises(ValueError, match="no log has numeric values of 'rewrad'"):
         P.training_curves({"student": rerun}, ["rewrad"])
+
+
+def test_training_curves_log_scale_zero_panels_and_another_x(tmp_path):
+    distill = [{"stage": "distill", "iter": i, "images": 16 * i, "kl": 10.0 ** (-i / 10), "mar": 0.0}
+               for i in range(40)]
+    # mar is 0 throughout: no panel, so the image is one panel high
+    img = P.training_curves({"student": distill}, ["kl", "mar"], panel_height=150, width=400, log_keys=("kl",),
+                            x_key="images", smooth=1)
+    assert img.size == (400, 150)
+    # on a log scale a geometric decay is a straight line: the bold curve's row falls linearly with x
+    px = np.asarray(img)
+    cols = [c for c in range(P.MARGIN[0] + 5, 400 - P.MARGIN[2] - 5, 40)]
+    rows = [np.where((px[:, c] == P.COLOURS[0]).all(-1))[0].mean() for c in cols]
+    steps = np.diff(rows)
+    assert np.all(steps > 0) and steps.max() - steps.min() <= 2.0
+    _, y = P._points(distill, "kl", "images", log=True).T
+    np.testing.assert_allclose(y, -np.arange(40) / 10, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="against 'tokens'"):
+        P.training_curves({"student": distill}, ["kl"], x_key="tokens")
+
+
+def test_bar_chart_bars_and_whiskers():
+    bars = {"geneval": (0.004, 0.017), "brightness": (0.014, 0.004), "negative": (-0.01, 0.002)}
+    img = np.asarray(P.bar_chart(bars, "kappa", width=300, height=200))
+    assert img.shape == (200, 300, 3)
+    for i in range(3):
+        assert (img == P.COLOURS[i]).all(-1).any()

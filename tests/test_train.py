@@ -115,7 +115,7 @@ def test_teachers_stage_smoke(tmp_path, fast_load, capsys):
     # pickscore: a continuous reward, so a group of 2 never ties and B moves in 2 iterations (the web-style
     # base reads most of its signs as 0, so OCR groups of 2 often tie)
     argv = ["--stage", "teachers", "--teachers", "pickscore", "--teacher_dir", str(tmp_path), "--lora_rank", "4",
-            "--lora_alpha", "8"] + TINY
+            "--lora_alpha", "8", "--eval_every", "2", "--probe_prompts_per_task", "1"] + TINY
     train.main(argv)
     folder = tmp_path / "pickscore"
     state = load_file(str(folder / "adapter_model.safetensors"))
@@ -129,6 +129,10 @@ def test_teachers_stage_smoke(tmp_path, fast_load, capsys):
     model = _load_base()
     model.load_adapter(str(folder), "ocr")  # loadable by the project's own loader
 
+    probes = [r for r in _jsonl(tmp_path / "train_log.jsonl") if r["stage"] == "pickscore_eval"]
+    n = int(TINY[TINY.index("--prompts_per_iter") + 1]) * int(TINY[TINY.index("--group_size") + 1])
+    assert [(r["iter"], r["images"]) for r in probes] == [(0, 0), (2, 2 * n)]  # before training and after it
+    assert all(0 <= r["eval/pickscore"] <= 1 and "eval/avg" in r for r in probes)
     rows = [r for r in _jsonl(tmp_path / "train_log.jsonl") if "reward" in r]
     assert [r["iter"] for r in rows] == [0, 1] and all(r["stage"] == "pickscore" for r in rows)
     assert all(0.0 <= r["web"] <= 1.0 and 0.0 <= r["blurred"] <= 1.0 for r in rows)   # the rollouts' style shares
@@ -218,7 +222,9 @@ def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     train.main(common + fast + ["--name", "again", "--checkpoint_every", "1", "--eval_every", "2"])
     assert "cold start: using" in capsys.readouterr().out
     rows = _jsonl(students / "again" / "train_log.jsonl")
-    assert [r["stage"] for r in rows] == ["distill", "distill", "distill_eval"]
+    # a probe before the first iteration and after the second, at the images sampled so far (3 prompts x 1)
+    assert [r["stage"] for r in rows] == ["distill_eval", "distill", "distill", "distill_eval"]
+    assert [rows[0]["images"], rows[-1]["images"]] == [0, 6]
     assert {"eval/geneval", "eval/ocr", "eval/pickscore", "eval/deqa", "eval/avg"} <= set(rows[-1])
     for n in (1, 2):
         assert (students / "again" / f"checkpoint-{n}" / "adapter_model.safetensors").exists()
@@ -396,8 +402,12 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
     assert "geneval_acc" in table["rows"]["base"] and "se/geneval_acc" in table["rows"]["base"]
     ood = json.load(open(tmp_path / "results" / "ood.json"))
     assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
-    for png in ("grid_seed0.png", "curves_teachers_seed0.png", "curves_distill_seed0.png"):
+    for png in ("grid_seed0.png", "curves_teachers_seed0.png", "curves_distill_seed0.png", "sample_cost_seed0.png"):
         assert (tmp_path / "results" / png).stat().st_size > 1000
+    # the probes before training (GRPO-Mix's 2 iterations and the students' 1 end before the next probe)
+    cost = json.load(open(tmp_path / "results" / "sample_cost_seed0.json"))
+    assert cost["final_images"] == {"grpo_mix": 0, "flow_opd/merge": 0, "flow_opd/sft": 0}
+    assert cost["images_to_reach_it"]["grpo_mix"] == 0 and cost["sft_cold_start_images"] == 4 * 3
     capsys.readouterr()
     train.main(argv)  # resumable: nothing is trained again
     out = capsys.readouterr().out
