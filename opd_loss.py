@@ -190,3 +190,25 @@ if __name__ == "__main__":
         scale = 0.1 if est == "released" else 1.0   # released ≈ |Δt| × pathwise
         err = ((gr - scale * p).norm() / (scale * p.norm())).item()
         print(f"{est:9s} MC grad (N={N}) rel. err vs pathwise (×{scale}): {err:.4f}")
+
+    # w(t) on the 10 training steps of the world's grid (shift 1) and of SD3.5's (shift 3). The two terms
+    # of w are σ_t(1−t)/(2t) and 1/σ_t; with σ_t² = a²t/(1−t) their ratio is a²/2 at every t < 1, so a
+    # rescales w by a constant ((a/2 + 1/a)² over 1/a² times the 1/σ_t-only weight) and moves no weight
+    # between steps. `python opd_loss.py PNG` also draws w(t) against t, on a log scale.
+    import sys
+
+    from flow_matching import time_grid
+    curves = {}
+    for shift in (1.0, 3.0):
+        grid = time_grid(10, shift)
+        w = kl_weight(grid[:-1], grid[1:], a)
+        curves[f"shift {shift:g}"] = [{"iter": k, "t": float(t), "w(t)": float(v)}
+                                       for k, (t, v) in enumerate(zip(grid[:-1], w))]
+        print(f"w(t), 10 steps, shift {shift:g}: " + ", ".join(f"{t:.2f}: {v:.3g}" for t, v in zip(grid[:-1], w)))
+    s = sigma_t(torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.8, 0.4, 0.0]), a)
+    ratio = (s * (1 - torch.tensor([0.9, 0.5, 0.1])) / (2 * torch.tensor([0.9, 0.5, 0.1]))) * s
+    print(f"σ_t(1−t)/(2t) over 1/σ_t at t = 0.9, 0.5, 0.1: {ratio.tolist()} (a²/2 = {a * a / 2:.3f})")
+    if len(sys.argv) > 1:
+        import plots
+        plots.training_curves(curves, ["w(t)"], sys.argv[1], smooth=1, x_key="t", log_keys=("w(t)",))
+        print("wrote", sys.argv[1])

@@ -149,7 +149,8 @@ def _panel(draw, box, key, series, colours, smooth, font, log=False):
     x0, y0, x1, y1 = box[0] + MARGIN[0], box[1] + MARGIN[1], box[2] - MARGIN[2], box[3] - MARGIN[3]
     pts = np.concatenate(list(series.values()))
     (xlo, ylo), (xhi, yhi) = pts.min(0), pts.max(0)
-    xhi, yhi = max(xhi, xlo + 1), max(yhi, ylo + 1e-6)   # a single point or a flat curve still has a scale
+    xhi = xhi if xhi > xlo else xlo + 1                  # a single point or a flat curve still has a scale
+    yhi = yhi if yhi > ylo else ylo + 1e-6
     to_px = lambda x, y: list(zip(x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)))
     for f in (0, 0.5, 1):
         yy = y1 - f * (y1 - y0)

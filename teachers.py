@@ -227,3 +227,14 @@ def stage_grpo_snr(cfg):
         table = json.load(open(path)) if os.path.isfile(path) else {}   # other keys (earlier worlds) are kept
         table.setdefault("rows", {})[name] = row  # written after every teacher: an interrupted run keeps it
         write_json(path, table)
+    kappa_chart(path)
+
+
+def kappa_chart(path):
+    """<path minus .json>.png: kappa of every row in the grpo_snr.json at path, with ±1 se whiskers."""
+    import plots
+    rows = json.load(open(path))["rows"]
+    png = os.path.splitext(path)[0] + ".png"
+    plots.bar_chart({n: (r["kappa"], r["se"]) for n, r in rows.items()},
+                    "kappa: signal share of one GRPO gradient (mean ± se over batches)", png)
+    print("wrote", png)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -190,6 +191,7 @@ def test_grpo_snr_stage_writes_one_row_per_teacher_and_keeps_earlier_rows(tmp_pa
     for r in rows.values():
         assert -1 <= r["kappa"] <= 1 and r["se"] >= 0 and r["samples_per_batch"] == 4 and r["seconds_per_batch"] > 0
     assert "[deqa] kappa = " in capsys.readouterr().out
+    assert Image.open(tmp_path / "grpo_snr.png").size == (480, 240)   # the bar chart of every row
     # a later run adds its rows beside the earlier ones (and replaces a teacher's own); brightness is the control
     train.main(["--stage", "grpo_snr", "--teachers", "brightness", "--snr_batches", "3", "--lora_rank", "4",
                 "--lora_alpha", "8", "--results_dir", str(tmp_path)] + TINY)
