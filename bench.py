@@ -11,7 +11,7 @@ optimizer steps. Two loop structures, same model, data sizes, steps, seeds and l
             The loop of train.opd_iteration, restated here from the same modules (rollouts, router,
             opd_loss; tests/test_bench.py checks it gives train.opd_iteration's gradients), then one clip +
             AdamW step per iteration, as train.stage_distill does.
-  released  the loop structure of the released Flow-OPD code (ECOSYSTEM.md §2.2), re-implemented here: a
+  released  the loop structure of the released Flow-OPD code (PAPER_NOTES.md §6), re-implemented here: a
             separate full transformer per routed teacher (3) and another for the MAR anchor (1), each a
             copy.deepcopy holding only its own LoRA, unfused, as the released code's transformer + PeftModel
             copies are (fp32 unless --ref_dtype bf16), the student a LoRA on its own transformer; one teacher

@@ -66,7 +66,7 @@ class Config:
     grpo_iters: int = 60             # GRPO iterations per teacher (one optimizer step each)
     prompts_per_iter: int = 4        # prompts per iteration; each is sampled group_size times
     group_size: int = 8              # G: images per prompt, one advantage group
-    micro_batch: int = 16            # samples per forward; independent of G (ECOSYSTEM asks #1-#3)
+    micro_batch: int = 16            # samples per forward; independent of G (PAPER_NOTES.md §7, asks 1-3)
     train_timesteps: int = 4         # SDE steps trained per iteration, drawn from the first T - 1
     sde_window: int = 2              # >0: Flow-GRPO-Fast, SDE on this many consecutive early steps, ODE
                                      # elsewhere, and only those steps trained (sharper credit assignment)
@@ -161,7 +161,7 @@ class Config:
 
 
 # The paper's SD3.5-Medium run as one switch (--preset sd35m_paper): field -> (value, source). Sources: the
-# paper's setup (FLOW_OPD_PAPER.md §4) and the released code's mix_opd_8gpu/base.py configs (§8). Values equal
+# paper's setup (PAPER_NOTES.md §3) and the released code's mix_opd_8gpu/base.py configs (§6). Values equal
 # to today's defaults are listed too, so the preset still holds if a default changes for the miniature world.
 # Not in it: the estimator (pathwise, our documented departure; `--estimator released` is the released one),
 # mixed_precision (bf16; released fp16), evaluation sizes (the paper scores the full test sets, ~5k prompts x 40

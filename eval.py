@@ -46,8 +46,7 @@ import time
 import numpy as np
 import torch
 
-from metrics import (format_metrics, format_paired, paired_difference, scalars, summarise, summarise_prompts,
-                     write_json)
+from metrics import format_metrics, format_paired, paired_difference, summarise, summarise_prompts, write_json
 from prompts import records_by_task
 from rewards import REWARDS, REWARDS_VERSION, geneval_details
 from rollouts import sample_uint8, to_float
@@ -154,14 +153,6 @@ def evaluate_ood(model, adapter=None, prompts_per_task=0, steps=40, guidance_sca
     recs = [recs[i] for i in stratified_subset(recs, n)]
     images = to_float(sample_uint8(model, [r["prompt"] for r in recs], None, steps, guidance_scale, seed, batch_size))
     return {k: v.float().mean().item() for k, v in compbench.score(images, recs).items()}
-
-
-def log_probe(model, adapter, probe, log, **fields):
-    """--eval_every during training: evaluate(model, adapter, **probe) and log its scalars as eval/<metric>
-    beside `fields` (stage, iter, images sampled so far); the adapter stays the active one."""
-    scores = evaluate(model, adapter, **probe)
-    log(**fields, **{f"eval/{k}": v for k, v in scalars(scores).items()})
-    model.adapter(adapter)  # evaluate ran it without gradients; training goes on with them
 
 
 def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):

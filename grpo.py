@@ -1,7 +1,7 @@
 """
 Flow-GRPO objective: group-relative advantages, PPO-clipped surrogate, β-KL to a reference policy.
 Flow-OPD paper §1 (Q1, the single-reward teachers) and §2.1 step 1; the Flow-GRPO recipe
-(Liu et al. 2025) as read from flow_grpo / Flow-OPD code (ECOSYSTEM §2.2).
+(Liu et al. 2025) as read from flow_grpo / Flow-OPD code (PAPER_NOTES.md §6).
 
   A_i   = (r_i − mean_{j∈g(i)} r_j) / (std + eps)                     group-relative advantage
   ρ     = exp(log π_θ(x_next|x_t) − log π_old(x_next|x_t))            per-step policy ratio

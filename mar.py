@@ -17,7 +17,7 @@ Differences from the paper:
   1) The anchor is configurable (ANCHORS); the paper uses the DeQA teacher, the code the base model.
   2) Default λ = 0.02 (paper's "MAR KL ratio"); the released code uses β = 0.04.
   3) reduce="mean" (default) gives KL/D per element, the same scale as opd_loss's loss, so λ keeps its
-     meaning as a relative weight; the code's form is KL·|Δt|/D (no Δt, ECOSYSTEM §2.2).
+     meaning as a relative weight; the code's form is KL·|Δt|/D (no Δt, PAPER_NOTES.md §6).
 
 Self-check: python mar.py
 """

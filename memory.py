@@ -19,7 +19,7 @@ decode of the iteration's images, and the student's forward + backward (saved ac
 
 Two loop structures (bench.py's docstring): ours, one bf16 backbone with the teachers and the MAR anchor as
 adapters; released, the student's bf16 transformer plus a full copy per routed teacher and one for the anchor,
-each with its own LoRA, in fp32 as the released code keeps them (ECOSYSTEM.md §2.2).
+each with its own LoRA, in fp32 as the released code keeps them (PAPER_NOTES.md §6).
 
 Sequence length: 77 CLIP tokens + T5 tokens at max_sequence_length (diffusers' SD3 pipeline default 256, the
 published numbers here; the project will default to 128, `--t5_tokens 128`).

@@ -1,7 +1,7 @@
 """
 On-policy distillation loss for an SDE (flow) student against a teacher velocity field.
 Flow-OPD paper §2.3 (Eq. "opd": reverse KL), §2.6 (dense KL reward = w(t)‖v_θ − v_target‖²),
-§2.7 (advantage = raw reward, PPO-clipped surrogate), §8 (paper-vs-code); ECOSYSTEM §3.3–3.4.
+§2.7 (advantage = raw reward, PPO-clipped surrogate), §8 (paper-vs-code); PAPER_NOTES.md §2 and §6.
 
 Both policies are Gaussian steps with the same std = σ_t√|Δt| (same sampler, same noise level), so
   KL_t = KL(π_θ(·|x_t) ‖ π_T(·|x_t)) = ‖μ_θ − μ_T‖² / (2 std²) = w(t)·‖v_θ − v_T‖²   (sum over D elements)
@@ -18,7 +18,7 @@ is a closed-form function of the STATE x_t only. Three estimators of ∇ E[Σ_t 
       E[∇log π_θ] term is 0). The summed log-prob is what makes it unbiased: a per-element mean would
       scale the score by 1/D while r stays summed. Loss divided by D (same scale as "pathwise").
   "released"            Flow-OPD code @434ab16, kept for faithfulness: A = clamp(−KL_code(θ), ±adv_clip)
-      NOT detached, KL_code = mean_D((μ_θ − μ_T)²)/(2σ_t²) = KL_t·|Δt|/D (no Δt, ECOSYSTEM §2.2), PPO
+      NOT detached, KL_code = mean_D((μ_θ − μ_T)²)/(2σ_t²) = KL_t·|Δt|/D (no Δt, PAPER_NOTES.md §6), PPO
       clip ε = 1e-4 on the mean-reduced log-prob ratio. Its gradient ≈ ∇KL_code: pathwise × |Δt|.
 
 Why the paper's literal recipe cannot train (and why the released code trains anyway): the paper
@@ -192,23 +192,14 @@ if __name__ == "__main__":
         print(f"{est:9s} MC grad (N={N}) rel. err vs pathwise (×{scale}): {err:.4f}")
 
     # w(t) on the 10 training steps of the world's grid (shift 1) and of SD3.5's (shift 3). The two terms
-    # of w are σ_t(1−t)/(2t) and 1/σ_t; with σ_t² = a²t/(1−t) their ratio is a²/2 at every t < 1, so a
-    # rescales w by a constant ((a/2 + 1/a)² over 1/a² times the 1/σ_t-only weight) and moves no weight
-    # between steps. `python opd_loss.py PNG` also draws w(t) against t, on a log scale.
-    import sys
-
+    # of w are σ_t(1−t)/(2t) and 1/σ_t; with σ_t² = a²t/(1−t) their ratio is a²/2 at every t < 1, so
+    # w(t) = (|Δt|/2)·((1−t)/t)·(a/2 + 1/a)²: a multiplies every step's weight by the same factor and moves
+    # no weight between steps (`python plots.py DIR` draws w(t) against t).
     from flow_matching import time_grid
-    curves = {}
     for shift in (1.0, 3.0):
         grid = time_grid(10, shift)
         w = kl_weight(grid[:-1], grid[1:], a)
-        curves[f"shift {shift:g}"] = [{"iter": k, "t": float(t), "w(t)": float(v)}
-                                       for k, (t, v) in enumerate(zip(grid[:-1], w))]
         print(f"w(t), 10 steps, shift {shift:g}: " + ", ".join(f"{t:.2f}: {v:.3g}" for t, v in zip(grid[:-1], w)))
     s = sigma_t(torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.8, 0.4, 0.0]), a)
     ratio = (s * (1 - torch.tensor([0.9, 0.5, 0.1])) / (2 * torch.tensor([0.9, 0.5, 0.1]))) * s
     print(f"σ_t(1−t)/(2t) over 1/σ_t at t = 0.9, 0.5, 0.1: {ratio.tolist()} (a²/2 = {a * a / 2:.3f})")
-    if len(sys.argv) > 1:
-        import plots
-        plots.training_curves(curves, ["w(t)"], sys.argv[1], smooth=1, x_key="t", log_keys=("w(t)",))
-        print("wrote", sys.argv[1])

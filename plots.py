@@ -11,7 +11,8 @@ constants are module-level so a caller (or a test) knows the size:
                    height PAD + (HEADER_LINES LINE if col_labels) + rows (scale H + PAD) + notes LINE (+ PAD)
   training_curves  width, (panels drawn) * panel_height; a key whose values are all 0 gets no panel
   bar_chart        width, height
-Run the self-check (writes samples_grid.png and training_curves.png to a folder):  python plots.py /tmp
+Run the self-check (writes samples_grid.png, training_curves.png and w_t.png, the weight w(t) of the step
+KL against t on a log scale, to a folder):  python plots.py /tmp
 """
 import json
 import math
@@ -104,15 +105,19 @@ def moving_average(y, window):
 
 
 def _series(name, entries):
-    """{label: entries} split by stage and by restarts (iter not increasing: a rerun appended to the log)."""
-    runs, prev = [], None
+    """{label: entries} split by stage and by restarts (iter not increasing: a rerun appended to the log); a
+    stage's run resumed after other stages' lines (iter going on from its last) stays one run."""
+    runs, current = [], None
     for e in entries:
         if "iter" not in e:          # summary lines such as {"stage", "minutes"} have no x
             continue
-        if prev is None or e.get("stage") != prev.get("stage") or e["iter"] <= prev["iter"]:
-            runs.append((e.get("stage"), []))
-        runs[-1][1].append(e)
-        prev = e
+        if current is None or e.get("stage") != current[0] or e["iter"] <= current[1][-1]["iter"]:
+            # a stage seen before whose run ends below this iter was resumed after other stages: continue it
+            resumed = [r for r in runs if r[0] == e.get("stage") and r[1][-1]["iter"] < e["iter"]]
+            current = resumed[-1] if resumed else (e.get("stage"), [])
+            if not resumed:
+                runs.append(current)
+        current[1].append(e)
     out = {}
     for stage, run in runs:
         label = name if len(runs) == 1 else f"{name}:{stage}"
@@ -239,6 +244,18 @@ if __name__ == "__main__":
                                                             for r in recs]) for s in (0, 1)}
     image_grid(rows, [r["prompt"] for r in recs], path=os.path.join(out, "samples_grid.png"))
     logs = {"teachers": "checkpoints/teachers/train_log.jsonl",
-            "student": "checkpoints/students/merge/train_log.jsonl"}
-    training_curves(logs, ["reward", "kl", "reward/geneval", "mar"], os.path.join(out, "training_curves.png"))
-    print("wrote samples_grid.png and training_curves.png to", out)
+            "student": "checkpoints/students/merge/train_log.jsonl"}   # after `python train.py --stage distill`
+    logs = {k: p for k, p in logs.items() if os.path.isfile(p)}
+    training_curves(logs, ["reward", "kl", "mar"] if "student" in logs else ["reward"],
+                    os.path.join(out, "training_curves.png"), log_keys=("kl",))
+    # w(t), the step KL's weight (opd_loss.kl_weight), on the 10 training steps of the world's time grid
+    # (shift 1) and of SD3.5's (shift 3), a = 0.7
+    from flow_matching import time_grid
+    from opd_loss import kl_weight
+    curves = {}
+    for shift in (1.0, 3.0):
+        grid = time_grid(10, shift)
+        curves[f"shift {shift:g}"] = [{"iter": k, "t": float(t), "w(t)": float(w)} for k, (t, w)
+                                       in enumerate(zip(grid[:-1], kl_weight(grid[:-1], grid[1:], 0.7)))]
+    training_curves(curves, ["w(t)"], os.path.join(out, "w_t.png"), smooth=1, x_key="t", log_keys=("w(t)",))
+    print("wrote samples_grid.png, training_curves.png and w_t.png to", out)

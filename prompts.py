@@ -1,6 +1,6 @@
 """
 Prompt files: read the flow_grpo prompt formats and our own, write ours (Flow-OPD §4 "Data" uses flow_grpo's
-dataset/ folders; ECOSYSTEM.md §2.2-2.4). Every prompt becomes a record {"prompt", "task", "metadata"}, the
+dataset/ folders; PAPER_NOTES.md §3). Every prompt becomes a record {"prompt", "task", "metadata"}, the
 shape toy_world.prompts(task, split) returns, so eval and train take a file where they take a split.
 
 Formats, chosen by extension:

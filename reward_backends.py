@@ -1,6 +1,6 @@
 """
-Real-image reward backends for the reward models of Flow-OPD §4 (Flow-GRPO's rewards; formulas as ECOSYSTEM.md
-§2.3), behind the miniature world's call fn(images (B, 3, H, W) in [0, 1], prompts, metadata) -> (B,) float32 and
+Real-image reward backends for the reward models of Flow-OPD §4 (Flow-GRPO's rewards; formulas as PAPER_NOTES.md
+§6), behind the miniature world's call fn(images (B, 3, H, W) in [0, 1], prompts, metadata) -> (B,) float32 and
 on its scales (rewards.REWARD_SCALE), so make_rewards(...) can swap them into a dict like rewards.REWARDS. Optional
 packages are imported in the constructors; a missing one fails with its pip command.
   ocr        RapidOCRReward: PP-OCR det + rec (ONNX, offline), texts with confidence > 0 joined, rewards.ocr_score

@@ -1,7 +1,7 @@
 """
 Reward registry: miniature, pixel-only stand-ins for the four reward models of Flow-OPD §4 ("Reward
 models": GenEval via reward-server, OCR via PaddleOCR, PickScore, DeQA-Score), with the reward formulas of
-Flow-GRPO / reward-server (see ECOSYSTEM.md §2.3). Every reward is a callable
+Flow-GRPO / reward-server (see PAPER_NOTES.md §6). Every reward is a callable
     REWARDS[name](images, prompts, metadata) -> torch.Tensor (B,) float32
 images (B, 3, 32, 32) float in [0, 1], prompts list[str], metadata list[dict] (toy_world records' "metadata").
 They judge PIXELS only (never the renderer's ground truth or its randomness); a reward that does not apply to

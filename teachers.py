@@ -31,8 +31,8 @@ import checkpoint
 import distributed
 import models
 from config import eval_settings, load_model, probe_settings, prompt_pool, reward_registry
-from eval import evaluate_cached, log_probe
-from metrics import format_metrics, write_json
+from eval import evaluate, evaluate_cached
+from metrics import format_metrics, scalars, write_json
 from grpo import gradient_signal, group_advantages, grpo_loss, zero_std_fraction
 from rewards import REWARDS, combined_reward
 from rollouts import (amp, draw_records, jsonl_logger, micro_batch_conds, optimizer_step, policy_step_mean,
@@ -110,6 +110,14 @@ def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
             (out.loss * len(idx) / (n * len(steps))).backward()
             stats.append(out)
     return rewards, stats, rollout_styles(images, records, rewards_fns)
+
+
+def log_probe(model, adapter, probe, log, **fields):
+    """--eval_every during training: evaluate(model, adapter, **probe) and log its scalars as eval/<metric>
+    beside `fields` (stage, iter, images sampled so far); the adapter stays the active one."""
+    scores = evaluate(model, adapter, **probe)
+    log(**fields, **{f"eval/{k}": v for k, v in scalars(scores).items()})
+    model.adapter(adapter)  # evaluate ran it without gradients; training goes on with them
 
 
 def rollout_styles(images, records, rewards_fns):

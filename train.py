@@ -36,13 +36,13 @@ import pipeline
 from cold_start import merge_into, sft_cold_start
 from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, probe_settings,
                     prompt_pool, reward_registry)
-from eval import evaluate, evaluate_cached, log_probe
+from eval import evaluate, evaluate_cached
 from metrics import format_metrics, format_paired, paired_difference
 from opd_loss import flow_opd_loss
 from rewards import REWARDS, combined_reward
 from rollouts import amp, draw_records, jsonl_logger, micro_batch_conds, optimizer_step, sample_rollouts, trainable, trained_steps
 from router import DEFAULT_TASK_WEIGHTS, route, target_velocity
-from teachers import stage_grpo_mix, stage_grpo_snr, stage_teachers
+from teachers import log_probe, stage_grpo_mix, stage_grpo_snr, stage_teachers
 from world.pretrain import stage_pretrain
 
 

@@ -119,3 +119,13 @@ def test_bar_chart_bars_and_whiskers():
     assert img.shape == (200, 300, 3)
     for i in range(3):
         assert (img == P.COLOURS[i]).all(-1).any()
+
+
+def test_a_stage_resumed_after_other_stages_stays_one_run():
+    log = ([{"stage": "geneval", "iter": i, "reward": 0.5} for i in range(3)]
+           + [{"stage": "ocr", "iter": i, "reward": 0.2} for i in range(3)]
+           + [{"stage": "geneval", "iter": i, "reward": 0.6} for i in range(3, 6)]    # resumed at 3
+           + [{"stage": "geneval", "iter": i, "reward": 0.7} for i in range(2)])      # a rerun from 0
+    runs = P._series("t", log)
+    assert {k: [e["iter"] for e in v] for k, v in runs.items()} == {
+        "t:geneval": [0, 1, 2, 3, 4, 5], "t:ocr": [0, 1, 2], "t:geneval #2": [0, 1]}

@@ -1,6 +1,6 @@
 """
 An out-of-domain composition set, a T2I-CompBench in miniature (Flow-OPD §5 reports T2I-CompBench to show
-that distillation keeps generalisation; ECOSYSTEM.md §2.4). Its prompts compose the world's words in ways
+that distillation keeps generalisation; PAPER_NOTES.md §4). Its prompts compose the world's words in ways
 the post-training prompts (toy_world.prompts("geneval", "train")) never do, and they are scored with
 GenEval's metadata schema by rewards.geneval_details, so the partial score and strict accuracy mean what
 they mean in eval.py.
