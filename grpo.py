@@ -169,9 +169,17 @@ if __name__ == "__main__":
     m_ref = m + 0.1
     exact_sum = reference_kl(m, m_ref, std, reduce="sum")
     print("exact KL (sum)", exact_sum, " closed form", 0.01 * m[0].numel() / (2 * 0.09))
-    dt = -0.1
-    print("Δt-less form", reference_kl(m, m_ref, std, exact=False, dt=dt), " = exact·|Δt|/D",
-          exact_sum * 0.1 / m[0].numel())
+    dt = -0.1   # flow_grpo's Δt-less KL divides by 2σ_t², σ_t = std/√|Δt|: exact·|Δt|/D
+    print("Δt-less form", reference_kl(m, m_ref, std / abs(dt) ** 0.5), " = exact·|Δt|/D",
+          exact_sum * abs(dt) / m[0].numel())
+    # the clip acts on the ratio of MEAN-reduced log-probs: ε = 1e-4 allows a summed log-prob change of
+    # about D·1e-4 before it binds (D = 256 here: 0.026 nats; the world's latents, D = 512: 0.05 nats;
+    # SD3.5 at 512 px, D = 16·64·64 = 65,536: 6.6 nats)
+    D = m[0].numel()
+    for total in (0.02, 0.2):   # summed log-prob changes, in nats
+        s = clipped_surrogate(torch.full((4,), total / D), torch.zeros(4), torch.ones(4), 1e-4)
+        print(f"summed log-prob change {total} nats over D = {D}: ratio {s.ratio[0].item():.6f}, "
+              f"clipfrac {s.clipfrac.item()}")
     sig = torch.randn(1000)
     sig = 0.2 * sig / sig.norm()                                      # ‖s‖² = 0.04, noise E‖n‖² = 1
     noisy = sig + torch.randn(64, 1000) / 1000 ** 0.5
