@@ -17,7 +17,8 @@ COMMANDS = [line.strip() for block in re.findall(r"```bash\n(.*?)```", TEXT, re.
             for line in block.splitlines() if line.strip().startswith("python ")]
 TRAIN_REDUCED = ["--grpo_iters", "2", "--prompts_per_iter", "4", "--group_size", "2", "--micro_batch", "8",
                  "--train_timesteps", "1", "--num_steps", "4", "--opd_iters", "1", "--opd_prompts", "3",
-                 "--compile", "false", "--device", "cpu", "--eval_at_end", "false", "--snr_batches", "3"]
+                 "--compile", "false", "--device", "cpu", "--eval_at_end", "false", "--snr_batches", "3",
+                 "--sft_samples", "4", "--sft_steps", "2"]
 
 
 def reduced(argv, tmp):
@@ -37,11 +38,16 @@ def reduced(argv, tmp):
     return argv
 
 
-def test_exercises_are_numbered_and_each_has_a_command():
-    titles = re.findall(r"^## (\d+)\. ", TEXT, re.M)
-    assert 6 <= len(titles) <= 10 and titles == [str(i + 1) for i in range(len(titles))]
+def test_exercises_are_numbered_and_each_has_a_command_and_an_answer_kept_apart():
+    titles = re.findall(r"^## (\d+)\. (.+)$", TEXT, re.M)
+    assert len(titles) >= 10 and [n for n, _ in titles] == [str(i + 1) for i in range(len(titles))]
     for section in re.split(r"^## \d+\. ", TEXT, flags=re.M)[1:]:
-        assert "```bash" in section and "**Expected.**" in section, section[:80]
+        assert "```bash" in section and "**Output.**" in section, section[:80]
+        assert "**Expected.**" not in section   # the measured answers live in EXERCISES_ANSWERS.md
+    answers = open(os.path.join(ROOT, "EXERCISES_ANSWERS.md")).read()
+    assert re.findall(r"^## (\d+)\. (.+)$", answers, re.M) == titles   # one answer per exercise, same titles
+    for section in re.split(r"^## \d+\. ", answers, flags=re.M)[1:]:
+        assert len(section.split()) > 40, section[:80]   # an answer with its numbers and reason, not a stub
 
 
 @pytest.mark.parametrize("command", COMMANDS)
