@@ -23,11 +23,12 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-# Tables over seeds: {"rows": {ROW: {METRIC: {"mean": m, "std": s, "n": seeds}}}, "meta": {...}}
+# Tables over seeds: {"rows": {ROW: {METRIC: {"mean": m, "std": s, "se": s/√n, "n": seeds}}}, "meta": {...}}
 
 def summarise(per_seed):
-    """{row: [metrics of seed 0, seed 1, ...]} -> {row: {metric: {mean, std, n}}} (std: sample std over seeds,
-    0 if n = 1); only numeric entries (not per_prompt or settings)."""
+    """{row: [metrics of seed 0, seed 1, ...]} -> {row: {metric: {mean, std, se, n}}} (std: sample std over
+    seeds, 0 if n = 1; se = std/√n, the standard error of the mean over seeds); only numeric entries (not
+    per_prompt or settings)."""
     rows = {}
     for row, runs in per_seed.items():
         rows[row] = {}
@@ -35,7 +36,8 @@ def summarise(per_seed):
             if not isinstance(v, (int, float)):
                 continue
             x = torch.tensor([r[k] for r in runs if k in r], dtype=torch.float64)
-            rows[row][k] = {"mean": x.mean().item(), "std": x.std().item() if len(x) > 1 else 0.0, "n": len(x)}
+            std = x.std().item() if len(x) > 1 else 0.0
+            rows[row][k] = {"mean": x.mean().item(), "std": std, "se": std / len(x) ** 0.5, "n": len(x)}
     return rows
 
 
@@ -47,11 +49,13 @@ def write_table(path, per_seed, meta):
 
 
 def table_markdown(table, metrics=("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")):
-    """A markdown table of mean ± std (the rows and metrics of a written table)."""
-    lines = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    """A markdown table of mean ± se over seeds, and the number of seeds (the rows and metrics of a written
+    table; a cell without "se", from an older table, shows its std)."""
+    lines = ["| | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
     for row, m in table["rows"].items():
-        cells = [f"{m[k]['mean']:.3f} ± {m[k]['std']:.3f}" if k in m else "" for k in metrics]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        cells = [f"{m[k]['mean']:.3f} ± {m[k].get('se', m[k]['std']):.3f}" if k in m else "" for k in metrics]
+        n = max((c["n"] for c in m.values()), default=0)
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)
 
 

@@ -274,3 +274,12 @@ def test_eval_cli_restricts_tasks_and_pairs_another_full_model(tmp_path):
     assert table["paired"]["again"][0]["ocr"] == {"mean": 0.0, "se": 0.0}   # the same model on the same noise
     with pytest.raises(SystemExit, match="--tasks"):
         E.main(["--model", base, "--tasks", "paint", "--steps", "2"])
+
+
+def test_tables_over_seeds_carry_the_standard_error_of_the_mean():
+    table = {"rows": metrics.summarise({"flow_opd/merge": [{"avg": 1.0, "per_prompt": {}}, {"avg": 2.0},
+                                                           {"avg": 3.0}]})}
+    cell = table["rows"]["flow_opd/merge"]["avg"]
+    assert cell["mean"] == pytest.approx(2.0) and cell["std"] == pytest.approx(1.0) and cell["n"] == 3
+    assert cell["se"] == pytest.approx(1 / 3 ** 0.5, rel=1e-12)
+    assert "| flow_opd/merge | 2.000 ± 0.577 | 3 |" in metrics.table_markdown(table, metrics=("avg",))

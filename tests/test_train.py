@@ -400,7 +400,7 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
                                    "grpo_mix", "cold_start/merge", "cold_start/sft", "flow_opd/merge",
                                    "flow_opd/sft", "flow_opd/merge_no_mar"]
     cell = table["rows"]["flow_opd/merge"]["avg"]
-    assert set(cell) == {"mean", "std", "n"} and cell["n"] == 1 and 0 <= cell["mean"] <= 1
+    assert set(cell) == {"mean", "std", "se", "n"} and cell["n"] == 1 and cell["se"] == 0 and 0 <= cell["mean"] <= 1
     assert "geneval_acc" in table["rows"]["base"] and "se/geneval_acc" in table["rows"]["base"]
     ood = json.load(open(tmp_path / "results" / "ood.json"))
     assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
