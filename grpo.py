@@ -16,7 +16,7 @@ Differences from the paper / released code:
      the prompt *string* with a stat tracker. Same thing when each prompt appears once per batch.
   2) Default std="group" (per-group std, the GRPO definition). flow_grpo's SD3.5 configs use
      global_std=True (std over the whole batch); pass std="global" to reproduce them.
-  3) The β-KL defaults to the exact Gaussian-step KL (with the Δt that flow_grpo omits, issues #78/#22),
+  3) The β-KL defaults to the exact Gaussian-step KL (with the Δt that flow_grpo omits, flow_grpo#78 and #22),
      averaged over elements (reduce="mean") so that β has a per-element scale like flow_grpo's.
      exact=False gives flow_grpo's Δt-less form mean((μ−μ_ref)²)/(2σ_t²) = exact_sum·|Δt|/D.
   4) The log-prob reduction is the caller's choice: flow_grpo uses the per-element *mean* (ratios stay

@@ -162,7 +162,9 @@ def _panel(draw, box, key, series, colours, smooth, font, log=False):
         draw.line([(x0, yy), (x1, yy)], fill=(225, 225, 225))
         y = ylo + f * (yhi - ylo)
         draw.text((box[0] + 2, yy - LINE // 2), f"{10 ** y if log else y:.3g}", fill=(0, 0, 0), font=font)
-        draw.text((x0 + f * (x1 - x0) - 8, y1 + 2), f"{xlo + f * (xhi - xlo):.4g}", fill=(0, 0, 0), font=font)
+        tick = f"{xlo + f * (xhi - xlo):.4g}"
+        x_tick = x0 + f * (x1 - x0) - f * draw.textlength(tick, font=font)   # the last one ends at the axis
+        draw.text((x_tick, y1 + 2), tick, fill=(0, 0, 0), font=font)
     draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     title = f"{key} (log scale)" if log else key
     x_text = x0 + draw.textlength(title, font=font) + 12
