@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -410,6 +411,11 @@ def test_stage_all_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher
     cost = json.load(open(tmp_path / "results" / "sample_cost_seed0.json"))
     assert cost["final_images"] == {"grpo_mix": 0, "flow_opd/merge": 0, "flow_opd/sft": 0}
     assert cost["images_to_reach_it"]["grpo_mix"] == 0 and cost["sft_cold_start_images"] == 4 * 3
+    # the figure over seeds reads the same logs
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sample_cost_figure.py"), "--runs_dir",
+                          str(tmp_path / "runs"), "--out", str(tmp_path / "cost.png")], capture_output=True, text=True)
+    assert out.returncode == 0 and "seed0" in out.stdout, out.stderr[-1500:]
+    assert Image.open(tmp_path / "cost.png").size[0] == 640
     capsys.readouterr()
     train.main(argv)  # resumable: nothing is trained again
     out = capsys.readouterr().out
