@@ -158,21 +158,21 @@ def evaluate_ood(model, adapter=None, prompts_per_task=0, steps=40, guidance_sca
 def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     """fn(model, adapter, **kw) (evaluate or evaluate_ood), remembered in folder/eval.json per function and
     setting (the key: the settings that change scores, as sorted JSON; batch sizes are left out). An adapter
-    folder is replaced whole when it is retrained (save_adapter writes a new folder and renames it), so a
-    cached score never outlives its weights; sampling is seeded, so a cached score equals a fresh one up to
-    float summation order. Custom `records` or `rewards` are not cached."""
-    if "records" in kw or "rewards" in kw:
-        return fn(model, adapter, **kw)
-    settings = {**{k: v for k, v in kw.items() if k not in CACHE_EXCLUDE}, "rewards": REWARDS_VERSION}
-    # evaluate's keys are its bare settings; other functions are named
-    key = json.dumps(settings if fn is evaluate else {fn.__name__: settings}, sort_keys=True)
+    folder is replaced whole when retrained (save_adapter renames a new folder in), so a cached score never
+    outlives its weights; sampling is seeded, so it equals a fresh one up to float summation order. Custom
+    `records` or `rewards` are not cached. Says what it evaluates, and for how long, whenever it samples."""
+    custom = "records" in kw or "rewards" in kw
+    settings = {**{k: v for k, v in kw.items() if k not in CACHE_EXCLUDE + ("records",)}, "rewards": REWARDS_VERSION}
+    key = json.dumps(settings if fn is evaluate else {fn.__name__: settings}, sort_keys=True)  # other fns named
     path = os.path.join(folder, "eval.json")
-    cache = json.load(open(path)) if os.path.isfile(path) else {}
+    cache = json.load(open(path)) if os.path.isfile(path) and not custom else {}
     if key not in cache:
         t0 = time.time()
-        print(f"evaluating {adapter or 'the base'} ({fn.__name__}, {settings}); cached in {path}", flush=True)
+        where = "not cached: custom prompts or rewards" if custom else f"cached in {path}"
+        print(f"evaluating {adapter or 'the base'} ({fn.__name__}, {settings}); {where}", flush=True)
         cache[key] = fn(model, adapter, **kw)
-        write_json(path, cache)
+        if not custom:
+            write_json(path, cache)
         print(f"evaluated {adapter or 'the base'} in {(time.time() - t0) / 60:.1f} min", flush=True)
     return cache[key]
 

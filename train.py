@@ -60,13 +60,7 @@ def stage_distill(cfg):
         model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
     pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
     kw, evaluating = student_evaluation(cfg, rewards_fns, rank)
-    if evaluating:
-        t1 = time.time()
-        print(f"evaluating the cold start ({kw['prompts_per_task'] or 'all'} prompts per task x "
-              f"{kw['images_per_prompt']} images; cached in {cold_path}/eval.json) ...", flush=True)
-    cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None
-    if evaluating:
-        print(f"evaluated the cold start in {(time.time() - t1) / 60:.1f} min", flush=True)
+    cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None  # says how long it takes
     model.adapter("student")
     params = trainable(model, "student")
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
@@ -244,10 +238,8 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
             folder = os.path.join(cfg.teacher_dir, teacher)
             scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
             print(format_metrics(f"teacher/{teacher}", scores))
-        t1 = time.time()
-        print("evaluating the student ...", flush=True)
-        student = evaluate(model, "student", **kw)
-        print(f"evaluated the student in {(time.time() - t1) / 60:.1f} min", flush=True)
+        # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
+        student = evaluate_cached(model, "student", os.path.join(path, "adapter"), **kw)
         print(format_metrics(f"flow_opd/{os.path.basename(path)}", student))
         print(format_paired("student - cold start", paired_difference(student, cold)))  # same prompts and noise
     print(f"total {(time.time() - t0) / 60:.1f} min")
