@@ -66,12 +66,13 @@ def stage_all(cfg, stage_distill):
     results/main.json and results/ood.json). stage_distill: train.py's Flow-OPD stage, which train.py hands
     in (the main job's loop stays in train.py, and no module imports train.py)."""
     t0, run = time.time(), os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
-    timings = {}
+    timings, trained = {}, not os.path.isdir(os.path.join(run, "grpo_mix"))
     if not os.path.isdir(cfg.base):
         stage_pretrain(cfg)
     stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
     stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False, eval_every=CURVE_EVERY), ["grpo_mix"])
-    timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
+    if trained:   # a rerun that finds GRPO-Mix keeps the first run's time (evaluate_rows merges them)
+        timings["teachers_and_grpo_mix"] = (time.time() - t0) / 60
     rows = pipeline_rows(cfg, run)
     for row, overrides in selected_variants(cfg).items():
         if os.path.isdir(rows[row]):
@@ -102,8 +103,9 @@ def evaluate_rows(cfg, rows, timings):
         main[row] = evaluate_cached(model, adapter, cache, **kw)
         ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
         print(format_metrics(row, main[row]))
-    write_json(os.path.join(cfg.results_dir, f"seed{cfg.seed}.json"),
-               {"main": main, "ood": ood, "minutes": timings, "eval": kw})
+    path = os.path.join(cfg.results_dir, f"seed{cfg.seed}.json")
+    earlier = json.load(open(path)).get("minutes", {}) if os.path.isfile(path) else {}  # a rerun's untouched rows
+    write_json(path, {"main": main, "ood": ood, "minutes": {**earlier, **timings}, "eval": kw})
     seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
     runs = [json.load(open(p)) for p in seeds]
     meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},

@@ -40,7 +40,7 @@ def main():
         print(os.path.basename(run), json.dumps({k: summary.get(k) for k in (
             "grpo_mix_final_probe_avg", "images_to_reach_it", "final_probe_avg", "teachers_images")}))
     # the mean over seeds at each probe (a probe every pipeline.CURVE_EVERY iterations, the same in every seed)
-    own = {f"{row} (mean of {len(next(iter(pts.values())))} seeds)": [
+    own = {f"{row} ({len(next(iter(pts.values())))} seeds)": [
         {"iter": k, "images": n, "eval/avg": sum(v) / len(v)} for k, (n, v) in enumerate(sorted(pts.items()))]
         for row, pts in per_row.items()}
     total = {label: [{**e, "images": e["images"] + offsets[label.split(" (")[0]]} for e in entries]
@@ -49,7 +49,7 @@ def main():
     if os.path.isfile(long_log):
         with open(long_log) as f:
             entries = [e for e in map(json.loads, filter(str.strip, f)) if e.get("stage") == "grpo_mix_eval"]
-        own["grpo_mix, 120 iterations (seed 0)"] = total["grpo_mix, 120 iterations (seed 0)"] = entries
+        own["grpo_mix 120 it (seed 0)"] = total["grpo_mix 120 it (seed 0)"] = entries
         print("grpo_mix long seed0", [(e["images"], round(e["eval/avg"], 3)) for e in entries])
     if not own:
         raise SystemExit(f"no probe curves under {args.runs_dir}: run `python train.py --stage all --seed S` first")
