@@ -23,7 +23,7 @@ import models
 from config import eval_settings
 from eval import evaluate_cached, evaluate_ood
 from metrics import format_metrics, table_markdown, write_json, write_table
-from rollouts import sample_images
+from rollouts import read_jsonl, sample_images
 from teachers import stage_teachers
 from world import toy_world
 from world.pretrain import stage_pretrain
@@ -133,31 +133,19 @@ def failed_by_every_row(samples, recs):
     return [prompts[i] for i in range(len(recs)) if not ok[i]]
 
 
-def images_sampled(log_path, stage, per_iter):
-    """Images a GRPO run sampled, from its log: iterations logged for `stage` x images per iteration."""
-    if not os.path.isfile(log_path):
-        return 0
-    with open(log_path) as f:
-        entries = [json.loads(s) for s in f if s.strip()]
-    return len({e["iter"] for e in entries if e.get("stage") == stage and "reward" in e}) * per_iter
-
-
 def sample_cost(cfg, run, rows):
     """The cost comparison of GRPO-Mix and Flow-OPD in images sampled: each probe curve (stage *_eval in the
     logs, --eval_every), the images each needs to first reach GRPO-Mix's final probe avg, and the images the
-    teachers sampled before any distillation (their logs; GRPO iterations x prompts_per_iter x group_size of
+    teachers sampled before any distillation (their logs' GRPO iterations x prompts_per_iter x group_size of
     this config) and the SFT cold start's ODE samples. Returns ({row: probe entries}, summary dict)."""
-    def probes(path, stage):
-        if not os.path.isfile(path):
-            return []
-        with open(path) as f:
-            return [e for e in map(json.loads, filter(str.strip, f)) if e.get("stage") == stage]
+    probes = lambda path, stage: [e for e in read_jsonl(path) if e.get("stage") == stage]
     curves = {"grpo_mix": probes(os.path.join(run, "train_log.jsonl"), "grpo_mix_eval")}
     for row in ("flow_opd/merge", "flow_opd/sft"):
         curves[row] = probes(os.path.join(os.path.dirname(rows[row]), "train_log.jsonl"), "distill_eval")
     curves = {k: v for k, v in curves.items() if v}
     per_iter = cfg.prompts_per_iter * cfg.group_size
-    teachers = {t: images_sampled(os.path.join(cfg.teacher_dir, "train_log.jsonl"), t, per_iter)
+    teacher_log = read_jsonl(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
+    teachers = {t: len({e["iter"] for e in teacher_log if e.get("stage") == t and "reward" in e}) * per_iter
                 for t in cfg.routes + ["deqa"]}
     summary = {"teachers_images": teachers, "sft_cold_start_images": cfg.sft_samples * len(cfg.routes)}
     if "grpo_mix" in curves:

@@ -138,14 +138,17 @@ def _load(logs):
     return out
 
 
-def _points(run, key, x_key="iter", log=False):
-    """(n, 2) array of (x, y) for the entries holding both, finite; log: (x, log10 y) for y > 0 only."""
+def _points(run, key, x_key="iter"):
+    """(n, 2) array of (x, y) for the entries holding both, finite."""
     num = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
-    xy = [(e[x_key], e[key]) for e in run if num(e.get(x_key)) and num(e.get(key)) and (e[key] > 0 or not log)]
-    xy = np.array(xy, dtype=float).reshape(-1, 2)
-    if log:
-        xy[:, 1] = np.log10(xy[:, 1])
-    return xy
+    return np.array([(e[x_key], e[key]) for e in run if num(e.get(x_key)) and num(e.get(key))],
+                    dtype=float).reshape(-1, 2)
+
+
+def _log10(p):
+    """(x, log10 y) of the points with y > 0 (a log axis has no place for the others)."""
+    p = p[p[:, 1] > 0]
+    return np.stack([p[:, 0], np.log10(p[:, 1])], 1)
 
 
 def _panel(draw, box, key, series, colours, smooth, font, log=False):
@@ -194,7 +197,9 @@ def training_curves(logs, keys, path=None, smooth=10, width=640, panel_height=20
             raise ValueError(f"no log has numeric values of {key!r} against {x_key!r}; keys seen: {seen}")
         if any(np.any(p[:, 1] != 0) for p in series.values()):
             log = key in log_keys
-            panels.append((key, {lbl: p for lbl, run in runs.items() if len(p := _points(run, key, x_key, log))}, log))
+            if log:
+                series = {lbl: q for lbl, p in series.items() if len(q := _log10(p))}
+            panels.append((key, series, log))
     canvas = Image.new("RGB", (width, panel_height * len(panels)), "white")
     draw, font = ImageDraw.Draw(canvas), _font()
     for k, (key, series, log) in enumerate(panels):

@@ -124,6 +124,14 @@ def optimizer_step(params, opt, ema=None):
         ema.update()
 
 
+def read_jsonl(path):
+    """The entries of a JSON-lines log (jsonl_logger's), [] if there is none yet."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(s) for s in f if s.strip()]
+
+
 def jsonl_logger(path, fresh=False):
     """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash.
     fresh: a new run, so an existing log is first renamed to <name>-<its last write time>.jsonl (kept, not

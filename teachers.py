@@ -150,9 +150,9 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_d
               f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
               f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), iterations {start}..{cfg.grpo_iters}")
     # --eval_every: a probe evaluation on the world's test prompts (a --prompts run has no such set)
-    probing = cfg.eval_every and rank == 0 and not cfg.prompts
+    probing, probe = cfg.eval_every and rank == 0 and not cfg.prompts, probe_settings(cfg)
     if probing and start == 0:
-        log_probe(model, name, probe_settings(cfg), log, stage=f"{name}_eval", iter=0, images=0)
+        log_probe(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
     bar = tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0)
     for it in bar:
         rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns or REWARDS, gen)
@@ -168,7 +168,7 @@ def train_grpo(model, name, cfg, log, pool=None, rewards_fns=None, rank=0, run_d
             log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
                 ratio_max=max(s.ratio_max.item() for s in stats))
         if probing and (it + 1) % cfg.eval_every == 0:
-            log_probe(model, name, probe_settings(cfg), log, stage=f"{name}_eval", iter=it + 1,
+            log_probe(model, name, probe, log, stage=f"{name}_eval", iter=it + 1,
                       images=(it + 1) * n * distributed.world_size())
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pipeline  # noqa: E402
 import plots  # noqa: E402
 from config import Config  # noqa: E402
+from rollouts import read_jsonl  # noqa: E402
 
 
 def main():
@@ -45,10 +46,9 @@ def main():
         for row, pts in per_row.items()}
     total = {label: [{**e, "images": e["images"] + offsets[label.split(" (")[0]]} for e in entries]
              for label, entries in own.items()}
-    long_log = os.path.join(args.runs_dir, "grpo_mix_long", "train_log.jsonl")
-    if os.path.isfile(long_log):
-        with open(long_log) as f:
-            entries = [e for e in map(json.loads, filter(str.strip, f)) if e.get("stage") == "grpo_mix_eval"]
+    entries = [e for e in read_jsonl(os.path.join(args.runs_dir, "grpo_mix_long", "train_log.jsonl"))
+               if e.get("stage") == "grpo_mix_eval"]
+    if entries:
         own["grpo_mix 120 it (seed 0)"] = total["grpo_mix 120 it (seed 0)"] = entries
         print("grpo_mix long seed0", [(e["images"], round(e["eval/avg"], 3)) for e in entries])
     if not own:

@@ -107,7 +107,7 @@ def test_training_curves_log_scale_zero_panels_and_another_x(tmp_path):
     rows = [np.where((px[:, c] == P.COLOURS[0]).all(-1))[0].mean() for c in cols]
     steps = np.diff(rows)
     assert np.all(steps > 0) and steps.max() - steps.min() <= 2.0
-    _, y = P._points(distill, "kl", "images", log=True).T
+    _, y = P._log10(P._points(distill, "kl", "images")).T
     np.testing.assert_allclose(y, -np.arange(40) / 10, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="against 'tokens'"):
         P.training_curves({"student": distill}, ["kl"], x_key="tokens")
