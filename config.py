@@ -81,6 +81,7 @@ class Config:
     clip_range: float = 1e-4         # PPO epsilon (Flow-GRPO default)
     beta: float = 0.0                # beta of the KL to the base; Flow-GRPO: 0.04 geneval/ocr, 0.01 pickscore
     adv_std: str = "group"           # advantage std: per "group" or "global" (flow_grpo global_std)
+    deqa_teacher_weight: float = 0.4  # the deqa teacher's reward w*deqa/5 + (1-w)*pickscore (paper 0.4; 1 = deqa only)
     snr_batches: int = 16            # --stage grpo_snr: independent batch gradients per teacher
     # --- Flow-OPD (§2.5-2.8) ---
     routes: list[str] = field(default_factory=lambda: ["geneval", "ocr", "pickscore"])  # tasks with a teacher
@@ -141,6 +142,9 @@ class Config:
             for spec in getattr(self, flag):
                 if "=" not in spec:
                     raise ValueError(f"--{flag} expects NAME=PATH entries, got {spec!r}")
+        if not 0 <= self.deqa_teacher_weight <= 1:
+            raise ValueError(f"deqa_teacher_weight must be in [0, 1] (the deqa share of the deqa teacher's reward, "
+                             f"the rest pickscore), got {self.deqa_teacher_weight}")
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
         if self.num_steps < 2 or self.eval_steps < 1:

@@ -62,6 +62,15 @@ def brightness(images, prompts, metadata):
     return images.float().mean(dim=(1, 2, 3))
 
 
+def reward_weights(name, cfg):
+    """combined_reward's weights for teacher `name`: TEACHER_REWARDS, with the deqa teacher's blend set by
+    --deqa_teacher_weight w (w * deqa/5 + (1 - w) * pickscore; the paper's 0.4, 1.0 = deqa alone)."""
+    if name != "deqa":
+        return TEACHER_REWARDS[name]
+    w = cfg.deqa_teacher_weight
+    return {k: v for k, v in (("deqa", w), ("pickscore", 1 - w)) if v > 0}
+
+
 def rewards_for(name, cfg):
     """The reward registry teacher `name` is trained with: the control's own for a control, else the world's
     (or the real backends the *_reward flags choose)."""
@@ -89,7 +98,7 @@ def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
     steps = trained_steps(cfg, gen, cfg.sde_window)
     traj, images = sample_rollouts(model, records, cfg, gen, steps if cfg.sde_window else None,
                                    share=cfg.group_size if cfg.shared_noise else 1)
-    rewards = combined_reward(images, records, TEACHER_REWARDS[name], rewards_fns)
+    rewards = combined_reward(images, records, reward_weights(name, cfg), rewards_fns)
     adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
     stats, conds_mb = [], micro_batch_conds(model, records, cfg)
     for j in steps:

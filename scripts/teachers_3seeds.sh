@@ -4,6 +4,8 @@
 # recorded run: 150 iterations for geneval, the default 60 for the others, one image per test prompt. About
 # 1.3 hours on two CPU cores; every teacher resumes from its checkpoints (--resume_from_checkpoint latest), and
 # a teacher already saved is skipped.
+# The committed geneval teacher is seed 0's checkpoint-100 of this run (RESULTS.md, "Closing the gap": the three
+# seeds' scores peak at 100 iterations); GENEVAL_ITERS=100 trains it directly.
 #   BASE=checkpoints/base OUT=runs/teachers RESULTS=results/teachers bash scripts/teachers_3seeds.sh
 set -euo pipefail
 BASE=${BASE:-checkpoints/base}

@@ -97,6 +97,14 @@ def test_parse_config():
         train.parse_config(["--noise_level", "-1"])
 
 
+def test_deqa_teacher_weight_sets_the_blend_and_others_keep_their_reward():
+    assert teachers.reward_weights("deqa", Config()) == {"deqa": 0.4, "pickscore": 0.6}   # the paper's
+    assert teachers.reward_weights("deqa", Config(deqa_teacher_weight=1.0)) == {"deqa": 1.0}
+    assert teachers.reward_weights("ocr", Config(deqa_teacher_weight=1.0)) == {"task": 1.0}
+    with pytest.raises(ValueError, match="deqa_teacher_weight"):
+        Config(deqa_teacher_weight=1.5)
+
+
 # --------------------------------------------------------------------------------------------- stages
 def test_pretrain_stage_smoke(tmp_path):
     base = tmp_path / "base"
