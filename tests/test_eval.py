@@ -283,3 +283,19 @@ def test_tables_over_seeds_carry_the_standard_error_of_the_mean():
     assert cell["mean"] == pytest.approx(2.0) and cell["std"] == pytest.approx(1.0) and cell["n"] == 3
     assert cell["se"] == pytest.approx(1 / 3 ** 0.5, rel=1e-12)
     assert "| flow_opd/merge | 2.000 ± 0.577 | 3 |" in metrics.table_markdown(table, metrics=("avg",))
+
+
+def test_evaluate_cached_keeps_entries_another_run_wrote_meanwhile(tmp_path):
+    """Two seeds evaluating one adapter folder at once: the second to finish must not erase the first's."""
+    path = tmp_path / "eval.json"
+
+    def evaluate_while_another_seed_writes(model, adapter, seed):
+        path.write_text(json.dumps({"other seed": {"avg": 0.5}}))   # a parallel run finished first
+        return {"avg": float(seed)}
+
+    evaluate_while_another_seed_writes.__name__ = "evaluate_ood"   # a plain fn name keeps the key readable
+    got = E.evaluate_cached(None, "student", str(tmp_path), fn=evaluate_while_another_seed_writes, seed=3)
+    assert got == {"avg": 3.0}
+    saved = json.loads(path.read_text())
+    assert saved["other seed"] == {"avg": 0.5} and len(saved) == 2
+    assert E.evaluate_cached(None, "student", str(tmp_path), fn=evaluate_while_another_seed_writes, seed=3) == got
