@@ -160,9 +160,7 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     setting (the key: the settings that change scores, as sorted JSON; batch sizes are left out). An adapter
     folder is replaced whole when retrained (save_adapter renames a new folder in), so a cached score never
     outlives its weights; sampling is seeded, so it equals a fresh one up to float summation order. Custom
-    `records` or `rewards` are not cached. Says what it evaluates, and for how long, whenever it samples. Runs
-    in parallel on one folder (seeds of --stage all) keep each other's entries: the file is re-read just before
-    the atomic write."""
+    `records` or `rewards` are not cached. Says what it evaluates, and for how long, whenever it samples."""
     custom = "records" in kw or "rewards" in kw
     settings = {**{k: v for k, v in kw.items() if k not in CACHE_EXCLUDE + ("records",)}, "rewards": REWARDS_VERSION}
     key = json.dumps(settings if fn is evaluate else {fn.__name__: settings}, sort_keys=True)  # other fns named
@@ -173,9 +171,8 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
         where = "not cached: custom prompts or rewards" if custom else f"cached in {path}"
         print(f"evaluating {adapter or 'the base'} ({fn.__name__}, {settings}); {where}", flush=True)
         cache[key] = fn(model, adapter, **kw)
-        if not custom:   # re-read first: runs of other seeds sharing this folder may have added entries meanwhile
-            latest = json.load(open(path)) if os.path.isfile(path) else {}
-            write_json(path, {**latest, key: cache[key]})
+        if not custom:   # re-read: parallel runs (other seeds) on this folder may have added entries meanwhile
+            write_json(path, {**(json.load(open(path)) if os.path.isfile(path) else {}), key: cache[key]})
         print(f"evaluated {adapter or 'the base'} in {(time.time() - t0) / 60:.1f} min", flush=True)
     return cache[key]
 
