@@ -43,7 +43,8 @@ def comparisons(seed):
             "student - teacher/pickscore (pickscore)": (student, teacher["pickscore"], "pickscore"),
             "student - grpo_mix of the tables (avg)": (student, tables["grpo_mix"], "avg"),
             "student - flow_opd/merge of the tables (avg)": (student, tables["flow_opd/merge"], "avg"),
-            "teacher/geneval - teacher/geneval of the tables (geneval_acc)": (teacher["geneval"], tables["teacher/geneval"], "geneval_acc"),
+            "teacher/geneval - teacher/geneval of the tables (geneval_acc)":
+                (teacher["geneval"], tables["teacher/geneval"], "geneval_acc"),
             "teacher/geneval - base (geneval_acc)": (teacher["geneval"], tables["base"], "geneval_acc"),
             "teacher/geneval - base (geneval)": (teacher["geneval"], tables["base"], "geneval")}
 
@@ -59,7 +60,8 @@ def main():
         mean = sum(x["mean"] for x in xs) / len(xs)
         se = (sum((x["mean"] - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
         out[name] = {"per_seed": xs, "mean": mean, "se": se}
-        print(f"| {name} | " + " | ".join(f"{x['mean']:+.3f} ± {x['se']:.3f}" for x in xs) + f" | {mean:+.3f} ± {se:.3f} |")
+        cells = [f"{x['mean']:+.3f} ± {x['se']:.3f}" for x in xs] + [f"{mean:+.3f} ± {se:.3f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     with open("results/main_job_3seeds.json", "w") as f:
         json.dump(out, f, indent=1)
 
