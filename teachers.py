@@ -43,9 +43,10 @@ from world import styles, toy_world
 
 # What each GRPO expert is rewarded with (rewards.combined_reward weights; "task" = the prompt's own
 # task reward) and which prompts it trains on. The paper's DeQA teacher blends DeQA and PickScore 4:6
-# on all three datasets; GRPO-Mix adds DeQA to the task reward 1:1 (the released config uses 0.8:0.2).
+# on all three datasets: its weights come from --deqa_teacher_weight (reward_weights; default 0.4).
+# GRPO-Mix adds DeQA to the task reward 1:1 (the released config uses 0.8:0.2).
 TEACHER_REWARDS = {"geneval": {"task": 1.0}, "ocr": {"task": 1.0}, "pickscore": {"task": 1.0},
-                   "deqa": {"deqa": 0.4, "pickscore": 0.6}, "grpo_mix": {"task": 1.0, "deqa": 1.0}}
+                   "grpo_mix": {"task": 1.0, "deqa": 1.0}}
 TEACHER_TASKS = {"geneval": {"geneval": 1}, "ocr": {"ocr": 1}, "pickscore": {"pickscore": 1},
                  "deqa": {t: 1 for t in toy_world.TASKS}, "grpo_mix": DEFAULT_TASK_WEIGHTS}
 
@@ -63,8 +64,8 @@ def brightness(images, prompts, metadata):
 
 
 def reward_weights(name, cfg):
-    """combined_reward's weights for teacher `name`: TEACHER_REWARDS, with the deqa teacher's blend set by
-    --deqa_teacher_weight w (w * deqa/5 + (1 - w) * pickscore; the paper's 0.4, 1.0 = deqa alone)."""
+    """combined_reward's weights for teacher `name`: TEACHER_REWARDS, or for the deqa teacher the blend
+    --deqa_teacher_weight w sets (w * deqa/5 + (1 - w) * pickscore; the paper's 0.4, 1.0 = deqa alone)."""
     if name != "deqa":
         return TEACHER_REWARDS[name]
     w = cfg.deqa_teacher_weight
