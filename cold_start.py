@@ -27,6 +27,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
+from flow_matching import euler_sample, flow_matching_loss, interpolate, sample_t
+
 StateDict = Dict[str, torch.Tensor]
 
 
@@ -145,20 +147,17 @@ def merge_into(model, name, teachers, mode="delta", out_rank=None):
     return res
 
 
-def sft_cold_start(model, name, teachers, pool=None, steps=200, samples_per_teacher=256, batch_size=32, lr=3e-4,
+def sft_cold_start(model, name, teachers, pool, steps=200, samples_per_teacher=256, batch_size=32, lr=3e-4,
                    sample_steps=20, guidance_scale=4.5, rank=32, alpha=64, seed=0):
     """SFT variant: each teacher (task -> adapter name) draws ODE samples on its own task's train prompts
-    (pool: {task: records}; default: the world's train split);
-    a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
+    (pool: {task: train records}); a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
     from the experts' distributions. Returns the final flow-matching loss."""
-    from world import toy_world
-    from flow_matching import euler_sample, flow_matching_loss, interpolate, sample_t
     gen = torch.Generator().manual_seed(seed)
     dev = model.transformer.device
     prompts, x0 = [], []
     with torch.no_grad():
         for task, teacher in teachers.items():
-            recs = pool[task] if pool else toy_world.prompts(task, "train")
+            recs = pool[task]
             pick = torch.randint(len(recs), (samples_per_teacher,), generator=gen).tolist()
             ps = [recs[i]["prompt"] for i in pick]
             model.adapter(teacher)

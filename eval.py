@@ -34,11 +34,11 @@ the host and turned into floats per chunk of SCORE_CHUNK for the rewards.
 Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.json` writes
 {"rows": {ROW: {METRIC: {"mean", "std", "n"}}}, "meta"}; `--prompts FILE` evaluates any prompt file
 (prompts.py formats), `--ood` the out-of-domain composition set (compbench.py, scored per category).
-`python train.py --stage all` builds the paper's tables with these functions (results/main.json, ood.json).
+`python -m tools.paper_tables` builds the paper's tables with these functions (results/main.json, ood.json).
 
-Self-check: python eval.py --model checkpoints/base --prompts_per_task 12 --images_per_prompt 2
+Self-check: python eval.py --model checkpoints/base --eval_prompts_per_task 12 --eval_images_per_prompt 2
 """
-import argparse
+import dataclasses
 import json
 import os
 import time
@@ -46,11 +46,13 @@ import time
 import numpy as np
 import torch
 
-from metrics import format_metrics, format_paired, paired_difference, summarise, summarise_prompts, write_json
-from prompts import records_by_task
 from rewards import REWARDS, REWARDS_VERSION, geneval_details
-from rollouts import sample_uint8, to_float
-from world import styles, toy_world
+from support.config import parse_args
+from support.metrics import (format_metrics, format_paired, paired_difference, scalars, summarise, summarise_prompts,
+                             write_json)
+from support.resolve import adapter_folder, eval_settings, load_model, named_paths, prompt_pool, reward_registry
+from support.rollouts import sample_uint8, to_float
+from world import compbench, styles, toy_world
 
 SUBSET_SEED = 0     # the stratified subset is part of the protocol: fixed, whatever the noise seed
 SCORE_CHUNK = 64    # images turned into floats and scored at a time (the reward servers' batch)
@@ -143,16 +145,39 @@ def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps
 
 @torch.no_grad()
 def evaluate_ood(model, adapter=None, prompts_per_task=0, steps=40, guidance_scale=4.5, seed=0, batch_size=16):
-    """Out-of-domain composition (world/compbench.py): the geneval score and strict accuracy per category, on a
-    subset stratified by category (prompts_per_task as for evaluate, at least one per category; 0 = all 96), one
-    image per prompt."""
-    from world import compbench
+    """Out-of-domain composition (world/compbench.py, a T2I-CompBench stand-in): {category: GenEval partial
+    score, category + "/strict": strict accuracy}, on a subset stratified by category (prompts_per_task as
+    for evaluate, at least one per category; 0 = all 96), one image per prompt."""
     model.adapter(adapter)
     recs = compbench.records()
     n = prompts_per_task and max(prompts_per_task, len(compbench.CATEGORIES))  # every category scored
     recs = [recs[i] for i in stratified_subset(recs, n)]
     images = to_float(sample_uint8(model, [r["prompt"] for r in recs], None, steps, guidance_scale, seed, batch_size))
-    return {k: v.float().mean().item() for k, v in compbench.score(images, recs).items()}
+    return {k: v.float().mean().item() for k, v in ood_scores(images, recs).items()}
+
+
+def ood_scores(images, records):
+    """{category: (N_cat,) GenEval partial score, category + "/strict": (N_cat,) strict accuracy 0/1} for
+    images (B, 3, H, W) in [0, 1] made for `records` (compbench records, any subset and order)."""
+    meta = [r["metadata"] for r in records]
+    unknown = {m.get("tag") for m in meta} - set(compbench.CATEGORIES)
+    if unknown:
+        raise ValueError(f"records with tags {sorted(map(str, unknown))} are not compbench records "
+                         f"{compbench.CATEGORIES}")
+    result, out = geneval_details(images, meta), {}
+    for cat in compbench.CATEGORIES:
+        idx = torch.tensor([i for i, m in enumerate(meta) if m["tag"] == cat], dtype=torch.long)
+        if len(idx):
+            out[cat], out[cat + "/strict"] = result.score[idx], result.strict[idx].float()
+    return out
+
+
+def log_probe(model, adapter, probe, log, **fields):
+    """--eval_every during training: evaluate(model, adapter, **probe) and log its scalars as eval/<metric>
+    beside `fields` (stage, iter, images sampled so far); the adapter stays the active one."""
+    scores = evaluate(model, adapter, **probe)
+    log(**fields, **{f"eval/{k}": v for k, v in scalars(scores).items()})
+    model.adapter(adapter)  # evaluate ran it without gradients; training goes on with them
 
 
 def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
@@ -177,60 +202,44 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     return cache[key]
 
 
+def eval_flags(group):
+    """eval.py's own flags; the model, sizes, steps and guidance are Config's (support/config.py)."""
+    group.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
+                       help="a PEFT adapter folder to evaluate as row ROW (repeatable); the base is always row 'base'")
+    group.add_argument("--other_model", action="append", default=[], metavar="ROW=PATH",
+                       help="another full world model to evaluate as row ROW, paired with --model like an adapter")
+    group.add_argument("--seeds", type=int, nargs="+", default=None, help="noise seeds (default: --seed)")
+    group.add_argument("--tasks", nargs="+", default=None, help="only these tasks' prompts (default: all)")
+    group.add_argument("--ood", action="store_true", help="the out-of-domain composition set (world/compbench.py)")
+    group.add_argument("--paired", action="store_true", help="also each row minus the base, paired on prompts and "
+                       "noise (mean ± se), written under 'paired' in --out")
+    group.add_argument("--out", default=None, help="write a table {rows: {ROW: {METRIC: {mean, std, n}}}} here")
+
+
 def main(argv=None):
-    from config import Config
-    d = Config()
-    ap = argparse.ArgumentParser(description="Evaluate the base and adapters; optionally write a table over seeds.")
-    ap.add_argument("--model", default="checkpoints/base", help="world model folder")
-    ap.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
-                    help="a PEFT adapter folder to evaluate as row ROW (repeatable); the base is always row 'base'")
-    ap.add_argument("--other_model", action="append", default=[], metavar="ROW=PATH",
-                    help="another full world model to evaluate as row ROW (repeatable), paired with --model like an "
-                         "adapter (e.g. the same base pretrained longer: the plateau control)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="initial-noise seeds; the table has mean ± std")
-    ap.add_argument("--prompts_per_task", "--limit", type=int, default=d.eval_prompts_per_task,
-                    help="prompts per task, stratified by sub-task (0: all; GenEval's protocol)")
-    ap.add_argument("--images_per_prompt", type=int, default=d.eval_images_per_prompt, help="GenEval: 4")
-    ap.add_argument("--batch_size", type=int, default=d.eval_batch, help="images per sampling call")
-    ap.add_argument("--decode_batch", type=int, default=d.decode_batch, help="latents per VAE decode call")
-    ap.add_argument("--steps", type=int, default=d.eval_steps)
-    ap.add_argument("--guidance_scale", "--cfg_scale", type=float, default=d.guidance_scale)
-    ap.add_argument("--prompts", default=None, help="evaluate a prompt file instead of the world's test split")
-    ap.add_argument("--tasks", nargs="+", default=None, help="only these tasks' prompts (default: all)")
-    ap.add_argument("--ood", action="store_true", help="the out-of-domain composition set (compbench.py)")
-    ap.add_argument("--paired", action="store_true", help="also print each adapter minus the base, paired "
-                    "on prompts and noise (mean ± se), and write them under 'paired' in --out")
-    ap.add_argument("--out", default=None, help="write results/NAME.json: {rows: {ROW: {METRIC: {mean, std, n}}}}")
-    args = ap.parse_args(argv)
+    cfg, args = parse_args(argv, __doc__.split("\n\n")[0], eval_flags)
     if args.paired and args.ood:
         raise SystemExit("--paired compares per-prompt scores of evaluate(); --ood has none: drop one of them")
-    import models
-    model = models.load_world_model(args.model)
+    model = load_model(cfg)
     rows = {"base": (model, None)}   # row -> (model, adapter)
-    for spec in args.adapter:
-        row, sep, path = spec.partition("=")
-        if not sep or not os.path.isdir(path):
-            raise SystemExit(f"--adapter expects ROW=PATH with PATH an adapter folder, got {spec!r}")
-        model.load_adapter(path, row)
+    for row, path in named_paths(args.adapter).items():
+        model.load_adapter(adapter_folder(row, path), row)
         rows[row] = (model, row)
-    for spec in args.other_model:
-        row, sep, path = spec.partition("=")
-        if not sep or not os.path.isdir(path):
-            raise SystemExit(f"--other_model expects ROW=PATH with PATH a world model folder, got {spec!r}")
-        rows[row] = (models.load_world_model(path), None)
-    records = records_by_task(args.prompts) if args.prompts else world_records("test")
+    for row, path in named_paths(args.other_model).items():
+        rows[row] = (load_model(dataclasses.replace(cfg, base=path)), None)
+    records = prompt_pool(cfg.eval_prompts, "test")
     if args.tasks:
         if set(args.tasks) - set(records):
             raise SystemExit(f"--tasks {' '.join(args.tasks)}: the prompts have tasks {', '.join(records)}")
         records = {t: records[t] for t in args.tasks}
-    per_seed, paired = {}, {}
+    per_seed, paired, rewards = {}, {}, reward_registry(cfg)
     for row, (model, adapter) in rows.items():
-        model.decode_batch = args.decode_batch
-        for seed in args.seeds:
-            kw = dict(steps=args.steps, guidance_scale=args.guidance_scale, seed=seed)
-            m = (evaluate_ood(model, adapter, args.prompts_per_task, batch_size=args.batch_size, **kw) if args.ood else
-                 evaluate(model, adapter, args.prompts_per_task, args.images_per_prompt, batch_size=args.batch_size,
-                          records=records, **kw))
+        for seed in args.seeds or [cfg.seed]:
+            kw = {**eval_settings(cfg), "seed": seed}
+            if args.ood:
+                m = evaluate_ood(model, adapter, **{k: v for k, v in kw.items() if k != "images_per_prompt"})
+            else:
+                m = evaluate(model, adapter, **kw, records=records, rewards=rewards)
             per_seed.setdefault(row, []).append(m)
             print(f"seed {seed}  " + (format_metrics(row, m) if not args.ood else
                                       f"{row:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items())))
@@ -238,11 +247,10 @@ def main(argv=None):
                 paired.setdefault(row, []).append(paired_difference(m, per_seed["base"][len(per_seed[row]) - 1]))
                 print(f"seed {seed}  " + format_paired(f"{row} - base", paired[row][-1]))
     if args.out:
-        meta = {"model": args.model, "seeds": args.seeds, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                "prompts_per_task": args.prompts_per_task, "images_per_prompt": args.images_per_prompt,
-                "prompts": args.prompts or ("compbench" if args.ood else "world test"), "tasks": list(records)}
-        table = {"rows": summarise(per_seed), "meta": meta, **({"paired": paired} if paired else {})}
-        write_json(args.out, table)
+        meta = {"model": cfg.base, "seeds": args.seeds or [cfg.seed], **eval_settings(cfg), "tasks": list(records),
+                "prompts": cfg.eval_prompts or ("compbench" if args.ood else "world test")}
+        meta.pop("seed")
+        write_json(args.out, {"rows": summarise(per_seed), "meta": meta, **({"paired": paired} if paired else {})})
         print(f"wrote {args.out}")
 
 

@@ -194,7 +194,7 @@ if __name__ == "__main__":
     # w(t) on the 10 training steps of the world's grid (shift 1) and of SD3.5's (shift 3). The two terms
     # of w are σ_t(1−t)/(2t) and 1/σ_t; with σ_t² = a²t/(1−t) their ratio is a²/2 at every t < 1, so
     # w(t) = (|Δt|/2)·((1−t)/t)·(a/2 + 1/a)²: a multiplies every step's weight by the same factor and moves
-    # no weight between steps (`python plots.py DIR` draws w(t) against t).
+    # no weight between steps (`python -m support.figures DIR` draws w(t) against t).
     from flow_matching import time_grid
     for shift in (1.0, 3.0):
         grid = time_grid(10, shift)

@@ -150,13 +150,13 @@ def combined_reward(images, records, weights, rewards=REWARDS):
 
 
 if __name__ == "__main__":
-    from world import toy_world as tw   # the self-check renders test images; the rewards themselves never call it
+    from world import renderer, toy_world as tw   # the self-check renders test images; the rewards never do
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     recognise(torch.zeros(1, 3, 32, 32))  # build the recogniser's templates outside the timings
     for task in tw.TASKS:
         recs = tw.prompts(task, "test")
-        images = tw.to_tensor([tw.render(r, rng) for r in recs])                     # (B, 3, 32, 32)
+        images = renderer.to_tensor([renderer.render(r, rng) for r in recs])                     # (B, 3, 32, 32)
         noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
         prompts, meta = [r["prompt"] for r in recs], [r["metadata"] for r in recs]
         for name in (task, "deqa"):

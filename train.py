@@ -1,5 +1,6 @@
 """
-Flow-OPD, the main job (§2.1's pipeline, stages 2-3; §2.5-2.8):
+The paper's two training stages (Flow-OPD §2.1): the Flow-GRPO teachers (stage 1, §4) and the Flow-OPD
+student distilled from them (stages 2-3, §2.5-2.10). The main job:
 
     python train.py --stage distill
 
@@ -9,17 +10,21 @@ prompt is routed to the teacher of its task -> teacher and anchor velocities at 
 L = L_OPD + λ·MAR (opd_loss.flow_opd_loss) -> one optimizer step. Then the student is saved (PEFT and
 diffusers LoRA formats) and scored beside its cold start and its teachers.
 
-The same command line runs every other stage, whose loops live in their own files:
-  pretrain   the miniature world's base                                  (world/pretrain.py)
-  teachers   one Flow-GRPO LoRA expert per reward; grpo_mix, grpo_snr    (teachers.py)
-  all        the whole pipeline for one --seed and the paper's tables    (pipeline.py)
-Every field of config.Config is a flag (`--key value`). SD3.5-Medium: --model PIPELINE --teacher NAME=PEFT
---mar PEFT --prompts TASK=FILE (README "Run on SD3.5-Medium"); several GPUs: torchrun --nproc_per_node=N
-train.py ... (distributed.py); --checkpoint_every N and --resume_from_checkpoint latest (checkpoint.py).
+    python train.py --stage teachers   [--teachers geneval ocr pickscore deqa]   one GRPO LoRA expert per reward
+    python train.py --stage grpo_mix                                            the GRPO-Mix baseline
+
+A teacher iteration: draw prompts, sample G SDE trajectories per prompt, reward the images, group-normalise
+the rewards (grpo.py), accumulate the clipped policy gradient over the trained steps; one optimizer step.
+Both loops walk the same micro-steps (support/rollouts.micro_steps). Every field of support/config.Config is
+a flag (`python train.py --help`). SD3.5-Medium: --model PIPELINE --teacher NAME=PEFT --mar PEFT --prompts
+TASK=FILE (README "Run on SD3.5-Medium"); several GPUs: torchrun --nproc_per_node=N train.py ...;
+--checkpoint_every N and --resume_from_checkpoint latest (support/checkpoint.py).
 Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
 Departures from the paper: 1) one optimizer step per iteration, so every PPO ratio is exactly 1 (released: 2
-per epoch); 2) `train_timesteps` random steps of the first T-1 are trained per iteration (paper: all T);
-3) per-sample routing (a batch mixes tasks; each teacher runs once on its own samples).
+per epoch): the GRPO clip of 1e-4 never acts; 2) a random subset of `train_timesteps` of the first T-1 steps
+is trained per iteration (paper: all T); 3) per-sample routing (a batch mixes tasks; each teacher runs once
+on its own samples); 4) the teachers are Flow-GRPO-Fast: SDE only on a window of `sde_window` early steps
+(ODE elsewhere), a group's G samples share one initial noise and branch there, only the window is trained.
 """
 import contextlib
 import dataclasses
@@ -27,26 +32,133 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
-import distributed
-import pipeline
 from cold_start import merge_into, sft_cold_start
-from config import (adapter_folder, describe, eval_settings, load_model, named_paths, parse_config, probe_settings,
-                    prompt_pool, reward_registry)
-from eval import evaluate, evaluate_cached
-from metrics import format_metrics, format_paired, paired_difference
+from eval import evaluate, evaluate_cached, log_probe
+from grpo import group_advantages, grpo_loss, zero_std_fraction
 from opd_loss import flow_opd_loss
 from rewards import REWARDS, combined_reward
-from rollouts import amp, draw_records, jsonl_logger, micro_batch_conds, optimizer_step, sample_rollouts, trainable, trained_steps
 from router import DEFAULT_TASK_WEIGHTS, route, target_velocity
-from teachers import log_probe, stage_grpo_mix, stage_grpo_snr, stage_teachers
-from world.pretrain import stage_pretrain
+from sde_sampler import gaussian_logprob
+from support import checkpoint, distributed
+from support.config import describe, parse_config
+from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference
+from support.resolve import eval_settings, load_model, probe_settings, prompt_pool, reward_registry
+from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
+                              sample_rollouts, trainable, trained_steps)
+from support.teachers import (TEACHER_TASKS, load_teachers, new_grpo_lora, reward_weights, rewards_for,
+                              rollout_styles)
 
+
+# ------------------------------------------------------------------ stage 1: the Flow-GRPO teachers (§4)
+
+def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
+    """One GRPO iteration up to the optimizer step: sample G SDE trajectories per prompt, reward them,
+    group-normalise, and accumulate the clipped policy gradient of adapter `name` over the trained steps
+    into .grad. Returns (rewards (N,), per-micro-step GRPOLoss list, style shares of the rollouts: {"web",
+    "blurred"} on the world's prompts (world/styles.py), else {})."""
+    prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen, cfg.balance_tags)
+    records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
+    steps = trained_steps(cfg, gen, cfg.sde_window)
+    traj, images = sample_rollouts(model, records, cfg, gen, steps if cfg.sde_window else None,
+                                   share=cfg.group_size if cfg.shared_noise else 1)
+    rewards = combined_reward(images, records, reward_weights(name, cfg), rewards_fns)
+    adv = group_advantages(rewards, cfg.group_size, std=cfg.adv_std).to(cfg.device)  # (N,)
+    stats = []
+    for mb in micro_steps(traj, steps, micro_batch_conds(model, records, cfg), cfg.micro_batch):
+        with amp(cfg):
+            mean = policy_step_mean(model, mb, cfg.noise_level)
+            ref_mean = None
+            if cfg.beta > 0:
+                with torch.no_grad():
+                    model.adapter(None)  # the reference policy: the base, adapters disabled
+                    ref_mean = policy_step_mean(model, mb, cfg.noise_level)
+                    model.adapter(name)
+        logp = gaussian_logprob(mb.x_next, mean, mb.std)
+        out = grpo_loss(logp, mb.logp, adv[mb.rows], cfg.clip_range, cfg.beta, mean, ref_mean, mb.std)
+        (out.loss * mb.scale).backward()
+        stats.append(out)
+    return rewards, stats, rollout_styles(images, records, rewards_fns)
+
+
+def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
+    """Flow-GRPO on one LoRA adapter `name`: cfg.grpo_iters iterations of grpo_gradient + one optimizer step.
+    pool: {task: train records}; rewards_fns: the reward registry. run_dir: where --checkpoint_every writes
+    checkpoint-N/ and from where --resume_from_checkpoint latest continues (a fresh start if it holds none)."""
+    params = new_grpo_lora(model, name, cfg)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(cfg.seed + rank)  # rank > 0: other prompts and noise (distributed.py)
+    start = 0
+    if run_dir and cfg.resume_from_checkpoint and checkpoint.latest_checkpoint(run_dir):
+        start = checkpoint.resume_training(cfg, run_dir, model, opt, None, gen, rank, adapter=name)
+    n = cfg.prompts_per_iter * cfg.group_size
+    k = cfg.sde_window or min(cfg.train_timesteps, cfg.num_steps - 1)
+    if rank == 0:
+        print(f"[{name}] GRPO: {cfg.prompts_per_iter} prompts x G={cfg.group_size} = {n} samples per iteration "
+              f"in micro-batches of {cfg.micro_batch}; {k} of {cfg.num_steps} steps trained"
+              f"{' (the SDE window)' if cfg.sde_window else ''}; 1 optimizer step per iteration "
+              f"({-(-n // cfg.micro_batch) * k} accumulated micro-steps), iterations {start}..{cfg.grpo_iters}")
+    # --eval_every: a probe evaluation on the world's test prompts (a --prompts run has no such set)
+    probing, probe = cfg.eval_every and rank == 0 and not cfg.prompts, probe_settings(cfg)
+    if probing and start == 0:
+        log_probe(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
+    bar = tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0)
+    for it in bar:
+        rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns, gen)
+        optimizer_step(params, opt)
+        bar.set_postfix(reward=f"{rewards.mean().item():.3f}")
+        if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+            checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, adapter=name)
+        metrics = distributed.mean_over_processes(
+            dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
+                 clipfrac=float(np.mean([s.clipfrac.item() for s in stats])),
+                 kl=float(np.mean([s.kl.mean().item() for s in stats])), **shares))
+        if rank == 0:
+            log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
+                ratio_max=max(s.ratio_max.item() for s in stats))
+        if probing and (it + 1) % cfg.eval_every == 0:
+            log_probe(model, name, probe, log, stage=f"{name}_eval", iter=it + 1,
+                      images=(it + 1) * n * distributed.world_size())
+
+
+def stage_teachers(cfg, names=None):
+    """--stage teachers: train each missing teacher (skip those already saved) and print its scores.
+    Checkpoints of an unfinished teacher go to <teacher_dir>/runs/<name>/checkpoint-N; with
+    --resume_from_checkpoint latest each teacher continues from its own newest one."""
+    if cfg.resume_from_checkpoint not in ("", "latest"):
+        raise SystemExit("--stage teachers and grpo_mix resume each teacher from its own newest checkpoint: "
+                         "pass --resume_from_checkpoint latest")
+    rank, world, device = distributed.init(cfg.device)
+    cfg = dataclasses.replace(cfg, device=device)
+    log = jsonl_logger(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
+    pool = prompt_pool(cfg.prompts, "train")
+    for name in names or cfg.teachers:
+        path = os.path.join(cfg.teacher_dir, name)
+        if os.path.isdir(path):
+            print(f"[{name}] found {path}, skipping (delete it to retrain)")
+            continue
+        t0 = time.time()
+        model = load_model(cfg)
+        torch.manual_seed(cfg.seed)
+        train_grpo(model, name, cfg, log, pool, rewards_for(name, cfg), rank,
+                   os.path.join(cfg.teacher_dir, "runs", name))
+        if rank == 0:
+            model.save_adapter(name, path)
+            minutes = (time.time() - t0) / 60
+            log(stage=name, minutes=minutes, processes=world)
+            print(f"[{name}] saved {path} after {minutes:.1f} min")
+            if cfg.eval_at_end and not cfg.prompts:
+                print(format_metrics(name, evaluate_cached(model, name, path, **eval_settings(cfg))))
+        distributed.barrier()
+
+
+# ------------------------------------------------------- stages 2-3: cold start and Flow-OPD (§2.5-2.10)
 
 def stage_distill(cfg):
+    """--stage distill: the cold start, cfg.opd_iters Flow-OPD iterations, the student saved and scored."""
     t0 = time.time()
     rank, world, device = distributed.init(cfg.device)
     cfg = dataclasses.replace(cfg, device=device)
@@ -110,37 +222,6 @@ def stage_distill(cfg):
     distributed.barrier()
 
 
-def load_teachers(model, cfg):
-    """Load the routed teachers and the MAR anchor as adapters on the one backbone. Returns ({task: teacher
-    adapter}, the anchor adapter or None for the base, {adapter: folder or hub id}). --teacher NAME=PATH_OR_ID
-    gives them (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are
-    used, and any that is missing is trained first, with a message. --mar is deqa, base, none, or a PATH_OR_ID."""
-    anchor = {"deqa": "deqa", "base": None, "none": None}.get(cfg.mar_anchor, "anchor")
-    if cfg.teacher:
-        sources = named_paths(cfg.teacher)
-    else:
-        names = cfg.routes + (["deqa"] if anchor == "deqa" else [])
-        missing = [n for n in names if not os.path.isdir(os.path.join(cfg.teacher_dir, n))]
-        if missing:
-            print(f"teachers {missing} not found in {cfg.teacher_dir}: training them now with `--stage teachers`")
-            stage_teachers(dataclasses.replace(cfg, eval_at_end=False), names=missing)
-        sources = {n: os.path.join(cfg.teacher_dir, n) for n in names}
-    if anchor == "anchor":
-        sources["anchor"] = cfg.mar_anchor
-    elif anchor == "deqa" and "deqa" not in sources:
-        raise SystemExit("--mar deqa needs a deqa teacher: add --teacher deqa=PATH_OR_ID, or pass "
-                         "--mar PATH_OR_ID (e.g. the published DeQA teacher), --mar base or --mar none")
-    unrouted = [n for n in sources if n not in cfg.routes and n not in ("deqa", "anchor")]
-    if unrouted:
-        raise SystemExit(f"teachers {unrouted} have no route: name teachers by task ({cfg.routes}) or set --routes")
-    for name, spec in sources.items():
-        try:
-            model.load_adapter(adapter_folder(name, spec), name)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"teacher {name}: {e}") from None
-    return {n: n for n in sources if n in cfg.routes}, anchor, sources
-
-
 def make_student(model, cfg, teachers, sources):
     """The cold start (§3) as adapter "student": loaded from cfg.cold_start_dir if built before, else
     merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved.
@@ -165,10 +246,8 @@ def make_student(model, cfg, teachers, sources):
                               samples_per_teacher=cfg.sft_samples, rank=cfg.lora_rank,
                               alpha=cfg.lora_alpha, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
         print(f"cold start sft: final flow-matching loss {loss:.4f}")
-    elif cfg.cold_start == "none":
+    else:  # "none" (Config checked the choice)
         model.add_lora("student", cfg.lora_rank, cfg.lora_alpha)
-    else:
-        raise SystemExit(f"unknown --cold_start {cfg.cold_start!r}; choose merge, merge_average, sft or none")
     model.save_adapter("student", path)
     with open(routes_file, "w") as f:
         json.dump(built_from, f, indent=1)
@@ -186,27 +265,23 @@ def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
     model.adapter("student")
     traj, images = sample_rollouts(model, records, cfg, gen)
     steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
-    n, kls, mars, conds_mb = len(records), [], [], micro_batch_conds(model, records, cfg)
-    for j in steps:
-        for i in range(0, n, cfg.micro_batch):
-            idx = torch.arange(i, min(i + cfg.micro_batch, n))
-            conds = conds_mb[i // cfg.micro_batch]
-            x_t, t, t_next = traj.x_t[idx, j], traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
-            with torch.no_grad(), amp(cfg):
-                v_T = target_velocity(model, x_t, t, conds, routed[i:i + cfg.micro_batch], team, cfg.soft_routing)
-                v_A = None
-                if cfg.mar_anchor != "none":
-                    model.adapter(anchor)  # None = the base, adapters disabled
-                    v_A = model.velocity(x_t, t, *conds)
-            model.adapter("student")  # re-enables the student's gradients before its forward
-            with amp(cfg):
-                v_s = model.velocity(x_t, t, *conds)
-            loss, kl, mar = loss_fn(x_t=x_t, x_next=traj.x_next[idx, j], t=t, t_next=t_next, std=traj.std[idx, j],
-                                    old_logp=traj.logp[idx, j], v_student=v_s, v_teacher=v_T, v_anchor=v_A,
-                                    noise_level=cfg.noise_level, estimator=cfg.estimator, mar_lambda=cfg.mar_lambda)
-            (loss * len(idx) / (n * len(steps))).backward()
-            kls.append(kl)
-            mars.append(mar)
+    kls, mars = [], []
+    for mb in micro_steps(traj, steps, micro_batch_conds(model, records, cfg), cfg.micro_batch):
+        with torch.no_grad(), amp(cfg):
+            v_T = target_velocity(model, mb.x_t, mb.t, mb.conds, routed[mb.rows], team, cfg.soft_routing)
+            v_A = None
+            if cfg.mar_anchor != "none":
+                model.adapter(anchor)  # None = the base, adapters disabled
+                v_A = model.velocity(mb.x_t, mb.t, *mb.conds)
+        model.adapter("student")  # re-enables the student's gradients before its forward
+        with amp(cfg):
+            v_s = model.velocity(mb.x_t, mb.t, *mb.conds)
+        loss, kl, mar = loss_fn(x_t=mb.x_t, x_next=mb.x_next, t=mb.t, t_next=mb.t_next, std=mb.std,
+                                old_logp=mb.logp, v_student=v_s, v_teacher=v_T, v_anchor=v_A,
+                                noise_level=cfg.noise_level, estimator=cfg.estimator, mar_lambda=cfg.mar_lambda)
+        (loss * mb.scale).backward()
+        kls.append(kl)
+        mars.append(mar)
     return images, torch.cat(kls).mean().item(), torch.stack(mars).mean().item()
 
 
@@ -245,20 +320,12 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 
-def stage_world_base(cfg):
-    """--stage pretrain: the world's base (world/pretrain.py), then its four scores on the test prompts."""
-    stage_pretrain(cfg, report=lambda base: print(format_metrics("base", evaluate(base, None, **eval_settings(cfg)))))
-
-
-STAGES = {"distill": stage_distill, "pretrain": stage_world_base, "teachers": stage_teachers,
-          "grpo_mix": stage_grpo_mix, "grpo_snr": stage_grpo_snr,
-          "all": lambda cfg: pipeline.stage_all(cfg, stage_distill)}
+STAGES = {"distill": stage_distill, "teachers": stage_teachers,
+          "grpo_mix": lambda cfg: stage_teachers(cfg, ["grpo_mix"])}  # one LoRA on all tasks, task reward + deqa
 
 
 def main(argv=None):
     cfg = parse_config(argv, description=__doc__)
-    if cfg.stage not in STAGES:
-        raise SystemExit(f"unknown --stage {cfg.stage!r}; choose one of {sorted(STAGES)}")
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone prints
         print(describe(cfg), flush=True)
     torch.manual_seed(cfg.seed)

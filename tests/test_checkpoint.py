@@ -10,22 +10,19 @@ import os
 import random
 import re
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import tiny_sd3  # noqa: E402
-from checkpoint import (EMA, export_lora, latest_checkpoint, load_checkpoint, resolve_resume,  # noqa: E402
+import tiny_sd3
+from support.checkpoint import (EMA, export_lora, latest_checkpoint, load_checkpoint, resolve_resume,
                         save_checkpoint)
-from flow_matching import flow_matching_loss, interpolate  # noqa: E402
-from infer import load_diffusers_lora  # noqa: E402
-from models import build_world_model, load_sd3  # noqa: E402
-from world.model import WorldModelConfig  # noqa: E402
+from flow_matching import flow_matching_loss, interpolate
+from support.resolve import load_diffusers_lora
+from support.models import build_world_model, load_sd3
+from world.model import WorldModelConfig
 
 SMALL = WorldModelConfig(latent_channels=4, width=32, heads=2, layers=2, text_width=32, text_layers=1)
 PROMPTS = ["a red circle", 'a sign that says "K7"', "a sunset over the sea", "two blue squares"]
@@ -248,7 +245,7 @@ def test_export_diffusers_lora_without_metadata_and_foreign_keys(tiny_path, tmp_
 
 
 def test_fresh_log_keeps_the_previous_run_and_appending_continues_it(tmp_path):
-    from rollouts import jsonl_logger
+    from support.metrics import jsonl_logger
     path = tmp_path / "run" / "train_log.jsonl"
     log = jsonl_logger(str(path), fresh=True)   # nothing there yet: nothing to move
     log(iter=0, kl=1.0)

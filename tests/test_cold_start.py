@@ -2,14 +2,11 @@
 Tests for cold_start.py (model-merging cold start, Flow-OPD §3).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_cold_start.py
 """
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cold_start import delta_w, merge_average, merge_delta  # noqa: E402
+from cold_start import delta_w, merge_average, merge_delta
 
 R, ALPHA = 2, 4.0
 MODULES = {"t.blocks.0.attn.to_q": (12, 10), "t.blocks.0.attn.to_out.0": (10, 12)}   # (out, in)

@@ -7,24 +7,24 @@ milliseconds; the decode test builds a tiny untrained VAE.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_eval.py
 """
 import collections
+import dataclasses
 import json
 import math
 import os
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import metrics  # noqa: E402
-import rollouts  # noqa: E402
-import eval as E  # noqa: E402
-import models  # noqa: E402
-from flow_matching import time_grid  # noqa: E402
-from world import toy_world  # noqa: E402
-import train  # noqa: E402
-from config import eval_settings, parse_config  # noqa: E402
+from support import metrics
+from support import rollouts
+import eval as E
+from support import models
+from flow_matching import time_grid
+from world import renderer, toy_world
+import train
+from support.config import Config, parse_config
+from support.resolve import eval_settings
 
 GENEVAL = toy_world.prompts("geneval", "test")   # tags: 3 single_object, 6 two_object, 9 counting, 24 x 3 others
 
@@ -203,11 +203,40 @@ def test_eval_sizes_are_honoured_with_a_prompt_file(tmp_path):
     assert eval_settings(cfg)["prompts_per_task"] == 12
 
 
-def test_removed_eval_limit_flag_names_the_new_ones():
-    with pytest.raises(SystemExit, match="--eval_prompts_per_task.*--eval_images_per_prompt"):
+def test_removed_eval_limit_flag_names_the_new_ones(capsys):
+    with pytest.raises(SystemExit):
         parse_config(["--eval_limit", "32"])
-    with pytest.raises(SystemExit, match="removed"):
+    assert "--eval_prompts_per_task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         parse_config(["--eval_limit=32"])
+    assert "removed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--estimator", "pathwize"], "--estimator 'pathwize': choose one of 'pathwise', 'logratio', 'released'"),
+    (["--opd_iters", "-3"], "--opd_iters -3: must be >= 1"),
+    (["--soft_routing", "1.5"], "--soft_routing 1.5: must be in [0, 1]"),
+    (["--prompts", "ocr=/no/such/file.txt"], "--prompts ocr=/no/such/file.txt: no prompt file"),
+    (["--teacher", "geneval"], "--teacher expects NAME=PATH"),
+    (["--compile", "maybe"], "--compile: expected true or false"),
+    (["--steps", "2"], "--steps was removed: use --eval_steps"),
+])
+def test_bad_flags_end_in_one_line_naming_the_flag(argv, message, capsys):
+    """Checked when parsed, before any model loads: one line on stderr after the usage line, exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 2 and message in err[1], err
+
+
+def test_help_gives_every_flag_a_description_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name} {f.name.upper()}" in text or f"--{f.name} [{f.name.upper()} ...]" in text, f.name
+    assert "(default: pathwise)" in text and "(default: 40)" in text and text.count("(default: ") >= len(
+        dataclasses.fields(Config))
 
 
 # ---------------------------------------------------------------------------------------- decode, uint8
@@ -253,7 +282,7 @@ def test_world_style_shares_are_scored_per_task_and_pooled():
     rng, recs = np.random.default_rng(0), toy_world.prompts("ocr", "test")[:8]
     # four upright and sharp, two turned (web), two blurred: web/ocr 2/8, blurred 2/8
     styles = [(False, False)] * 4 + [(True, False)] * 2 + [(False, True)] * 2
-    images = torch.from_numpy(np.stack([toy_world.render(r, rng, w, b) for r, (w, b) in zip(recs, styles)])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.stack([renderer.render(r, rng, w, b) for r, (w, b) in zip(recs, styles)])).permute(0, 3, 1, 2)
     scores = E.score_task("ocr", images, recs)
     assert scores["web"].tolist() == [0.0] * 4 + [1.0] * 2 + [0.0] * 2
     assert scores["blurred"].tolist() == [0.0] * 6 + [1.0] * 2
@@ -266,14 +295,14 @@ def test_world_style_shares_are_scored_per_task_and_pooled():
 def test_eval_cli_restricts_tasks_and_pairs_another_full_model(tmp_path):
     base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "base")
     out = tmp_path / "t.json"
-    E.main(["--model", base, "--other_model", f"again={base}", "--tasks", "ocr", "--prompts_per_task", "2",
-            "--images_per_prompt", "1", "--steps", "2", "--paired", "--out", str(out)])
+    E.main(["--model", base, "--other_model", f"again={base}", "--tasks", "ocr", "--eval_prompts_per_task", "2",
+            "--eval_images_per_prompt", "1", "--eval_steps", "2", "--paired", "--out", str(out)])
     table = json.loads(out.read_text())
     assert set(table["rows"]) == {"base", "again"} and table["meta"]["tasks"] == ["ocr"]
     assert "geneval" not in table["rows"]["base"] and "ocr" in table["rows"]["base"]
     assert table["paired"]["again"][0]["ocr"] == {"mean": 0.0, "se": 0.0}   # the same model on the same noise
     with pytest.raises(SystemExit, match="--tasks"):
-        E.main(["--model", base, "--tasks", "paint", "--steps", "2"])
+        E.main(["--model", base, "--tasks", "paint", "--eval_steps", "2"])
 
 
 def test_tables_over_seeds_carry_the_standard_error_of_the_mean():

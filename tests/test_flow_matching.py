@@ -2,14 +2,11 @@
 Exact-answer tests for flow_matching.py (Flow-OPD §2.2).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_flow_matching.py
 """
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flow_matching import (broadcast_t, guidance, euler_sample, euler_step, flow_matching_loss,  # noqa: E402
+from flow_matching import (broadcast_t, guidance, euler_sample, euler_step, flow_matching_loss,
                            interpolate, sample_t, shift_sigmas, time_grid, velocity_target)
 
 

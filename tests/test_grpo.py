@@ -2,14 +2,11 @@
 Exact-answer tests for grpo.py (Flow-GRPO advantages, clipped surrogate, reference KL).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_grpo.py
 """
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import (clipped_surrogate, gradient_signal, group_advantages, grpo_loss, reference_kl,  # noqa: E402
+from grpo import (clipped_surrogate, gradient_signal, group_advantages, grpo_loss, reference_kl,
                   zero_std_fraction)
 
 

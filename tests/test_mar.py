@@ -2,14 +2,11 @@
 Tests for mar.py (Manifold Anchor Regularization, Flow-OPD §2.8).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_mar.py
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mar import ANCHORS, mar_loss  # noqa: E402
-from opd_loss import step_kl  # noqa: E402
+from mar import ANCHORS, mar_loss
+from opd_loss import step_kl
 
 
 def _means(seed=0):

@@ -6,18 +6,15 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_models.py
 """
 import os
 import re
-import sys
 
 import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-import models  # noqa: E402
-import tiny_sd3  # noqa: E402
-from models import LORA_TARGETS, T2IModel, build_world_model, load_sd3, load_world_model  # noqa: E402
-from world.model import WorldModelConfig, WorldTokenizer, trainable_positions  # noqa: E402
+from support import models
+import tiny_sd3
+from support.models import LORA_TARGETS, T2IModel, build_world_model, load_sd3, load_world_model
+from world.model import WorldModelConfig, WorldTokenizer, trainable_positions
 
 SMALL = WorldModelConfig(latent_channels=4, width=32, heads=2, layers=2, text_width=32, text_layers=1)
 PROMPTS = ["a cat", 'a sign that says "HI"']
@@ -184,10 +181,10 @@ def test_world_model_save_load_roundtrip(tmp_path):
 
 
 def test_load_world_model_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match=re.escape("python train.py --stage pretrain")):
+    with pytest.raises(FileNotFoundError, match=re.escape("python -m tools.pretrain_world")):
         load_world_model(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=re.escape("python train.py --stage pretrain")):
+    with pytest.raises(FileNotFoundError, match=re.escape("python -m tools.pretrain_world")):
         load_world_model(str(tmp_path / "empty"))
 
 

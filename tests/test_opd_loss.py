@@ -4,16 +4,13 @@ policy gradient is unbiased, that a detached state-only reward carries no signal
 released (non-detached) form follows the pathwise gradient. Tiny tensors, fixed seeds, CPU.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_opd_loss.py
 """
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo import clipped_surrogate  # noqa: E402
-from opd_loss import ESTIMATORS, flow_opd_loss, kl_weight, opd_loss, step_kl  # noqa: E402
-from sde_sampler import gaussian_logprob, sde_step  # noqa: E402
+from grpo import clipped_surrogate
+from opd_loss import ESTIMATORS, flow_opd_loss, kl_weight, opd_loss, step_kl
+from sde_sampler import gaussian_logprob, sde_step
 
 A_NOISE, T, T_NEXT = 0.7, 0.6, 0.5
 SHAPE = (1, 2, 2, 2)  # D = 8

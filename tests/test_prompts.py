@@ -3,14 +3,11 @@ Tests for prompts.py: every format round-trips, every malformed line is named by
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_prompts.py
 """
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from world import toy_world as tw  # noqa: E402
-from prompts import PromptFileError, read_prompts, write_prompts  # noqa: E402
+from world import toy_world as tw
+from support.prompts import PromptFileError, read_prompts, write_prompts
 
 
 def write_lines(path, lines):

@@ -1,5 +1,5 @@
 """
-Tests for reward_backends.py: RapidOCR on rendered text, PickScore against a hand computation with a tiny CLIP
+Tests for support/reward_backends.py and support/reward_servers.py: RapidOCR on rendered text, PickScore against a hand computation with a tiny CLIP
 saved to a temp folder, and the reward-server client against a local server on 127.0.0.1 (batching, retries,
 errors, the plain-data decoder).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_reward_backends.py
@@ -20,12 +20,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import metrics  # noqa: E402
-import rollouts  # noqa: E402
-import reward_backends as RB  # noqa: E402
-import rewards  # noqa: E402
+from support import metrics
+from support import rollouts
+from support import reward_backends as RB
+from support import reward_servers as RS
+import rewards
 
 FAST = dict(timeout=5.0, retries=2, backoff=0.01)   # client settings for the local server
 
@@ -109,7 +108,7 @@ def test_pickscore_equals_hand_computed_scaled_cosine(tiny_clip_dir):
     reward = RB.make_rewards(pickscore=tiny_clip_dir)["pickscore"](images, prompts, [{}] * 3)
 
     model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
-    pil = [Image.fromarray(a) for a in RB.to_uint8(images)]
+    pil = [Image.fromarray(a) for a in RB.to_hwc_uint8(images)]
     pixels = processor(images=pil, return_tensors="pt")["pixel_values"]
     text = processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
@@ -146,12 +145,12 @@ def test_pickscore_folder_without_processor_config_scores_the_same(tiny_clip_dir
 
 
 def test_pickscore_follows_training_device_and_precision(monkeypatch):
-    import config
+    from support import config, resolve
     made = []
     monkeypatch.setattr(RB, "PickScoreReward", lambda path, **kw: made.append((path, kw)))
     for device, precision, dtype in [("cuda", "bf16", torch.bfloat16), ("cuda:1", "fp16", torch.float16),
                                      ("cuda", "no", torch.float32), ("cpu", "bf16", torch.float32)]:
-        config.reward_registry(config.Config(device=device, mixed_precision=precision, pickscore_reward="/ps"))
+        resolve.reward_registry(config.Config(device=device, mixed_precision=precision, pickscore_reward="/ps"))
         assert made.pop() == ("/ps", {"device": device, "dtype": dtype})
 
 
@@ -336,10 +335,10 @@ def test_server_decoder_refuses_malicious_pickle(tmp_path, deqa_server):
     marker = tmp_path / "ran"   # os.system would create it; nothing may run
     for protocol in (0, 3, 5):
         with pytest.raises(pickle.UnpicklingError, match=r"refused to load (os|posix)\.system"):
-            RB.decode_response(pickle.dumps({"outputs": [_Evil(marker)]}, protocol=protocol))
+            RS.decode_response(pickle.dumps({"outputs": [_Evil(marker)]}, protocol=protocol))
     eval_call = b"cbuiltins\neval\n(S'__import__(\"os\").system(\"touch " + str(marker).encode() + b"\")'\ntR."
     with pytest.raises(pickle.UnpicklingError, match=r"refused to load builtins\.eval"):
-        RB.decode_response(eval_call)
+        RS.decode_response(eval_call)
     deqa_server.raw = pickle.dumps({"outputs": [_Evil(marker)]})   # through the client: refused, not retried
     with pytest.raises(pickle.UnpicklingError, match="only plain data"):
         RB.DeQAServerReward(deqa_server.url, **FAST)(_grey_images(1), [""], [{}])
@@ -350,9 +349,9 @@ def test_server_decoder_accepts_plain_data_in_python3_protocols():
     data = {"scores": [0.5, 1, -0.25], "group": {"counting": [1.0, -10.0]}, "tags": ("a", "b"), "s": {1, 2},
             "f": frozenset({"x"}), "b": b"\x00", "ba": bytearray(b"ab"), "c": 1 + 2j, "none": None, "ok": True}
     for protocol in range(3, pickle.HIGHEST_PROTOCOL + 1):
-        assert RB.decode_response(pickle.dumps(data, protocol=protocol)) == data
+        assert RS.decode_response(pickle.dumps(data, protocol=protocol)) == data
     with pytest.raises(pickle.UnpicklingError, match="must be a dict"):
-        RB.decode_response(pickle.dumps([1.0]))
+        RS.decode_response(pickle.dumps([1.0]))
 
 
 # ---------------------------------------------------------------------------------- registry, check
@@ -368,7 +367,7 @@ def test_server_make_rewards_defaults_to_world_and_swaps_by_flag(geneval_server)
 def test_server_check_reports_every_backend_from_the_cli(monkeypatch):
     env = dict(os.environ, **{RB.GENEVAL_URL_ENV: "http://127.0.0.1:18085"})
     env.pop(RB.DEQA_URL_ENV, None)
-    out = subprocess.run([sys.executable, "reward_backends.py"], cwd=ROOT, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "support.reward_backends"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert set(lines) == {"ocr", "pickscore", "geneval", "deqa"}

@@ -6,7 +6,6 @@ import copy
 import itertools
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -14,18 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import ImageFont
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rewards as R  # noqa: E402
-from world import judges as J  # noqa: E402
-from world import ocr as O  # noqa: E402
-from world import toy_world as tw  # noqa: E402
+import rewards as R
+from world import judges as J
+from world import ocr as O
+from world import renderer
+from world import toy_world as tw
 
 SWAP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def _render(records, seed=0):
     rng = np.random.default_rng(seed)
-    return tw.to_tensor([tw.render(r, rng) for r in records])
+    return renderer.to_tensor([renderer.render(r, rng) for r in records])
 
 
 def _geneval_record(tag, k=0):
@@ -118,7 +117,7 @@ def test_ocr_formula_quoted_text_substring_levenshtein():
 def test_ocr_reads_a_font_size_the_renderer_does_not_use(size):
     font, rng = ImageFont.load_default(size=size), np.random.default_rng(3)
     texts = [t for t in ("A7", "HQ", "3K", "XZ", "PD", "WN", "58", "TJ") if font.getlength(t) <= 30]
-    imgs = tw.to_tensor([O._draw_text(t, font, rng, jitter=1) for t in texts])
+    imgs = renderer.to_tensor([O._draw_text(t, font, rng, jitter=1) for t in texts])
     assert O.ocr_char_accuracy(texts, imgs) >= 0.85
 
 
@@ -136,7 +135,7 @@ class _FixedQ:
 
 
 def _scene_images(scene, q, n=10):
-    return tw.to_tensor([np.asarray(tw._render_pickscore({"scene": scene}, _FixedQ(q, s)), np.uint8) for s in range(n)])
+    return renderer.to_tensor([np.asarray(renderer._render_pickscore({"scene": scene}, _FixedQ(q, s)), np.uint8) for s in range(n)])
 
 
 @pytest.mark.parametrize("scene", list(tw.NAMED_SCENES) + list(tw.COMPOSED_SCENES)[::12])
@@ -214,7 +213,7 @@ def test_registry_shapes_dtype_determinism_and_nan():
 # ------------------------------------------------------------------------------- calibration of geneval
 @pytest.fixture(scope="module")
 def base():
-    import models
+    from support import models
     return models.load_world_model(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                 "checkpoints", "base"))
 
@@ -223,7 +222,7 @@ def test_ground_truth_through_the_autoencoder_scores_full_marks_and_resists_nois
     """What a perfect generator could draw (ground truth through the base's autoencoder) scores >= 0.97 on
     every GenEval sub-task and on OCR, and +-2/255 pixel noise changes under 1% of the rewards
     (the first detector: 0.72-1.00 per sub-task, up to 4.4% flipped)."""
-    from world import calibration
+    from tools import calibrate_world as calibration
     torch.set_num_threads(1)
     cal = calibration.reward_calibration(base, per_stratum=24, seed=3)
     assert set(cal) == set(tw.GENEVAL_TAGS) | {"ocr"}
@@ -237,10 +236,10 @@ def _shape_images(shapes, sizes, seed=0):
     rng, imgs, names = np.random.default_rng(seed), [], []
     for shape, size, colour in itertools.product(shapes, sizes, tw.PALETTE):
         img = Image.new("RGB", (32, 32), tw.BACKGROUND)
-        tw._draw_shape(ImageDraw.Draw(img), shape, *rng.uniform(8, 24, 2), size, tw.PALETTE[colour])
+        renderer._draw_shape(ImageDraw.Draw(img), shape, *rng.uniform(8, 24, 2), size, tw.PALETTE[colour])
         imgs.append(np.asarray(img))
         names.append(shape)
-    return tw.to_tensor(imgs), names
+    return renderer.to_tensor(imgs), names
 
 
 def _margins(images, names):
@@ -276,7 +275,7 @@ def test_rounded_square_is_a_square_and_octagon_a_circle():
         img = Image.new("RGB", (32, 32), tw.BACKGROUND)
         draw(ImageDraw.Draw(img))
         imgs.append(np.asarray(img))
-    margins = _margins(tw.to_tensor(imgs), ["square", "circle"])
+    margins = _margins(renderer.to_tensor(imgs), ["square", "circle"])
     assert margins[0] > 0.015 and margins[1] > 0.1, margins
 
 

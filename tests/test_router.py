@@ -2,14 +2,11 @@
 Tests for router.py (task-routed teacher labelling, Flow-OPD §2.5).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_router.py
 """
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from router import (DEFAULT_TASK_WEIGHTS, groups_by_teacher, mix_velocities, one_hot_weights,  # noqa: E402
+from router import (DEFAULT_TASK_WEIGHTS, groups_by_teacher, mix_velocities, one_hot_weights,
                     route, sample_tasks)
 
 TEACHERS = {"geneval": "T_gen", "ocr": "T_ocr", "pickscore": "T_pick"}

@@ -3,15 +3,12 @@ Exact-answer tests for sde_sampler.py (Flow-OPD §2.4, Flow-GRPO SDE step).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_sde_sampler.py
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flow_matching import broadcast_t, euler_sample, euler_step, time_grid  # noqa: E402
-from sde_sampler import (SDEStep, Trajectory, gaussian_kl, gaussian_logprob, rollout,  # noqa: E402
+from flow_matching import broadcast_t, euler_sample, euler_step, time_grid
+from sde_sampler import (SDEStep, Trajectory, gaussian_kl, gaussian_logprob, rollout,
                          sde_step, sigma_t)
 
 Normal = torch.distributions.Normal

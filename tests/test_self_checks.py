@@ -1,6 +1,6 @@
 """
 The lab path of the README: every paper-concept file's self-check (`python FILE.py`) and the pictures'
-(`python plots.py DIR`) run to the end, so none rots between releases.
+(`python -m support.figures DIR`) run to the end, so none rots between releases.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_self_checks.py
 """
 import os

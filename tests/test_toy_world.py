@@ -8,16 +8,14 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_toy_world.py
 import collections
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from world import judges as J  # noqa: E402
-from world import pretrain  # noqa: E402
-from world import styles  # noqa: E402
-from world import toy_world as tw  # noqa: E402
-from rewards import REWARDS  # noqa: E402
+from world import judges as J
+from tools import pretrain_world as pretrain
+from world import renderer, styles
+from world import toy_world as tw
+from rewards import REWARDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,12 +65,12 @@ def test_composed_scenes_use_known_words_and_the_reward_finds_them():
 def _styled(task, web, blur, n=24, seed=0):
     rng = np.random.default_rng(seed)
     recs = tw.prompts(task, "test")[:n]
-    return recs, tw.to_tensor([tw.render(r, rng, web, blur) for r in recs])
+    return recs, renderer.to_tensor([renderer.render(r, rng, web, blur) for r in recs])
 
 
 def test_random_style_draws_each_style_with_its_share():
     rng = np.random.default_rng(0)
-    draws = np.array([tw.random_style(rng) for _ in range(4000)], dtype=float)
+    draws = np.array([renderer.random_style(rng) for _ in range(4000)], dtype=float)
     assert abs(draws[:, 0].mean() - tw.WEB_SHARE) < 0.03 and abs(draws[:, 1].mean() - tw.BLUR_SHARE) < 0.03
     assert abs(np.corrcoef(draws.T)[0, 1]) < 0.05   # independent
 

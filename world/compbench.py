@@ -1,9 +1,9 @@
 """
 An out-of-domain composition set, a T2I-CompBench in miniature (Flow-OPD §5 reports T2I-CompBench to show
 that distillation keeps generalisation; PAPER_NOTES.md §4). Its prompts compose the world's words in ways
-the post-training prompts (toy_world.prompts("geneval", "train")) never do, and they are scored with
-GenEval's metadata schema by rewards.geneval_details, so the partial score and strict accuracy mean what
-they mean in eval.py.
+the post-training prompts (toy_world.prompts("geneval", "train")) never do, and they carry GenEval's metadata
+schema, so eval.evaluate_ood scores them with rewards.geneval_details: the partial score and strict accuracy
+mean what they mean for the geneval task.
 
 What is held out. The train split already holds every (colour, shape) pair (colors, color_attr), every
 (shape, relation, shape) triple and counts 2-4 of every shape (those sub-tasks share train and test), so a
@@ -20,16 +20,12 @@ tests/test_compbench.py checks each of these against the train split.
 
 Differences from T2I-CompBench: 1) four categories of its eight (no texture, non-spatial, 3-D or complex),
 24 prompts each instead of 300; 2) scored by the GenEval-like detector, not BLIP-VQA / UniDet;
-3) no scene holds more than 4 objects, the most toy_world.render can place at 32 px (and as many as the
+3) no scene holds more than 4 objects, the most renderer.render can place at 32 px (and as many as the
 train split's largest scene), so "more objects" means more classes or counted groups, not a higher total;
 4) no comma lists ("a, b and c"): the world's tokenizer splits on spaces, "circle," would be unknown.
-Self-check (ground-truth renders score about 1):  python -m world.compbench
 """
 import itertools
 
-import torch
-
-from rewards import geneval_details
 from world.toy_world import PALETTE, RELATIONS, SHAPES, include_clause, noun_phrase
 
 CATEGORIES = ("colour", "shape", "counting", "spatial")
@@ -78,33 +74,3 @@ def _spatial():
 def records():
     """The fixed OOD set: 24 geneval-task records per category, in CATEGORIES order."""
     return _colour() + _shape() + _counting() + _spatial()
-
-
-def score(images, records):
-    """{category: (N_cat,) GenEval partial score, category + "/strict": (N_cat,) strict accuracy 0/1} for
-    images (B, 3, H, W) in [0, 1] made for `records` (a subset of records(), any order)."""
-    meta = [r["metadata"] for r in records]
-    unknown = {m.get("tag") for m in meta} - set(CATEGORIES)
-    if unknown:
-        raise ValueError(f"records with tags {sorted(map(str, unknown))} are not compbench records {CATEGORIES}")
-    result = geneval_details(images, meta)
-    out = {}
-    for cat in CATEGORIES:
-        idx = torch.tensor([i for i, m in enumerate(meta) if m["tag"] == cat], dtype=torch.long)
-        if len(idx):
-            out[cat] = result.score[idx]
-            out[cat + "/strict"] = result.strict[idx].float()
-    return out
-
-
-if __name__ == "__main__":
-    import numpy as np
-
-    from world import toy_world
-    recs = records()
-    rng = np.random.default_rng(0)
-    images = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
-    for k, v in score(images, recs).items():
-        print(f"ground truth {k:16s} {v.mean():.3f}  (n = {len(v)})")
-    for cat in CATEGORIES:
-        print(cat, "e.g.", next(r["prompt"] for r in recs if r["metadata"]["tag"] == cat))

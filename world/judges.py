@@ -10,7 +10,7 @@ which puts a blurred edge where the edge is; 8-connected components of >= 12 px 
 ideal circle, square or upward triangle with the component's centroid and second moments (blurred by 0, 0.4 or
 0.8 px) whose soft IoU with the component's coverage map is highest (shape_scores, classify_shape).
 
-Calibration (python -m world.calibration --n 60, on checkpoints/base): ground truth rendered by toy_world and
+Calibration (python -m tools.calibrate_world --n 60, on checkpoints/base): ground truth rendered by toy_world and
 passed through the world's autoencoder, what a perfect generator could draw, scores 1.00 on five sub-tasks and
 0.98 on counting (four shapes in 32 px strain the autoencoder), and +-2/255 uniform pixel noise changes 0.0%
 of those rewards; on the base's own samples it changes 1.7% of geneval rewards (0-3.9% per sub-task). The

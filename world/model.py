@@ -162,7 +162,7 @@ def load(path):
     from transformers import CLIPTextModelWithProjection
     if not os.path.isdir(os.path.join(path, "transformer")):
         raise FileNotFoundError(f"no world model at {path!r} (expected transformer/, vae/, text_encoder/, "
-                                f"tokenizer/); build one with `python train.py --stage pretrain`")
+                                f"tokenizer/); build one with `python -m tools.pretrain_world`")
     f32 = dict(dtype=torch.float32)
     transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, "transformer"), **f32)
     vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), **f32)

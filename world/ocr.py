@@ -197,12 +197,12 @@ def _draw_text(text, font, rng, jitter=0):
 
 
 def _ocr_accuracy_report(rng):
-    from world import toy_world as tw
+    from world import renderer, toy_world as tw
     chars = list(OCR_CHARS)
     texts = [r["metadata"]["text"] for r in tw.prompts("ocr", "test")]
-    rendered = [tw.render({"task": "ocr", "metadata": {"text": t}}, rng) for t in chars * 3 + texts]
+    rendered = [renderer.render({"task": "ocr", "metadata": {"text": t}}, rng) for t in chars * 3 + texts]
     print(f"ocr char accuracy, toy_world renderer (sizes 12-14, jitter), 36 chars x3 + {len(texts)} test texts: "
-          f"{ocr_char_accuracy(chars * 3 + texts, tw.to_tensor(rendered)):.3f}")
+          f"{ocr_char_accuracy(chars * 3 + texts, renderer.to_tensor(rendered)):.3f}")
     fonts = {f"default font {s}": ImageFont.load_default(size=s) for s in (10, 12, 13, 14, 16)}
     try:
         fonts["DejaVuSans 12"] = ImageFont.truetype("DejaVuSans.ttf", 12)
@@ -213,7 +213,7 @@ def _ocr_accuracy_report(rng):
             short = [t for t in texts if font.getlength(t) <= 30]   # texts that fit the 32 px image
             imgs = [_draw_text(t, font, rng, jitter) for t in chars + short]
             print(f"ocr char accuracy, {name:14s} jitter {jitter}: "
-                  f"{ocr_char_accuracy(chars + short, tw.to_tensor(imgs)):.3f} (36 chars + {len(short)} texts)")
+                  f"{ocr_char_accuracy(chars + short, renderer.to_tensor(imgs)):.3f} (36 chars + {len(short)} texts)")
 
 
 if __name__ == "__main__":  # python -m world.ocr: the recogniser's accuracy on rendered text

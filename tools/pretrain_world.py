@@ -2,8 +2,9 @@
 The miniature world's base model, pretrained from scratch (Flow-OPD §2.2's L_FM on the world's data): first
 the KL autoencoder on fresh renderings, then flow matching of the transformer and text encoder on
 (caption, image) pairs whose captions are deliberately noisy (world/toy_world.py, `corrupt_caption`), as web
-captions are. `python train.py --stage pretrain` runs `stage_pretrain`; the committed checkpoints/base was
-made by it (README "The pretrained base"). A reader of the paper can skip this file: the paper starts from a
+captions are. `python -m tools.pretrain_world [--ae_steps N --pretrain_steps N ...]` runs `stage_pretrain`
+(the flags of train.py's "pretraining" group); the committed checkpoints/base was made by it (README "The
+pretrained base"). A reader of the paper can skip this file: the paper starts from a
 pretrained SD3.5-Medium.
 
 Departures from SD3's pretraining: one small CLIP text encoder is trained jointly with the transformer (SD3's
@@ -19,14 +20,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import models
+from eval import evaluate
 from flow_matching import flow_matching_loss, interpolate, sample_t
-from world import toy_world
+from support import models
+from support.config import parse_config
+from support.metrics import format_metrics
+from support.resolve import eval_settings
+from world import captions, renderer, toy_world
 from world.model import trainable_positions
 
 
 def stage_pretrain(cfg, report=None):
-    """--stage pretrain: the autoencoder (cfg.ae_steps), then flow matching (cfg.pretrain_steps), from scratch
+    """The autoencoder (cfg.ae_steps), then flow matching (cfg.pretrain_steps), from scratch
     or continued from cfg.init_from; saves cfg.base (and cfg.snapshots) with a pretrain_log.json.
     report(model): called on the saved base at the end when cfg.eval_at_end (the caller's evaluation)."""
     t0 = time.time()
@@ -66,7 +71,7 @@ def pretrain(model, steps, batch_size=64, lr=1e-3, warmup=200, cfg_dropout=0.1, 
     with torch.no_grad():
         for _ in tqdm(range(0, dataset_size, 500), desc="render+encode", leave=False):
             recs = [toy_world.random_record(rng) for _ in range(500)]  # tasks, then GenEval sub-tasks, uniform
-            images = toy_world.to_tensor([toy_world.render(r, rng, *toy_world.random_style(rng)) for r in recs])
+            images = renderer.to_tensor([renderer.render(r, rng, *renderer.random_style(rng)) for r in recs])
             latents.append(model.encode_images(images.to(dev)))
             records += recs
     latents = torch.cat(latents)  # (N, C, h, w)
@@ -136,7 +141,7 @@ def pretrain_autoencoder(model, steps, batch_size=64, lr=1e-3, kl_weight=1e-6, s
 
 
 def _render_batch(n, rng):
-    return toy_world.to_tensor([toy_world.render(toy_world.random_record(rng), rng, *toy_world.random_style(rng))
+    return renderer.to_tensor([renderer.render(toy_world.random_record(rng), rng, *renderer.random_style(rng))
                                 for _ in range(n)])
 
 
@@ -144,4 +149,14 @@ def _caption(record, rng, caption_noise, cfg_dropout):
     u = rng.uniform()
     if u < cfg_dropout:
         return ""
-    return toy_world.corrupt_caption(record, rng) if u < cfg_dropout + caption_noise else record["prompt"]
+    return captions.corrupt_caption(record, rng) if u < cfg_dropout + caption_noise else record["prompt"]
+
+
+def main(argv=None):
+    """Pretrain the base (cfg.base), then print its four scores on the test prompts (--eval_at_end)."""
+    cfg = parse_config(argv, __doc__)
+    stage_pretrain(cfg, report=lambda base: print(format_metrics("base", evaluate(base, None, **eval_settings(cfg)))))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-import distributed
+from support import distributed
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors

@@ -1,18 +1,17 @@
 """
-Tests for plots.py: PNGs have the documented pixel size, grid cells hold the images, curves are drawn.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_plots.py
+Tests for support/figures.py: PNGs have the documented pixel size, grid cells hold the images unresampled,
+curves are drawn in the runs' colours, a log key gets a log axis, bars and whiskers are drawn.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_figures.py
 """
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plots as P  # noqa: E402
+from support import figures as P
 
 
 def grid_rows(n=3, h=32, w=32):
@@ -96,21 +95,27 @@ def test_training_curves_splits_reruns_and_rejects_unknown_keys(tmp_path):
 
 def test_training_curves_log_scale_zero_panels_and_another_x(tmp_path):
     distill = [{"stage": "distill", "iter": i, "images": 16 * i, "kl": 10.0 ** (-i / 10), "mar": 0.0}
-               for i in range(40)]
+               for i in range(40)] + [{"stage": "distill", "iter": 40, "images": 640, "kl": 0.0}]
+    kw = dict(panel_height=150, width=400, log_keys=("kl",), x_key="images", smooth=1)
     # mar is 0 throughout: no panel, so the image is one panel high
-    img = P.training_curves({"student": distill}, ["kl", "mar"], panel_height=150, width=400, log_keys=("kl",),
-                            x_key="images", smooth=1)
-    assert img.size == (400, 150)
-    # on a log scale a geometric decay is a straight line: the bold curve's row falls linearly with x
-    px = np.asarray(img)
-    cols = [c for c in range(P.MARGIN[0] + 5, 400 - P.MARGIN[2] - 5, 40)]
-    rows = [np.where((px[:, c] == P.COLOURS[0]).all(-1))[0].mean() for c in cols]
-    steps = np.diff(rows)
-    assert np.all(steps > 0) and steps.max() - steps.min() <= 2.0
-    _, y = P._log10(P._points(distill, "kl", "images")).T
-    np.testing.assert_allclose(y, -np.arange(40) / 10, rtol=1e-9, atol=1e-12)
+    img = P.training_curves({"student": distill}, ["kl", "mar"], **kw)
+    assert img.size == (400, 150) and (np.asarray(img) == P.COLOURS[0]).all(-1).any()
+    fig = P._curves_figure({"student": distill}, ["kl", "mar"], **kw)
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "images"
+    # the kl of 0 has no place on a log axis: dropped; the bold curve is the raw kl (smooth=1) against images
+    (bold,) = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    np.testing.assert_allclose(bold.get_xdata(), 16 * np.arange(40))
+    np.testing.assert_allclose(bold.get_ydata(), 10.0 ** (-np.arange(40) / 10), rtol=1e-9)
+    # on the log axis a geometric decay is a straight line: its drawn height falls by the same px every step
+    FigureCanvasAgg(fig).draw()
+    y_px = ax.transData.transform(np.stack([bold.get_xdata(), bold.get_ydata()], 1))[:, 1]
+    steps = np.diff(y_px)
+    assert np.all(steps < 0) and np.ptp(steps) < 1e-6 * abs(steps.mean())
     with pytest.raises(ValueError, match="against 'tokens'"):
         P.training_curves({"student": distill}, ["kl"], x_key="tokens")
+    with pytest.raises(ValueError, match="0 throughout"):
+        P.training_curves({"student": distill}, ["mar"])
 
 
 def test_bar_chart_bars_and_whiskers():

@@ -10,14 +10,14 @@ teacher on that teacher's reward, minus the 3-seed tables' GRPO-Mix and Flow-OPD
 (results/seed<S>.json, same prompts and noise), and the geneval teacher minus the base; it writes
 results/main_job_3seeds.json.
 
-    python scripts/main_job_seeds.py
+    python -m tools.main_job_seeds
 """
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import metrics  # noqa: E402
+from support import metrics  # noqa: E402
 
 SEEDS = (0, 1, 2)
 

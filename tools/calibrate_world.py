@@ -6,18 +6,18 @@ own ODE samples of the same prompts; the mean reward, and the share of rewards t
 uniform pixel noise. The numbers are in world/judges.py's docstring; tests/test_rewards.py holds the targets
 (ground truth >= 0.97 per sub-task, < 1% flips).
 
-    python -m world.calibration --n 60 [--model checkpoints/base]
-    python -m world.calibration --n 60 --styles     (what each web style costs the rewards, toy_world.WEB_STYLES)
+    python -m tools.calibrate_world --n 60 [--model checkpoints/base]
+    python -m tools.calibrate_world --n 60 --styles     (what each web style costs the rewards, toy_world.WEB_STYLES)
 """
 import argparse
 
 import numpy as np
 import torch
 
-import models
-from rollouts import sample_images
+from support import models
+from support.rollouts import sample_images
 from rewards import REWARDS
-from world import styles, toy_world
+from world import renderer, styles, toy_world
 
 
 def calibration_records(per_stratum, seed=0):
@@ -51,7 +51,7 @@ def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, 
         if samples:
             images = sample_images(model, [r["prompt"] for r in recs], steps, guidance_scale, seed)
         else:
-            truth = toy_world.to_tensor([toy_world.render(r, rng) for r in recs])
+            truth = renderer.to_tensor([renderer.render(r, rng) for r in recs])
             images = model.decode(model.encode_images(truth))
         clean, flips = noise_flips(REWARDS[recs[0]["task"]], images, recs, seed=seed)
         out[stratum] = {"reward": clean.mean().item(), "flip": flips.mean().item()}
@@ -71,7 +71,7 @@ def style_costs(model, per_stratum=60, seed=0):
         task, row = recs[0]["task"], {}
         prompts, meta = [r["prompt"] for r in recs], [r["metadata"] for r in recs]
         for style, (web, blur) in {"clean": (False, False), "web": (True, False), "blurred": (False, True)}.items():
-            truth = toy_world.to_tensor([toy_world.render(r, rng, web, blur) for r in recs])
+            truth = renderer.to_tensor([renderer.render(r, rng, web, blur) for r in recs])
             images = model.decode(model.encode_images(truth))
             row[style] = REWARDS[task](images, prompts, meta).mean().item()
             row[f"deqa/{style}"] = REWARDS["deqa"](images).mean().item()

@@ -13,7 +13,7 @@ Teachers, student and MAR anchor are LoRA adapters on the one transformer (diffu
 saved and loaded in PEFT's format, the format of the published Flow-GRPO teachers.
 
 Time convention: t = sigma in [0, 1], t = 1 is noise; SD3 transformers take timestep = 1000 * t.
-Self-check: python models.py
+Self-check: python -m support.models
 """
 import copy
 import os
@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import flow_matching
 from flow_matching import guidance
-from hub import ModelUnavailableError, hub_advice
+from support.hub import ModelUnavailableError, hub_advice
 from world import model as world_model
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -261,7 +261,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_dev
     looks_local = name_or_path.startswith((".", "/")) or os.path.isdir(os.path.dirname(name_or_path) or ".")
     if not local and (looks_local or name_or_path.count("/") != 1):  # e.g. checkpoints/base not built yet
         raise FileNotFoundError(f"{name_or_path!r}: no such folder, and not a hub id. The world's base is built "
-                                f"by `python train.py --stage pretrain`; SD3 needs a pipeline folder or hub id")
+                                f"by `python -m tools.pretrain_world`; SD3 needs a pipeline folder or hub id")
     return load_sd3(name_or_path, dtype=dtype, device=device, text_encoder_device=text_encoder_device,
                     max_sequence_length=max_sequence_length)
 

@@ -1,8 +1,8 @@
 """
-`python train.py --stage all`: the whole Flow-OPD pipeline for one seed and the paper's tables in miniature
+`python -m tools.paper_tables --seed S`: the whole Flow-OPD pipeline for one seed and the paper's tables in miniature
 (Flow-OPD §4-5: Table 1's rows, the MAR and cold-start ablations, T2I-CompBench as our compbench.py).
 
-Per seed S, resumable stage by stage (whatever exists is reused): pretraining if no base, the four teachers
+Per seed S, resumable stage by stage (whatever exists is reused): the four teachers
 (shared by all seeds), GRPO-Mix, the cold starts and the Flow-OPD variants under runs/seedS/, then every row
 evaluated on the test prompts and the out-of-domain set (noise seed S; cached beside each adapter), written
 to results/seedS.json and aggregated over every seed present into results/main.json and results/ood.json
@@ -19,14 +19,15 @@ import time
 import torch
 from tqdm import tqdm
 
-import models
-from config import eval_settings
 from eval import evaluate_cached, evaluate_ood
-from metrics import format_metrics, table_markdown, write_json, write_table
-from rollouts import read_jsonl, sample_images
-from teachers import stage_teachers
-from world import toy_world
-from world.pretrain import stage_pretrain
+from rewards import REWARDS, geneval_details
+from support import figures, models
+from support.config import parse_args
+from support.metrics import format_metrics, read_jsonl, table_markdown, write_json, write_table
+from support.resolve import eval_settings
+from support.rollouts import sample_images
+from train import stage_distill, stage_teachers
+from world import compbench, toy_world
 
 
 # Probe evaluations every CURVE_EVERY iterations of GRPO-Mix and of the two main Flow-OPD students: their avg
@@ -59,16 +60,16 @@ def pipeline_rows(cfg, run):
     return rows
 
 
-def stage_all(cfg, stage_distill):
-    """The whole pipeline for one seed, resumable stage by stage (what exists is reused): pretraining if no
-    base, the four teachers (shared by all seeds), then per seed GRPO-Mix, the cold starts and the Flow-OPD
-    variants, and the evaluation of every row (results/seed<S>.json, aggregated over seeds into
-    results/main.json and results/ood.json). stage_distill: train.py's Flow-OPD stage, which train.py hands
-    in (the main job's loop stays in train.py, and no module imports train.py)."""
+def stage_all(cfg):
+    """The whole pipeline for one seed, resumable stage by stage (what exists is reused): the four teachers
+    (shared by all seeds), then per seed GRPO-Mix, the cold starts and the Flow-OPD variants (train.py's
+    stages), and the evaluation of every row (results/seed<S>.json, aggregated over seeds into
+    results/main.json and results/ood.json)."""
     t0, run = time.time(), os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
     timings, trained = {}, not os.path.isdir(os.path.join(run, "grpo_mix"))
     if not os.path.isdir(cfg.base):
-        stage_pretrain(cfg)
+        raise SystemExit(f"no base model at {cfg.base}: pretrain one first with `python -m tools.pretrain_world "
+                         f"--base {cfg.base}`")
     stage_teachers(dataclasses.replace(cfg, eval_at_end=False))
     stage_teachers(dataclasses.replace(cfg, teacher_dir=run, eval_at_end=False, eval_every=CURVE_EVERY), ["grpo_mix"])
     if trained:   # a rerun that finds GRPO-Mix keeps the first run's time (evaluate_rows merges them)
@@ -85,7 +86,7 @@ def stage_all(cfg, stage_distill):
                                           **overrides))
         timings[row] = (time.time() - t1) / 60
     evaluate_rows(cfg, rows, timings)
-    print(f"--stage all, seed {cfg.seed}: {(time.time() - t0) / 60:.1f} min")
+    print(f"paper tables, seed {cfg.seed}: {(time.time() - t0) / 60:.1f} min")
 
 
 def evaluate_rows(cfg, rows, timings):
@@ -121,7 +122,6 @@ def failed_by_every_row(samples, recs):
     """The prompts of the grid that no row draws right: GenEval strict correctness for composition prompts
     (the world's and the out-of-domain set's), the task reward >= 0.5 for the others. samples: {row: (N, 3,
     H, W) in [0, 1]} for recs (N records)."""
-    from rewards import REWARDS, geneval_details
     ok = torch.zeros(len(recs), dtype=torch.bool)
     meta, prompts = [r["metadata"] for r in recs], [r["prompt"] for r in recs]
     for images in samples.values():
@@ -164,8 +164,6 @@ def draw_pictures(cfg, model, rows):
     results/curves_*.png: the training curves of the teachers and GRPO-Mix, and of the Flow-OPD variants
     (KL on a log scale, MAR, per-task reward of the training samples); results/sample_cost_seed<S>.png and
     .json: GRPO-Mix's and the main students' probe avg against the images each sampled (sample_cost)."""
-    import plots
-    from world import compbench
     recs = [r for t in toy_world.TASKS for r in toy_world.prompts(t, "test")[:2]] + compbench.records()[::24][:4]
     prompts = [r["prompt"] for r in recs]
     samples = {}
@@ -175,18 +173,65 @@ def draw_pictures(cfg, model, rows):
     out = lambda name: os.path.join(cfg.results_dir, name)
     failed = failed_by_every_row(samples, recs)
     notes = [f"no row draws right ({len(failed)} of {len(recs)}): " + "; ".join(failed)] if failed else []
-    plots.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"), notes=notes)
+    figures.image_grid(samples, prompts, path=out(f"grid_seed{cfg.seed}.png"), notes=notes)
     run = os.path.join(cfg.runs_dir, f"seed{cfg.seed}")
     logs = {"": os.path.join(cfg.teacher_dir, "train_log.jsonl"), "seed": os.path.join(run, "train_log.jsonl")}
-    plots.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "web", "kl"],
+    figures.training_curves({k: p for k, p in logs.items() if os.path.isfile(p)}, ["reward", "web", "kl"],
                           out(f"curves_teachers_seed{cfg.seed}.png"))
     logs = {row: os.path.join(os.path.dirname(folder), "train_log.jsonl") for row, folder in rows.items()
             if row.startswith("flow_opd/")}
-    plots.training_curves(logs, ["kl", "mar", "reward/geneval", "reward/ocr", "reward/pickscore"],
+    figures.training_curves(logs, ["kl", "mar", "reward/geneval", "reward/ocr", "reward/pickscore"],
                           out(f"curves_distill_seed{cfg.seed}.png"), log_keys=("kl",))
     curves, summary = sample_cost(cfg, run, rows)
     if curves:
-        plots.training_curves(curves, ["eval/avg"], out(f"sample_cost_seed{cfg.seed}.png"), smooth=1,
+        figures.training_curves(curves, ["eval/avg"], out(f"sample_cost_seed{cfg.seed}.png"), smooth=1,
                               x_key="images")
         write_json(out(f"sample_cost_seed{cfg.seed}.json"), summary)
     print(f"pictures: {out(f'grid_seed{cfg.seed}.png')}, curves_*_seed{cfg.seed}.png")
+
+def sample_cost_over_seeds(cfg, out):
+    """The cost comparison of GRPO-Mix and Flow-OPD across seeds, in images sampled: every probe curve the
+    seeds under --runs_dir logged (sample_cost), and a longer GRPO-Mix run if one exists (`python train.py
+    --stage grpo_mix --teacher_dir runs/grpo_mix_long --grpo_iters 120 --eval_every 20`), the mean over seeds
+    of each row drawn twice: against the images each model sampled itself (out), and against the total, where
+    a Flow-OPD student also pays for its teachers' GRPO samples and the SFT cold start for its ODE samples
+    (out with _total before .png). Prints, per seed, the images each curve needs to reach GRPO-Mix's final avg."""
+    per_row, offsets = {}, {}   # row -> {images: [probe avg of each seed]}; row -> images paid before it
+    for run in sorted(glob.glob(os.path.join(cfg.runs_dir, "seed*"))):
+        curves, summary = sample_cost(cfg, run, pipeline_rows(cfg, run))
+        teachers = sum(summary["teachers_images"].values())
+        for row, entries in curves.items():
+            offsets[row] = 0 if row == "grpo_mix" else teachers + (summary["sft_cold_start_images"] * row.endswith("sft"))
+            for e in entries:
+                per_row.setdefault(row, {}).setdefault(e["images"], []).append(e["eval/avg"])
+        print(os.path.basename(run), json.dumps({k: summary.get(k) for k in (
+            "grpo_mix_final_probe_avg", "images_to_reach_it", "final_probe_avg", "teachers_images")}))
+    # the mean over seeds at each probe (a probe every CURVE_EVERY iterations, the same in every seed)
+    own = {f"{row} ({len(next(iter(pts.values())))} seeds)": [
+        {"iter": k, "images": n, "eval/avg": sum(v) / len(v)} for k, (n, v) in enumerate(sorted(pts.items()))]
+        for row, pts in per_row.items()}
+    total = {label: [{**e, "images": e["images"] + offsets[label.split(" (")[0]]} for e in entries]
+             for label, entries in own.items()}
+    entries = [e for e in read_jsonl(os.path.join(cfg.runs_dir, "grpo_mix_long", "train_log.jsonl"))
+               if e.get("stage") == "grpo_mix_eval"]
+    if entries:
+        own["grpo_mix 120 it (seed 0)"] = total["grpo_mix 120 it (seed 0)"] = entries
+    if not own:
+        raise SystemExit(f"no probe curves under {cfg.runs_dir}: run `python -m tools.paper_tables --seed S` first")
+    for curves, path in ((own, out), (total, out.replace(".png", "_total.png"))):
+        figures.training_curves(curves, ["eval/avg"], path, smooth=1, x_key="images")
+        print("wrote", path)
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv, __doc__, lambda g: g.add_argument(
+        "--sample_cost_over_seeds", metavar="PNG", default="", help="only draw the cost figure over every seed "
+        "under --runs_dir to PNG (sample_cost_over_seeds), e.g. results/sample_cost.png"))
+    if args.sample_cost_over_seeds:
+        sample_cost_over_seeds(cfg, args.sample_cost_over_seeds)
+    else:
+        stage_all(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,29 +29,22 @@ Departures from Flow-GRPO:
      the cosine and the logit scale are taken in fp32.
 """
 import importlib.util   # binds importlib too (import_module)
-import io
-import math
 import os
-import pickle
-import time
-import urllib.error
-import urllib.request
 
 import torch
 
 import rewards
+from support.reward_servers import DEQA_URL_ENV, GENEVAL_URL_ENV, SERVER, DeQAServerReward, GenEvalServerReward
+from support.rollouts import to_uint8
 
 WORLD = "world"        # make_rewards: keep the miniature world's reward
 RAPIDOCR = "rapidocr"  # make_rewards(ocr=...): the RapidOCR backend
-SERVER = "server"      # make_rewards(geneval/deqa=...): the reward-server whose URL is in the environment
-GENEVAL_URL_ENV, DEQA_URL_ENV = "FLOW_OPD_GENEVAL_URL", "FLOW_OPD_DEQA_URL"
 RAPIDOCR_PIP = "rapidocr-onnxruntime==1.4.4"
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # Flow-GRPO takes PickScore's processor from CLIP-H
 PICKSCORE_NORM = 26.0      # Flow-GRPO's "norm to 0-1": reward = PickScore / 26
 CLIP_MAX_TOKENS = 77
 PROCESSOR_CONFIGS = ("preprocessor_config.json", "processor_config.json")  # hub checkpoints; transformers >= 5
-SERVER_BATCH = 64          # images per request, as Flow-GRPO's client
 
 
 def _require(module, pip_spec):
@@ -63,9 +56,10 @@ def _require(module, pip_spec):
                           f"pip install {pip_spec}") from e
 
 
-def to_uint8(images):
-    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy, rounded as Flow-GRPO's rewards do."""
-    return (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_hwc_uint8(images):
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8 numpy (rollouts.to_uint8's rounding, channels last):
+    what OCR engines and JPEG encoders take."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------ ocr
@@ -81,7 +75,7 @@ class RapidOCRReward:
 
     def __call__(self, images, prompts, metadata):
         scores = []
-        for image, prompt in zip(to_uint8(images), prompts):
+        for image, prompt in zip(to_hwc_uint8(images), prompts):
             try:
                 text = self.recognise(image)
             except Exception:   # Flow-GRPO: any OCR failure counts as dist = len(target), reward 0
@@ -112,7 +106,7 @@ class PickScoreReward:
     @torch.no_grad()
     def __call__(self, images, prompts, metadata):
         from PIL import Image
-        pixels = self.processor(images=[Image.fromarray(a) for a in to_uint8(images)], return_tensors="pt")
+        pixels = self.processor(images=[Image.fromarray(a) for a in to_hwc_uint8(images)], return_tensors="pt")
         text = self.processor(text=list(prompts), padding=True, truncation=True, max_length=CLIP_MAX_TOKENS,
                               return_tensors="pt")
         m = self.model
@@ -143,141 +137,6 @@ def clip_processor(path, image_size):
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-# ------------------------------------------------------------------------------------- reward-server
-class PlainDataUnpickler(pickle.Unpickler):
-    """Unpickles plain data only (dict, list, tuple, str, bytes, numbers, bool, None, sets): any other global,
-    a function to call included, is refused before anything runs."""
-    ALLOWED = {("builtins", name) for name in ("set", "frozenset", "bytearray", "complex")}
-
-    def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name} from a reward-server response: only plain "
-                                     "data (dict, list, str, numbers, ...) is accepted")
-
-
-def decode_response(body):
-    """A reward-server answer (pickled dict of plain data) -> dict."""
-    data = PlainDataUnpickler(io.BytesIO(body)).load()
-    if not isinstance(data, dict):
-        raise pickle.UnpicklingError(f"a reward-server response must be a dict, got {type(data).__name__}")
-    return data
-
-
-def jpeg_bytes(image):
-    """(H, W, 3) uint8 -> JPEG bytes at PIL's default quality (75), as Flow-GRPO's client sends them."""
-    from PIL import Image
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
-class RewardServerClient:
-    def __init__(self, url, timeout=120.0, retries=5, backoff=1.0, batch_size=SERVER_BATCH):
-        self.url, self.timeout, self.retries, self.backoff, self.batch_size = url, timeout, retries, backoff, batch_size
-
-    def post(self, payload):
-        """One pickled request; retries 5xx answers and connection errors, sleeping backoff * 2^k."""
-        body, last = pickle.dumps(payload), None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/octet-stream"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return decode_response(response.read())
-            except urllib.error.HTTPError as e:   # the server answered: a 4xx will not get better by retrying
-                last = f"HTTP {e.code}: {e.read()[-500:].decode('utf-8', 'replace')}"
-                if e.code < 500:
-                    raise RuntimeError(f"reward server at {self.url} refused the request ({last})") from e
-            except OSError as e:                  # refused / reset connections and timeouts
-                last = repr(e)
-        raise ConnectionError(f"reward server at {self.url} failed {self.retries + 1} tries; last error: {last}")
-
-    def score(self, images, meta_datas, only_strict):
-        """All answers for images (B, 3, H, W), in batches of batch_size: a list of response dicts."""
-        arrays = to_uint8(images)
-        return [self.post({"images": [jpeg_bytes(a) for a in arrays[i:i + self.batch_size]],
-                           "meta_datas": list(meta_datas[i:i + self.batch_size]), "only_strict": only_strict})
-                for i in range(0, len(arrays), self.batch_size)]
-
-
-def _server_url(url, env_name):
-    url = url or os.environ.get(env_name)
-    if not url:
-        raise ValueError(f"no reward-server URL: pass url= or set {env_name}=http://host:port")
-    return url
-
-
-def _field(response, key, url):
-    if key not in response:
-        raise KeyError(f"reward server at {url} answered without '{key}' (keys: {sorted(response)})")
-    return response[key]
-
-
-def _scores(responses, key, n, url):
-    """The per-image list `key` of every batch's answer, concatenated; one value per image sent."""
-    values = [float(x) for r in responses for x in _field(r, key, url)]
-    if len(values) != n:
-        raise ValueError(f"reward server at {url} answered {len(values)} '{key}' for {n} images")
-    return values
-
-
-class GenEvalServerReward:
-    """GenEval via reward-server's app_geneval.py. details() returns every field the server sends."""
-    FIELDS = ("scores", "rewards", "strict_rewards")
-    GROUP_FIELDS = ("group_rewards", "group_strict_rewards")   # tag -> list, -10.0 where the tag differs (server's)
-
-    def __init__(self, url=None, only_strict=True, **client_kwargs):
-        self.client = RewardServerClient(_server_url(url, GENEVAL_URL_ENV), **client_kwargs)
-        self.only_strict = only_strict   # Flow-GRPO's training calls skip GenEval's non-strict check
-
-    def details(self, images, prompts, metadata, only_strict=None):
-        """{"index": sent sample positions, FIELDS: lists over them, GROUP_FIELDS: merged dicts}; only_strict:
-        self.only_strict unless given."""
-        index = [i for i, m in enumerate(metadata) if "include" in m]
-        metas = [dict(metadata[i], prompt=metadata[i].get("prompt", prompts[i])) for i in index]
-        strict = self.only_strict if only_strict is None else only_strict
-        responses, url = self.client.score(images[index], metas, strict), self.client.url   # [] if none
-        out = {"index": index, **{k: _scores(responses, k, len(index), url) for k in self.FIELDS},
-               **{k: {} for k in self.GROUP_FIELDS}}
-        for response in responses:
-            for k in self.GROUP_FIELDS:
-                for tag, values in _field(response, k, url).items():
-                    out[k].setdefault(tag, []).extend(values)
-        return out
-
-    def __call__(self, images, prompts, metadata):
-        return self._per_sample(self.details(images, prompts, metadata), "scores", len(metadata))
-
-    def score_and_accuracy(self, images, prompts, metadata):
-        """(partial score, GenEval accuracy), each (B,) float32 and NaN where not sent, from one pass with
-        only_strict=False: accuracy = "rewards" (GenEval's `correct`: at least `count` objects, colours,
-        positions, no excluded class), not "strict_rewards" (exact counts, the reward-server's own addition)."""
-        d = self.details(images, prompts, metadata, only_strict=False)
-        return self._per_sample(d, "scores", len(metadata)), self._per_sample(d, "rewards", len(metadata))
-
-    @staticmethod
-    def _per_sample(details, key, n):
-        out = torch.full((n,), math.nan)
-        out[details["index"]] = torch.tensor(details[key], dtype=torch.float32)
-        return out
-
-
-class DeQAServerReward:
-    """DeQA-Score via reward-server's app_deqa.py, on the raw 1-5 scale (the server answers score / 5)."""
-    DEQA_MAX = 5.0
-
-    def __init__(self, url=None, **client_kwargs):
-        self.client = RewardServerClient(_server_url(url, DEQA_URL_ENV), **client_kwargs)
-
-    def __call__(self, images, prompts, metadata):
-        outputs = _scores(self.client.score(images, metadata, False), "outputs", len(images), self.client.url)
-        return torch.tensor(outputs, dtype=torch.float32) * self.DEQA_MAX
-
-
-# ---------------------------------------------------------------------------------- registry, check
 def make_rewards(ocr=WORLD, pickscore=WORLD, geneval=WORLD, deqa=WORLD, device="cpu", dtype=torch.float32):
     """A dict like rewards.REWARDS with some names served by real backends:
     ocr "world" | "rapidocr"; pickscore "world" | a CLIPModel folder or hub id (run on device in dtype);
@@ -314,6 +173,6 @@ def check():
             ("deqa", "server", *server(DEQA_URL_ENV, "app_deqa.py"))]
 
 
-if __name__ == "__main__":  # python reward_backends.py: which real-image reward backends are usable here
+if __name__ == "__main__":  # python -m support.reward_backends: which real-image reward backends are usable here
     for name, backend, usable, note in check():
         print(f"{name:9s} {backend:8s} {'usable' if usable else 'missing':7s} {note}")

@@ -9,6 +9,7 @@ std is over seeds (training and noise), while se/<metric> is over prompts and no
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -151,3 +152,27 @@ def paired_difference(a, b):
             for t, p in pa.items()}
     s = summarise_prompts(diff)
     return {k: {"mean": v, "se": s[f"se/{k}"]} for k, v in s.items() if not k.startswith("se/")}
+
+
+def read_jsonl(path):
+    """The entries of a JSON-lines log (jsonl_logger's), [] if there is none yet."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(s) for s in f if s.strip()]
+
+
+def jsonl_logger(path, fresh=False):
+    """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash.
+    fresh: a new run, so an existing log is first renamed to <name>-<its last write time>.jsonl (kept, not
+    appended to: one run per file, and a resumed run passes fresh=False to continue its own)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if fresh and os.path.isfile(path):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        root, ext = os.path.splitext(path)
+        os.replace(path, f"{root}-{stamp}{ext}")
+
+    def log(**metrics):
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    return log

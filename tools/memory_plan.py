@@ -1,43 +1,43 @@
 """
-Memory plan of one Flow-OPD distill iteration on SD3.5-Medium at 512 px, shown from shapes rather than guessed.
+Memory plan of one Flow-OPD distill iteration on SD3.5-Medium at 512 px, derived from shapes rather than guessed:
+it says, before any GPU is lent, whether a structure and micro-batch fit a card (the paper's 24 GB goal).
 
 Every weight is counted from a model built on the meta device (shapes and dtypes, no memory, no download): the
-SD3.5-M transformer (bench.SD35M), its text encoders and VAE (configs below, with their sources), the student LoRA
+SD3.5-M transformer (SD35M below), its text encoders and VAE (configs below, with their sources), the student LoRA
 and the four reference adapters (rank 32, alpha 64, Flow-GRPO's attention targets, models.LORA_TARGETS).
 Activations are counted per MMDiT block from token counts and widths (`block_saved_bytes`): the tensors autograd
 keeps for the student's backward, tensor by tensor, in two precisions:
-  fp32   every tensor in fp32, as on the CPU; `saved_bytes` measures the same quantity from the autograd graph,
-         and the tests check the formula against it exactly on small SD3 configs;
+  fp32   every tensor in fp32, as on the CPU; tools/memory_check.py measures the same quantity from the autograd
+         graph, and the tests check the formula against it exactly on small SD3 configs;
   bf16   bf16 weights under CUDA bf16 autocast with the student LoRA in fp32 (rollouts.trainable), as train.py runs
          SD3.5-M. Autocast runs layer_norm and pow in fp32 (so each LayerNorm keeps an fp32 copy of its input and
          each q/k RMS norm an fp32 copy of q or k), and casts the fp32 input of every LoRA'd projection to bf16 for
          lora_A separately (the cast cache holds weights only), so q, k and v keep three bf16 copies of one input.
-         Not measurable on a CPU (CPU autocast keeps layer_norm in bf16); scripts/gpu_check.sh measures it.
+         Not measurable on a CPU (CPU autocast keeps layer_norm in bf16); tools/gpu_check.sh measures it.
 One iteration's peak = what stays on the GPU (weights, adapters, the student's fp32 LoRA, its gradients and AdamW
 state, text encoders when placed there, the VAE) + the largest of its phases: sampling (no-grad forwards), the VAE
 decode of the iteration's images, and the student's forward + backward (saved activations + backward working set).
 
-Two loop structures (bench.py's docstring): ours, one bf16 backbone with the teachers and the MAR anchor as
+Two loop structures (tools/bench.py's docstring): ours, one bf16 backbone with the teachers and the MAR anchor as
 adapters; released, the student's bf16 transformer plus a full copy per routed teacher and one for the anchor,
-each with its own LoRA, in fp32 as the released code keeps them (PAPER_NOTES.md §6).
+each with its own LoRA, in fp32 as the released code keeps them (PAPER_NOTES.md §6; tools/released.py).
 
-Sequence length: 77 CLIP tokens + T5 tokens at max_sequence_length (diffusers' SD3 pipeline default 256, the
-published numbers here; the project will default to 128, `--t5_tokens 128`).
-
-  python bench.py --config sd35m --memory_plan                # the table (ours vs released, GC on/off)
-  python bench.py --config sd35m --memory_plan --activation_check   # + formula vs measured CPU peak (1-3 min)
+Text: 77 CLIP + --max_sequence_length T5 tokens (default 128, flow_grpo's; tools/BENCHMARKS.md's table: diffusers' 256).
+  python -m tools.bench --config sd35m --memory_plan [--max_sequence_length 256] [--activation_check]
 """
-import json
-import os
-import resource
-import subprocess
-import sys
+import copy
 
 import torch
 
-import models
+from support import models
 
 GiB, MiB = 2**30, 2**20
+# SD3.5-Medium transformer, as in stabilityai/stable-diffusion-3.5-medium transformer/config.json (diffusers
+# SD3Transformer2DModel; 24 layers with dual attention in blocks 0-12, qk rms-norm); tools/bench.py builds it too.
+SD35M = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+             dual_attention_layers=tuple(range(13)))
 # SD3.5-Medium's other components, as in stabilityai/stable-diffusion-3.5-medium text_encoder/, text_encoder_2/,
 # text_encoder_3/ and vae/config.json: CLIP-L (openai/clip-vit-large-patch14's text tower), CLIP-G (OpenCLIP
 # ViT-bigG-14's text tower), the encoder of T5-XXL (google/t5-v1_1-xxl), and the 16-channel KL autoencoder.
@@ -95,7 +95,6 @@ def sd3_transformer(config, dtype=torch.bfloat16):
 
 def lora_numel(transformer, rank, alpha, targets=models.LORA_TARGETS):
     """Parameters of one LoRA adapter (A and B of every targeted linear), counted by injecting it on a meta copy."""
-    import copy
     t = copy.deepcopy(transformer)
     m = models.T2IModel(t, None, None)
     m.add_lora("count", rank, alpha, targets)
@@ -197,41 +196,12 @@ def sampling_bytes(n_img, n_txt, dim, amp):
     return (n_img + n_txt) * 9 * dim * (2 if amp else 4)
 
 
-# --------------------------------------------------------------------------------------------- measuring
-
-def saved_bytes(fn, module):
-    """Run fn() and return (its result, bytes of the distinct storages autograd saved for backward, other than
-    `module`'s parameters and buffers): the measured counterpart of model_saved_bytes."""
-    weights = {x.untyped_storage().data_ptr() for x in list(module.parameters()) + list(module.buffers())}
-    seen = {}
-
-    def pack(x):
-        key = x.untyped_storage().data_ptr()
-        if key not in weights:
-            seen[key] = x.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = fn()
-    return out, sum(seen.values())
-
-
-def rss_bytes():
-    """Resident set size now, from /proc/self/statm (pages)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
-
-
 # ------------------------------------------------------------------------------------------------ the plan
 
 def components(config, pixels=512, t5_tokens=256, rank=32, alpha=64, teachers=3, anchor=True, others=True):
     """What the plan is made of, independent of the batch: weights from meta builds (bytes, parameter counts)
     and activations per sample (bytes). Text length = 77 CLIP + t5_tokens (diffusers' max_sequence_length).
-    others=False: no text encoders or VAE (bench.py's random-embedding runs hold neither)."""
+    others=False: no text encoders or VAE (tools/bench.py's random-embedding runs hold neither)."""
     t = sd3_transformer(config)
     side = pixels // 8 // config["patch_size"]
     n_img, n_txt = side * side, CLIP_TOKENS + t5_tokens
@@ -322,74 +292,8 @@ def format_plan(C, micro_batch=2, prompts=4, budget_gb=24.0):
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------------------ the CPU check of the formula
-
-# A scaled-down SD3.5 (4 blocks of width 256, dual attention in two) at SD3.5-M's 512 px token counts (1024 image
-# + 333 text), fp32: the CPU can run its forward + backward at micro-batch 2 in seconds.
-CHECK = dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
-             num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256, pooled_projection_dim=64,
-             pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0, 1))
-
-
-def check_worker(config, n_txt, batch, rank, checkpointing):
-    """In a fresh process: the student's forward + backward of a random fp32 SD3 with a rank-`rank` LoRA on
-    random inputs; returns measured peak RSS above the pre-forward RSS, the graph's saved bytes, and the plan."""
-    from diffusers import SD3Transformer2DModel
-    torch.manual_seed(0)
-    t = SD3Transformer2DModel(**config).requires_grad_(False)
-    m = models.T2IModel(t, None, None)
-    m.add_lora("student", rank, 2 * rank)
-    params = m.lora_parameters("student")
-    for p in params:
-        p.requires_grad_(True)
-    if checkpointing:
-        t.enable_gradient_checkpointing()
-    side = config["sample_size"]
-    x = torch.randn(batch, config["in_channels"], side, side)
-    ctx, pooled = torch.randn(batch, n_txt, config["joint_attention_dim"]), torch.randn(batch, config[
-        "pooled_projection_dim"])
-    forward = lambda: t(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                        timestep=torch.full((batch,), 500.0), return_dict=False)[0]
-    base_peak = peak_rss_bytes()
-    before = rss_bytes()
-    out, graph = saved_bytes(forward, t)
-    out.float().square().mean().backward()
-    peak = peak_rss_bytes()
-    n_img = (side // config["patch_size"]) ** 2
-    D = config["num_attention_heads"] * config["attention_head_dim"]
-    saved, _ = model_saved_bytes(config, n_img, n_txt, rank, False, checkpointing)
-    return dict(checkpointing=checkpointing, measured_peak=peak - before, pre_forward_peak_above=base_peak - before,
-                graph_saved=graph, predicted_saved=batch * saved,
-                predicted_backward=batch * backward_working_bytes(n_img, n_txt, D, False),
-                weights=module_bytes(t), threads=torch.get_num_threads())
-
-
-def activation_check(n_txt=CLIP_TOKENS + 256, micro_batch=2, rank=32):
-    """Predicted vs measured activation memory of CHECK's forward + backward, with and without gradient
-    checkpointing, each in a fresh process (glibc returns large frees to the OS, MALLOC_MMAP_THRESHOLD_ keeps
-    it from holding freed blocks, so RSS follows live tensors)."""
-    results = []
-    for gc in (False, True):
-        code = (f"import json, memory; print('CHECK ' + json.dumps(memory.check_worker(memory.CHECK, {n_txt}, "
-                f"{2 * micro_batch}, {rank}, {gc})))")
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-        line = [l for l in p.stdout.splitlines() if l.startswith("CHECK ")]
-        if not line:
-            raise RuntimeError(f"activation check (checkpointing={gc}) failed: {p.stderr.strip()[-500:]}")
-        results.append(json.loads(line[-1][len("CHECK "):]))
-    return results
-
-
-def format_check(results):
-    m = lambda b: f"{b / MiB:.0f}"
-    out = ["| gradient checkpointing | saved, formula (MiB) | saved, autograd graph (MiB) | formula + backward "
-           "working set (MiB) | measured peak RSS above pre-forward (MiB) | predicted / measured |",
-           "|---|---|---|---|---|---|"]
-    for r in results:
-        pred = r["predicted_saved"] + r["predicted_backward"]
-        graph = "- (inside checkpoints)" if r["checkpointing"] else m(r["graph_saved"])
-        out.append(f"| {'on' if r['checkpointing'] else 'off'} | {m(r['predicted_saved'])} | {graph} "
-                   f"| {m(pred)} | {m(r['measured_peak'])} | {pred / r['measured_peak']:.2f} |")
-    return "\n".join(out)
+def report(micro_batch, prompts, t5_tokens, budget_gb):
+    """The plan of one SD3.5-M distill iteration at 512 px as markdown (python -m tools.bench --memory_plan)."""
+    return (f"## Memory plan: one distill iteration of SD3.5-Medium at 512 px (micro-batch {micro_batch}, {prompts} "
+            f"samples, T5 max_sequence_length {t5_tokens})\n\n"
+            + format_plan(components(SD35M, pixels=512, t5_tokens=t5_tokens), micro_batch, prompts, budget_gb))

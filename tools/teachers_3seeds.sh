@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Three training seeds of the four Flow-GRPO teachers on one base, each scored on its own task and paired with
-# the base on the same prompts and noise (RESULTS.md, "Experts on the web-style world"). Defaults are the
+# the base on the same prompts and noise (results/RESULTS.md, "Experts on the web-style world"). Defaults are the
 # recorded run: 150 iterations for geneval, the default 60 for the others, one image per test prompt. About
 # 1.3 hours on two CPU cores; every teacher resumes from its checkpoints (--resume_from_checkpoint latest), and
 # a teacher already saved is skipped.
-# The committed geneval teacher is seed 0's checkpoint-100 of this run (RESULTS.md, "Closing the gap": the three
+# The committed geneval teacher is seed 0's checkpoint-100 of this run (results/RESULTS.md, "Closing the gap": the three
 # seeds' scores peak at 100 iterations); GENEVAL_ITERS=100 trains it directly.
-#   BASE=checkpoints/base OUT=runs/teachers RESULTS=results/teachers bash scripts/teachers_3seeds.sh
+#   BASE=checkpoints/base OUT=runs/teachers RESULTS=results/teachers bash tools/teachers_3seeds.sh
 set -euo pipefail
 BASE=${BASE:-checkpoints/base}
 OUT=${OUT:-runs/teachers}
@@ -27,7 +27,7 @@ for T in ocr geneval pickscore deqa; do
   # deqa's own reward is the image quality on every task: 40 prompts per task; the others: every test prompt
   if [ "$T" = deqa ]; then TASKS=(--tasks geneval ocr pickscore --prompts_per_task 40)
   else TASKS=(--tasks "$T" --prompts_per_task 0); fi
-  python eval.py --model "$BASE" "${ADAPTERS[@]}" "${TASKS[@]}" --images_per_prompt "$IMAGES" --paired \
+  python eval.py --model "$BASE" "${ADAPTERS[@]}" "${TASKS[@]}" --eval_images_per_prompt "$IMAGES" --paired \
     --out "$RESULTS/$T.json"
 done
 # the seesaw: seed 0's teachers on every task

@@ -11,17 +11,15 @@ uniformly over their sub-tasks (`balance_tags`) in the miniature world; the pape
 own ratio (Position:Counting:Attribute:Colors:Two:Single = 7:5:3:1:1:0), which `--balance_tags false` keeps.
 """
 import contextlib
-import json
-import os
-import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-import distributed
 from flow_matching import euler_sample
 from router import sample_tasks
 from sde_sampler import Trajectory, rollout, step_mean
+from support import distributed
 
 
 def draw_records(pool, task_weights, n, gen, balance_tags=True):
@@ -85,11 +83,37 @@ def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
     return traj, model.decode(traj.x0).cpu()
 
 
-def policy_step_mean(model, traj, idx, j, conds, noise_level):
-    """μ_θ (len(idx), C, h, w) of the active adapter's Gaussian step at the stored states x_t (samples idx,
-    step j), with guidance: sde_sampler.step_mean of its velocity."""
-    x_t, t, t_next = traj.x_t[idx, j], traj.t[j].expand(len(idx)), traj.t_next[j].expand(len(idx))
-    return step_mean(x_t, model.velocity(x_t, t, *conds), t, t_next, noise_level)
+class MicroStep(NamedTuple):
+    """One micro-batch of samples at one trained step j of an iteration's rollouts (micro_steps)."""
+    rows: slice            # the samples' positions in the iteration's records
+    x_t: torch.Tensor      # (m, C, h, w) the stored states at step j
+    t: torch.Tensor        # (m,) their time
+    t_next: torch.Tensor   # (m,) the next time (t_next < t: sampling runs 1 -> 0)
+    x_next: torch.Tensor   # (m, C, h, w) the stored next states (the sampled actions)
+    std: torch.Tensor      # (m,) the Gaussian step's std at sampling
+    logp: torch.Tensor     # (m,) its log-prob at sampling (the PPO ratio's denominator)
+    conds: tuple           # guided_conds of these samples' prompts: model.velocity's arguments after (x, t)
+    scale: float           # m / (N * len(steps)): this micro-step's share of the iteration's mean loss
+
+
+def micro_steps(traj, steps, conds_mb, micro_batch):
+    """Every (trained step j, micro-batch of micro_batch samples) of an iteration, steps outer: the one loop
+    of both trainers (train.grpo_gradient, train.opd_iteration). Each yields a MicroStep whose loss, times
+    .scale, is backpropagated, so the accumulated gradient is that of the mean loss over all N samples and
+    trained steps, whatever the micro-batch size (memory, not maths). conds_mb: micro_batch_conds' list."""
+    n = traj.x_t.shape[0]
+    for j in steps:
+        for i in range(0, n, micro_batch):
+            idx = torch.arange(i, min(i + micro_batch, n))  # advanced indexing: contiguous copies of the states
+            yield MicroStep(slice(i, i + len(idx)), traj.x_t[idx, j], traj.t[j].expand(len(idx)),
+                            traj.t_next[j].expand(len(idx)), traj.x_next[idx, j], traj.std[idx, j],
+                            traj.logp[idx, j], conds_mb[i // micro_batch], len(idx) / (n * len(steps)))
+
+
+def policy_step_mean(model, mb, noise_level):
+    """μ_θ (m, C, h, w) of the active adapter's Gaussian step at the micro-step's stored states, with
+    guidance: sde_sampler.step_mean of its velocity."""
+    return step_mean(mb.x_t, model.velocity(mb.x_t, mb.t, *mb.conds), mb.t, mb.t_next, noise_level)
 
 
 def trained_steps(cfg, gen, window):
@@ -122,30 +146,6 @@ def optimizer_step(params, opt, ema=None):
     opt.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update()
-
-
-def read_jsonl(path):
-    """The entries of a JSON-lines log (jsonl_logger's), [] if there is none yet."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(s) for s in f if s.strip()]
-
-
-def jsonl_logger(path, fresh=False):
-    """log(**metrics) appends one JSON line to path, opening the file per line: nothing lost on a crash.
-    fresh: a new run, so an existing log is first renamed to <name>-<its last write time>.jsonl (kept, not
-    appended to: one run per file, and a resumed run passes fresh=False to continue its own)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if fresh and os.path.isfile(path):
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        root, ext = os.path.splitext(path)
-        os.replace(path, f"{root}-{stamp}{ext}")
-
-    def log(**metrics):
-        with open(path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-    return log
 
 
 # ---------------------------------------------------------------------------- evaluation's ODE samples

@@ -7,7 +7,7 @@ that batch (the student's own rollouts, so KL after step k is measured at the st
 visits). AdamW divides each coordinate by its running scale, so a gradient that is the pathwise one times a
 constant (the released estimator's |Δt|) takes the same steps; what changes the steps is direction and noise.
 
-    python scripts/estimator_step.py [--steps 5] [--prompts 16]
+    python -m tools.estimator_step [--steps 5] [--prompts 16]
 
 Prints one line per estimator and step, and writes results/estimator_step.json.
 """
@@ -20,9 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import Config, load_model, prompt_pool  # noqa: E402
-from metrics import write_json  # noqa: E402
-from rollouts import draw_records, trainable  # noqa: E402
+from support.config import Config, load_model, prompt_pool  # noqa: E402
+from support.metrics import write_json  # noqa: E402
+from support.rollouts import draw_records, trainable  # noqa: E402
 from router import DEFAULT_TASK_WEIGHTS, route  # noqa: E402
 from opd_loss import flow_opd_loss  # noqa: E402
 import train  # noqa: E402

@@ -1,0 +1,88 @@
+"""
+The tools' stages at tiny size: pretraining the world's base (tools.pretrain_world), the signal share of a
+GRPO gradient (tools.grpo_snr) and the paper's tables (tools.paper_tables). Outputs go to tmp_path.
+"""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import TINY
+from support import models, rollouts
+from tools import grpo_snr, paper_tables, pretrain_world
+
+
+@pytest.mark.slow
+def test_pretrain_smoke(tmp_path):
+    base = tmp_path / "base"
+    pretrain_world.main(["--ae_steps", "2", "--pretrain_steps", "2", "--pretrain_batch", "4",
+                "--pretrain_dataset", "500", "--eval_at_end", "false", "--base", str(base), "--device", "cpu"])
+    model = models.load_world_model(str(base))
+    assert model.latent_shape == (8, 8, 8)
+    with torch.no_grad():
+        imgs = rollouts.sample_images(model, ["a photo of a circle"], steps=2)
+    assert imgs.shape == (1, 3, 32, 32) and torch.isfinite(imgs).all()
+    log = json.load(open(base / "pretrain_log.json"))
+    assert log["config"]["pretrain_steps"] == 2 and log["device"] == "cpu"
+    assert [step for step, _ in log["loss"]] == [0, 1]
+    assert not (tmp_path / "base.tmp").exists()
+
+
+
+
+@pytest.mark.slow
+def test_grpo_snr_writes_one_row_per_teacher_and_keeps_earlier_rows(tmp_path, fast_load, capsys):
+    """tools.grpo_snr: independent gradients of a fresh LoRA, no optimizer step, one row per teacher.
+    (Whether a reward is learnable is not asserted: at this size even brightness, which GRPO raises in
+    test_grpo_reward_rises, has kappa within noise of 0; grpo.gradient_signal has its exact tests.)"""
+    (tmp_path / "grpo_snr.json").write_text(json.dumps({"rows_first_world": {"ocr": {"kappa": 0.0}}}))
+    grpo_snr.main(["--teachers", "deqa", "pickscore", "--snr_batches", "3", "--lora_rank", "4",
+                "--lora_alpha", "8", "--results_dir", str(tmp_path)] + TINY)   # continuous rewards: no tied groups
+    table = json.load(open(tmp_path / "grpo_snr.json"))
+    rows = table["rows"]
+    assert sorted(rows) == ["deqa", "pickscore"] and table["rows_first_world"] == {"ocr": {"kappa": 0.0}}
+    for r in rows.values():
+        assert -1 <= r["kappa"] <= 1 and r["se"] >= 0 and r["samples_per_batch"] == 4 and r["seconds_per_batch"] > 0
+    assert "[deqa] kappa = " in capsys.readouterr().out
+    assert Image.open(tmp_path / "grpo_snr.png").size == (480, 240)   # the bar chart of every row
+    # a later run adds its rows beside the earlier ones (and replaces a teacher's own); brightness is the control
+    grpo_snr.main(["--teachers", "brightness", "--snr_batches", "3", "--lora_rank", "4",
+                "--lora_alpha", "8", "--results_dir", str(tmp_path)] + TINY)
+    again = json.load(open(tmp_path / "grpo_snr.json"))["rows"]
+    assert sorted(again) == ["brightness", "deqa", "pickscore"] and again["deqa"] == rows["deqa"]
+
+
+
+
+@pytest.mark.slow
+def test_paper_tables_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teacher_dir, fast_load, capsys):
+    """tools.paper_tables at toy size from committed-style teachers: GRPO-Mix, three Flow-OPD variants with their
+    cold starts, the tables in the documented schema, a grid and curves; a second call reuses everything."""
+    argv = ["--teacher_dir", str(teacher_dir), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--ablations", "false", "--opd_iters", "1",
+            "--opd_prompts", "3", "--sft_samples", "4", "--sft_steps", "2", "--compile", "false"] + TINY
+    paper_tables.main(argv)
+    table = json.load(open(tmp_path / "results" / "main.json"))
+    assert list(table["rows"]) == ["base", "teacher/geneval", "teacher/ocr", "teacher/pickscore", "teacher/deqa",
+                                   "grpo_mix", "cold_start/merge", "cold_start/sft", "flow_opd/merge",
+                                   "flow_opd/sft", "flow_opd/merge_no_mar"]
+    cell = table["rows"]["flow_opd/merge"]["avg"]
+    assert set(cell) == {"mean", "std", "se", "n"} and cell["n"] == 1 and cell["se"] == 0 and 0 <= cell["mean"] <= 1
+    assert "geneval_acc" in table["rows"]["base"] and "se/geneval_acc" in table["rows"]["base"]
+    ood = json.load(open(tmp_path / "results" / "ood.json"))
+    assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
+    for png in ("grid_seed0.png", "curves_teachers_seed0.png", "curves_distill_seed0.png", "sample_cost_seed0.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000
+    # the probes before training (GRPO-Mix's 2 iterations and the students' 1 end before the next probe)
+    cost = json.load(open(tmp_path / "results" / "sample_cost_seed0.json"))
+    assert cost["final_images"] == {"grpo_mix": 0, "flow_opd/merge": 0, "flow_opd/sft": 0}
+    assert cost["images_to_reach_it"]["grpo_mix"] == 0 and cost["sft_cold_start_images"] == 4 * 3
+    # the figure over seeds reads the same logs
+    capsys.readouterr()
+    paper_tables.main(argv + ["--sample_cost_over_seeds", str(tmp_path / "cost.png")])
+    assert "seed0" in capsys.readouterr().out
+    assert Image.open(tmp_path / "cost.png").size[0] == 640 and (tmp_path / "cost_total.png").exists()
+    paper_tables.main(argv)  # resumable: nothing is trained again
+    out = capsys.readouterr().out
+    assert "[grpo_mix] found" in out and out.count("skipping") >= 8 and "distilling" not in out
