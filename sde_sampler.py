@@ -77,8 +77,10 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, t: Time, t_next: Time, noise_leve
     return SDEStep(x_next=mean + std * noise.float(), mean=mean, std=std)
 
 
-def _per_sample_std(std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Accept std as (B,) (e.g. Trajectory.std[:, i]) or anything broadcastable to x."""
+def per_sample_std(std, x: torch.Tensor) -> torch.Tensor:
+    """std as fp32 on x's device, ready to broadcast against x (B, ...): a (B,) std (e.g. Trajectory.std[:, i])
+    becomes (B, 1, ..., 1); any other shape broadcastable to x (scalar, (B, 1, 1, 1), ...) is kept as is.
+    The one std convention of the step log-prob and KL here, of opd_loss and (through gaussian_kl) of mar."""
     std = torch.as_tensor(std, device=x.device).float()
     return std.reshape(-1, *([1] * (x.dim() - 1))) if std.dim() == 1 else std
 
@@ -101,7 +103,7 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, red
     at the cost of no longer being the true likelihood.
     """
     x, mean = x.float(), mean.float()
-    std = _per_sample_std(std, x)  # (B, 1, 1, 1)
+    std = per_sample_std(std, x)  # (B, 1, 1, 1)
     logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)  # (B, C, H, W)
     return _reduce(logp, reduce)
 
@@ -111,7 +113,7 @@ def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor, r
     "sum" is the exact KL; "mean" averages over elements. Shared by GRPO's β-KL, the OPD loss and MAR.
     flow_grpo's code uses mean((μ_p - μ_q)²)/(2·σ_t²) without |Δt|, i.e. the exact KL × |Δt| / D."""
     mean_p, mean_q = mean_p.float(), mean_q.float()
-    std = _per_sample_std(std, mean_p)  # (B, 1, 1, 1)
+    std = per_sample_std(std, mean_p)  # (B, 1, 1, 1)
     return _reduce((mean_p - mean_q) ** 2 / (2 * std**2), reduce)  # (B,)
 
 

@@ -283,5 +283,5 @@ def test_lora_adapters_on_one_backbone():
 
 
 def test_load_model_names_a_missing_world_base_instead_of_trying_the_hub(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--stage pretrain"):
+    with pytest.raises(FileNotFoundError, match="tools.pretrain_world"):
         models.load_model(str(tmp_path / "base"))

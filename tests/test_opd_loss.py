@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from grpo import clipped_surrogate
-from opd_loss import ESTIMATORS, flow_opd_loss, kl_weight, opd_loss, step_kl
-from sde_sampler import gaussian_logprob, sde_step
+from opd_loss import ESTIMATORS, flow_opd_loss, kl_weight, opd_loss
+from sde_sampler import gaussian_kl, gaussian_logprob, sde_step
 
 A_NOISE, T, T_NEXT = 0.7, 0.6, 0.5
 SHAPE = (1, 2, 2, 2)  # D = 8
@@ -35,7 +35,7 @@ def _mc_grad(kind, N, seed=1):
     old = gaussian_logprob(x_next, step.mean.detach(), step.std, reduce="mean")
     if kind == "detached_state_reward":  # the paper's literal recipe: r = −sg(KL_t(x_t)), summed ratio
         D = x[0].numel()
-        adv = -step_kl(step.mean, mean_T, step.std).detach()
+        adv = -gaussian_kl(step.mean, mean_T, step.std).detach()
         logp = gaussian_logprob(x_next, step.mean, step.std, reduce="mean")
         loss = clipped_surrogate(D * logp, D * old, adv, 0.2).loss / D
     else:
@@ -74,7 +74,7 @@ def test_pathwise_gradient_wrt_velocity_is_w_t_velocity_mse():
 
 
 @pytest.mark.parametrize("a", [0.3, 0.7])
-def test_step_kl_equals_kl_weight_times_velocity_l2(a):
+def test_gaussian_kl_equals_kl_weight_times_velocity_l2(a):
     g = torch.Generator().manual_seed(6)
     B = 16
     t = 0.02 + 0.96 * torch.rand(B, generator=g)
@@ -82,7 +82,7 @@ def test_step_kl_equals_kl_weight_times_velocity_l2(a):
     x = torch.randn(B, 3, 4, 4, generator=g)
     v_s, v_T = torch.randn(B, 3, 4, 4, generator=g), torch.randn(B, 3, 4, 4, generator=g)
     st_s, st_T = sde_step(x, v_s, t, t_next, a), sde_step(x, v_T, t, t_next, a)
-    lhs = step_kl(st_s.mean, st_T.mean, st_s.std)
+    lhs = gaussian_kl(st_s.mean, st_T.mean, st_s.std)
     rhs = kl_weight(t, t_next, a) * ((v_s - v_T) ** 2).flatten(1).sum(1)
     assert torch.allclose(lhs, rhs, rtol=1e-3)
 
@@ -132,8 +132,8 @@ def test_total_loss_is_opd_plus_lambda_mar_and_mar_off_is_opd():
               v_teacher=v_T, noise_level=A_NOISE, estimator="pathwise", mar_lambda=0.02)
     loss, kl, mar = flow_opd_loss(v_anchor=v_A, **kw)
     mean = lambda v: sde_step(x, v, t, t_next, A_NOISE, noise=torch.zeros_like(v)).mean  # noqa: E731
-    want_kl = step_kl(mean(v_s), mean(v_T), st.std)
-    want_mar = 0.02 * step_kl(mean(v_s), mean(v_A), st.std, reduce="mean").mean()
+    want_kl = gaussian_kl(mean(v_s), mean(v_T), st.std)
+    want_mar = 0.02 * gaussian_kl(mean(v_s), mean(v_A), st.std, reduce="mean").mean()
     assert torch.allclose(kl, want_kl, rtol=1e-5)
     assert torch.allclose(mar, want_mar, rtol=1e-5)
     assert torch.allclose(loss, want_kl.mean() / x[0].numel() + want_mar, rtol=1e-5)

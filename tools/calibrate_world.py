@@ -9,14 +9,13 @@ uniform pixel noise. The numbers are in world/judges.py's docstring; tests/test_
     python -m tools.calibrate_world --n 60 [--model checkpoints/base]
     python -m tools.calibrate_world --n 60 --styles     (what each web style costs the rewards, toy_world.WEB_STYLES)
 """
-import argparse
-
 import numpy as np
 import torch
 
-from support import models
-from support.rollouts import sample_images
 from rewards import REWARDS
+from support.config import parse_args
+from support.resolve import load_model
+from support.rollouts import sample_images
 from world import renderer, styles, toy_world
 
 
@@ -82,24 +81,20 @@ def style_costs(model, per_stratum=60, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="checkpoints/base", help="world model folder")
-    ap.add_argument("--n", type=int, default=60, help="images per GenEval sub-task and for OCR")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--guidance_scale", type=float, default=4.5)
-    ap.add_argument("--styles", action="store_true", help="what each web style costs the rewards, instead")
-    args = ap.parse_args(argv)
-    model = models.load_world_model(args.model)
+    def flags(group):
+        group.add_argument("--n", type=int, default=60, help="images per GenEval sub-task and for OCR")
+        group.add_argument("--styles", action="store_true", help="what each web style costs the rewards, instead")
+    cfg, args = parse_args(argv, __doc__, flags)
+    model = load_model(cfg)
     if args.styles:
-        costs = style_costs(model, args.n, args.seed)
+        costs = style_costs(model, args.n, cfg.seed)
         print("| stratum | clean | web style | blurred | deqa clean | deqa web | deqa blurred | web style detected |")
         print("|---|---|---|---|---|---|---|---|")
         for s, c in costs.items():
             print(f"| {s} | {c['clean']:.2f} | {c['web']:.2f} | {c['blurred']:.2f} | {c['deqa/clean']:.2f} | "
                   f"{c['deqa/web']:.2f} | {c['deqa/blurred']:.2f} | {c['web_detected']:.2f} |")
         return
-    truth, drawn = (reward_calibration(model, args.n, args.seed, samples, args.steps, args.guidance_scale)
+    truth, drawn = (reward_calibration(model, args.n, cfg.seed, samples, cfg.eval_steps, cfg.guidance_scale)
                     for samples in (False, True))
     print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
     print("|---|---|---|---|---|")

@@ -7,35 +7,35 @@ that batch (the student's own rollouts, so KL after step k is measured at the st
 visits). AdamW divides each coordinate by its running scale, so a gradient that is the pathwise one times a
 constant (the released estimator's |Δt|) takes the same steps; what changes the steps is direction and noise.
 
-    python -m tools.estimator_step [--steps 5] [--prompts 16]
+    python -m tools.estimator_step [--steps 5] [--opd_prompts 16]
 
 Prints one line per estimator and step, and writes results/estimator_step.json.
 """
-import argparse
 import dataclasses
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from support.config import Config, load_model, prompt_pool  # noqa: E402
-from support.metrics import write_json  # noqa: E402
-from support.rollouts import draw_records, trainable  # noqa: E402
-from router import DEFAULT_TASK_WEIGHTS, route  # noqa: E402
-from opd_loss import flow_opd_loss  # noqa: E402
-import train  # noqa: E402
+import train
+from opd_loss import flow_opd_loss
+from router import DEFAULT_TASK_WEIGHTS, route
+from support.config import parse_args
+from support.metrics import write_json
+from support.resolve import load_model, prompt_pool
+from support.rollouts import draw_records, trainable
+from support.teachers import load_teachers
 
 
 def flat_grad(params):
     return torch.cat([p.grad.flatten() for p in params])
 
 
-def run(estimator, steps, prompts, seed=0):
-    cfg = dataclasses.replace(Config(), estimator=estimator, opd_prompts=prompts, compile=False)
+def run(cfg, estimator, steps):
+    """The rows of one estimator: K AdamW steps from the merged cold start, measured before each."""
+    cfg, prompts, seed = dataclasses.replace(cfg, estimator=estimator, compile=False), cfg.opd_prompts, cfg.seed
     model = load_model(cfg)
-    teachers, anchor, _ = train.load_teachers(model, cfg)
+    teachers, anchor, _ = load_teachers(model, cfg)
     model.load_adapter(os.path.join(cfg.cold_start_dir, "merge"), "student")
     params = trainable(model, "student")
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
@@ -69,12 +69,15 @@ def run(estimator, steps, prompts, seed=0):
     return rows
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--out", default="results/estimator_step.json")
-    args = ap.parse_args()
-    out = {est: run(est, args.steps, args.prompts) for est in ("pathwise", "released", "logratio")}
-    write_json(args.out, {"rows": out, "settings": vars(args)})
+def main(argv=None):
+    def flags(group):
+        group.add_argument("--steps", type=int, default=5, help="AdamW steps per estimator")
+        group.add_argument("--out", default="results/estimator_step.json", help="the rows, as JSON")
+    cfg, args = parse_args(argv, __doc__, flags)
+    out = {est: run(cfg, est, args.steps) for est in ("pathwise", "released", "logratio")}
+    write_json(args.out, {"rows": out, "settings": {"steps": args.steps, "prompts": cfg.opd_prompts}})
     print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

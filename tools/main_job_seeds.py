@@ -14,10 +14,8 @@ results/main_job_3seeds.json.
 """
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from support import metrics  # noqa: E402
+from support import metrics
 
 SEEDS = (0, 1, 2)
 

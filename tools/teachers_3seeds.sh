@@ -25,12 +25,12 @@ for T in ocr geneval pickscore deqa; do
   ADAPTERS=()
   for S in $SEEDS; do ADAPTERS+=(--adapter "${T}_seed$S=$OUT/seed$S/$T"); done
   # deqa's own reward is the image quality on every task: 40 prompts per task; the others: every test prompt
-  if [ "$T" = deqa ]; then TASKS=(--tasks geneval ocr pickscore --prompts_per_task 40)
-  else TASKS=(--tasks "$T" --prompts_per_task 0); fi
+  if [ "$T" = deqa ]; then TASKS=(--tasks geneval ocr pickscore --eval_prompts_per_task 40)
+  else TASKS=(--tasks "$T" --eval_prompts_per_task 0); fi
   python eval.py --model "$BASE" "${ADAPTERS[@]}" "${TASKS[@]}" --eval_images_per_prompt "$IMAGES" --paired \
     --out "$RESULTS/$T.json"
 done
 # the seesaw: seed 0's teachers on every task
 python eval.py --model "$BASE" --adapter geneval="$OUT/seed0/geneval" --adapter ocr="$OUT/seed0/ocr" \
-  --adapter pickscore="$OUT/seed0/pickscore" --adapter deqa="$OUT/seed0/deqa" --prompts_per_task 40 \
-  --images_per_prompt "$IMAGES" --paired --out "$RESULTS/seesaw.json"
+  --adapter pickscore="$OUT/seed0/pickscore" --adapter deqa="$OUT/seed0/deqa" --eval_prompts_per_task 40 \
+  --eval_images_per_prompt "$IMAGES" --paired --out "$RESULTS/seesaw.json"
