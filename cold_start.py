@@ -196,18 +196,28 @@ if __name__ == "__main__":
         return {"blk.attn.to_q.lora_A.weight": torch.randn(r, 10, generator=g),
                 "blk.attn.to_q.lora_B.weight": torch.randn(12, r, generator=g)}
 
+    def max_diff(res, ref):   # max |ΔW(res) − ref| over modules, and the fp32 rounding it may show (8 ulps of |ref|)
+        got = delta_w(res.state_dict, res.alpha, res.rank)
+        return (max((got[m] - ref[m]).abs().max().item() for m in got),
+                8 * torch.finfo(torch.float32).eps * max(ref[m].abs().max().item() for m in ref))
+
     teachers = [lora() for _ in range(K)]
     mean_dw = {m: sum(delta_w(sd, alpha, r)[m] for sd in teachers) / K for m in delta_w(teachers[0], alpha, r)}
     avg = merge_average(teachers)
     print(f"merge_average: rel. error of B̄Ā vs mean(BA) = {avg.max_rel_error:.3f} (not ΔW-exact)")
+    assert avg.max_rel_error > 0.1, "merge_average of independent LoRAs should be far from mean ΔW"
     cat = merge_delta(teachers, alpha, r)
-    got = delta_w(cat.state_dict, cat.alpha, cat.rank)
-    print(f"merge_delta concat: rank {cat.rank}, alpha {cat.alpha}, max |ΔW − mean ΔW| =",
-          f"{max((got[m] - mean_dw[m]).abs().max().item() for m in got):.2e}")
+    err, tol = max_diff(cat, mean_dw)
+    print(f"merge_delta concat: rank {cat.rank}, alpha {cat.alpha}, max |ΔW − mean ΔW| = {err:.2e} (< {tol:.1e})")
+    assert cat.rank == K * r and cat.alpha == alpha * K, "concatenation must give rank K·r and alpha α·K"
+    assert err < tol, "merge_delta by concatenation is not the exact mean ΔW"
     svd = merge_delta(teachers, alpha, r, out_rank=r)
-    print(f"merge_delta SVD to rank {svd.rank}: reported truncation error {svd.max_rel_error:.3f}")
+    got = delta_w(svd.state_dict, svd.alpha, svd.rank)
+    actual = max(((got[m] - mean_dw[m]).norm() / mean_dw[m].norm()).item() for m in got)
+    print(f"merge_delta SVD to rank {svd.rank}: reported truncation error {svd.max_rel_error:.3f} "
+          f"(measured {actual:.3f})")
+    assert abs(svd.max_rel_error - actual) < 1e-5 * actual, "reported SVD truncation error is not the real one"
     same = merge_delta([teachers[0]] * K, alpha, r, out_rank=r)
-    got = delta_w(same.state_dict, same.alpha, same.rank)
-    ref = delta_w(teachers[0], alpha, r)
-    print(f"identical teachers, SVD rank {r}: error {same.max_rel_error:.1e}, max |ΔW diff| =",
-          f"{max((got[m] - ref[m]).abs().max().item() for m in got):.2e}")
+    err, tol = max_diff(same, delta_w(teachers[0], alpha, r))
+    print(f"identical teachers, SVD rank {r}: error {same.max_rel_error:.1e}, max |ΔW diff| = {err:.2e} (< {tol:.1e})")
+    assert same.max_rel_error < 1e-12 and err < tol, "SVD of K identical rank-r teachers is not exact"

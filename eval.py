@@ -28,12 +28,14 @@ Paired differences (`paired_difference`): model A minus model B on the same prom
 statistics applied to the per-prompt differences; much tighter than two separate se's when the models are
 correlated (`python eval.py --adapter ROW=PATH --paired`).
 Sizes. prompts_per_task (0 = all), images_per_prompt, batch_size (images per sampling call) and the model's
-decode_batch (VAE micro-batch, models.T2IModel.decode) bound memory on every path; images are kept as uint8 on
+decode_batch (VAE micro-batch, support/models.T2IModel.decode) bound memory on every path; images are kept as uint8 on
 the host and turned into floats per chunk of SCORE_CHUNK for the rewards.
 
 Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.json` writes
-{"rows": {ROW: {METRIC: {"mean", "std", "n"}}}, "meta"}; `--prompts FILE` evaluates any prompt file
-(prompts.py formats), `--ood` the out-of-domain composition set (compbench.py, scored per category).
+{"rows": {ROW: {METRIC: {"mean", "std", "n"}}}, "meta"}; `--eval_prompts TASK=FILE` evaluates prompt files
+(support/prompts.py formats), `--ood` the out-of-domain composition set (world/compbench.py, per category).
+Any model train.py loads (`--model`: a world folder, an SD3 pipeline folder or hub id), with the real-image
+rewards of the `--*_reward` flags; every flag but this file's own is train.py's (`python eval.py --help`).
 `python -m tools.paper_tables` builds the paper's tables with these functions (results/main.json, ood.json).
 
 Self-check: python eval.py --model checkpoints/base --eval_prompts_per_task 12 --eval_images_per_prompt 2
@@ -81,11 +83,6 @@ def stratified_subset(records, n, seed=SUBSET_SEED):
     return sorted(i for m in members for i in m[:q])
 
 
-def world_records(split="test"):
-    """{task: records}: the miniature world's prompts of one split."""
-    return {task: toy_world.prompts(task, split) for task in toy_world.TASKS}
-
-
 # ------------------------------------------------------------------------------------------- scoring
 def geneval_score_and_accuracy(fn, images, prompts, meta):
     """(partial score, GenEval accuracy or None), each (B,): the world's detector gives strict correctness; a
@@ -129,7 +126,7 @@ def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps
     "per_prompt" holds each prompt's index, tag and per-prompt means, for paired_difference."""
     model.adapter(adapter)
     per_prompt = {}
-    for task, recs in (records or world_records(split)).items():
+    for task, recs in (records or {t: toy_world.prompts(t, split) for t in toy_world.TASKS}).items():
         index = stratified_subset(recs, prompts_per_task)
         chosen = [recs[i] for i in index for _ in range(images_per_prompt)]
         ids = [(i, j) for i in index for j in range(images_per_prompt)]

@@ -10,16 +10,9 @@ Convention (SD3 / diffusers / Flow-GRPO): t = sigma ∈ [0, 1], t = 1 is pure no
 Tensors are latents (B, C, H, W); any (B, ...) works and per-sample reductions run over all non-batch
 dims. Time arguments `t` are (B,) tensors or Python floats and are broadcast to x inside.
 
-Sampling grids (which sigmas the T steps visit):
-  * the miniature world samples on `time_grid`: linspace(1, 0, T+1), then the shift (1 for the world), i.e.
-    T equal steps with exact endpoints (diffusers' `set_timesteps(sigmas=linspace(1, 1/T, T))`). The world's
-    base, teachers and every committed result were made on it, and its equal steps keep the toy's short
-    rollouts simple to reason about; changing it would change every committed number.
-  * SD3 pipelines sample on their scheduler's grid (models.T2IModel.time_grid asks it): diffusers'
-    FlowMatchEulerDiscreteScheduler.set_timesteps(T), which StableDiffusion3Pipeline and Flow-GRPO use and the
-    published teachers were trained on: linspace(1, s_min, T) with s_min = shift(1/1000), shifted (again),
-    then 0 appended. For T = 10, shift 3: 1, 0.960, ..., 0.278, 0.0089, 0, a tiny last step, where
-    time_grid(10, 3) gives 1, 0.964, ..., 0.25, 0.
+Departure (sampling grid): `time_grid` is linspace(1, 0, T+1) then the SD3 shift, T steps with exact
+endpoints; the miniature world samples on it. SD3 models sample on their diffusers scheduler's grid instead
+(support/models.T2IModel.time_grid), which ends in a tiny last step. Why and how they differ: PAPER_NOTES.md §8.
 
 Self-check: python flow_matching.py
 """
@@ -63,7 +56,7 @@ def sample_t(batch_size: int, generator: Optional[torch.Generator] = None, logit
 
 def time_grid(num_steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     """(T+1,) float32 sigmas from exactly 1.0 down to exactly 0.0: linspace, then the SD3 shift.
-    Step i goes from sigmas[i] to sigmas[i+1]. The world's grid; SD3 models use their scheduler's (docstring)."""
+    Step i goes from sigmas[i] to sigmas[i+1]. The world's grid; SD3 models use their scheduler's (PAPER_NOTES §8)."""
     sigmas = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32, device=device)  # (T+1,)
     return shift_sigmas(sigmas, shift)  # (T+1,); shift maps 1 -> 1 and 0 -> 0 exactly
 
@@ -96,7 +89,7 @@ def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
                  x1: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Integrate the ODE from x1 ~ N(0, I) at sigmas[0] = 1 to x0 at sigmas[-1] = 0 with Euler steps.
 
-    velocity_fn(x, t): x (B, ...), t (B,) -> v (B, ...). Prompt conditioning and CFG (see `cfg`) live
+    velocity_fn(x, t): x (B, ...), t (B,) -> v (B, ...). Prompt conditioning and CFG (see `guidance`) live
     inside velocity_fn, written by the caller. Grad mode is the caller's choice (no torch.no_grad here).
     """
     x, B = x1, x1.shape[0]
@@ -108,22 +101,36 @@ def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 if __name__ == "__main__":
     torch.manual_seed(0)
+    ulp = torch.finfo(torch.float32).eps
     sig = time_grid(4, shift=3.0)
     print("time_grid(4, shift=3):", [round(s, 4) for s in sig.tolist()], "(expect [1, 0.9, 0.75, 0.5, 0])")
+    assert sig[0] == 1 and sig[-1] == 0, "time_grid endpoints are not exactly 1 and 0"
+    assert torch.allclose(sig, torch.tensor([1, 0.9, 0.75, 0.5, 0]), rtol=1e-6, atol=0), "time_grid(4, 3) is wrong"
 
     x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    print("x_t endpoints exact:", torch.equal(interpolate(x0, eps, 0.0), x0), torch.equal(interpolate(x0, eps, 1.0), eps))
+    ends = torch.equal(interpolate(x0, eps, 0.0), x0), torch.equal(interpolate(x0, eps, 1.0), eps)
+    print("x_t endpoints exact:", *ends)
+    assert all(ends), "interpolate is not exactly x0 at t = 0 and ε at t = 1"
 
     c = torch.randn(3, 4, 8, 8)
     x0_hat = euler_sample(lambda x, t: c, eps, time_grid(7, shift=3.0))
-    print(f"constant field, Euler error |x0 - (x1 - c)|max = {(x0_hat - (eps - c)).abs().max():.2e}")
+    err, tol = (x0_hat - (eps - c)).abs().max(), 7 * 4 * ulp * (eps.abs() + c.abs()).max()   # 7 steps' rounding
+    print(f"constant field, Euler error |x0 - (x1 - c)|max = {err:.2e} (expect rounding only, < {tol:.1e})")
+    assert err < tol, "Euler is not exact on a constant field"
 
     # Point-mass data x0*: the exact velocity is (x_t - x0*)/t, and Euler lands on x0* exactly at t = 0.
     x_star = torch.randn(1, 4, 8, 8)
     x0_hat = euler_sample(lambda x, t: (x - x_star) / broadcast_t(t, x), eps, time_grid(5))
-    print(f"point-mass field, |x0 - x0*|max = {(x0_hat - x_star).abs().max():.2e}")
+    err, tol = (x0_hat - x_star).abs().max(), 4 * ulp * (eps.abs() + x_star.abs()).max()   # the last step's rounding
+    print(f"point-mass field, |x0 - x0*|max = {err:.2e} (expect rounding only, < {tol:.1e})")
+    assert err < tol, "Euler does not land on the point mass x0*"
 
     t = sample_t(100_000, torch.Generator().manual_seed(0))
     ts = sample_t(100_000, torch.Generator().manual_seed(0), shift=3.0)
-    print(f"sample_t mean: shift 1 -> {t.mean():.4f} (expect 0.5), shift 3 -> {ts.mean():.4f}")
-    print("FM loss of the exact velocity:", flow_matching_loss(velocity_target(x0, eps), x0, eps).item())
+    print(f"sample_t mean: shift 1 -> {t.mean():.4f} (expect 0.5 within 4 SE = {4 * t.std() / 100_000 ** 0.5:.4f}), "
+          f"shift 3 -> {ts.mean():.4f} (expect every t moved towards the noise end)")
+    assert (t.mean() - 0.5).abs() < 4 * t.std() / 100_000 ** 0.5, "sample_t(shift 1) mean is not 0.5 within 4 SE"
+    assert (ts >= t).all() and ts.mean() > t.mean(), "the shift does not move times towards t = 1"
+    fm = flow_matching_loss(velocity_target(x0, eps), x0, eps).item()
+    print("FM loss of the exact velocity:", fm)
+    assert fm == 0, "the FM loss of the exact velocity is not exactly 0"

@@ -18,7 +18,8 @@ Differences from the paper / released code:
      global_std=True (std over the whole batch); pass std="global" to reproduce them.
   3) The β-KL defaults to the exact Gaussian-step KL (with the Δt that flow_grpo omits, flow_grpo#78 and #22),
      averaged over elements (reduce="mean") so that β has a per-element scale like flow_grpo's.
-     exact=False gives flow_grpo's Δt-less form mean((μ−μ_ref)²)/(2σ_t²) = exact_sum·|Δt|/D.
+     flow_grpo's Δt-less form mean((μ−μ_ref)²)/(2σ_t²) = exact_sum·|Δt|/D is reference_kl with σ_t =
+     std/√|Δt| passed as std (the self-check compares the two).
   4) The log-prob reduction is the caller's choice: flow_grpo uses the per-element *mean* (ratios stay
      near 1, which is why its clip range is 1e-4); a *sum* gives the true density ratio.
 
@@ -155,23 +156,31 @@ def gradient_signal(grads) -> GradientSignal:
 
 
 if __name__ == "__main__":
+    import math
+
     torch.manual_seed(0)
     G = 4
     rewards = torch.tensor([1., 2., 3., 4., 5., 5., 5., 5., 0., 1., 0., 1.])   # group 2 has zero spread
     A = group_advantages(rewards, G)
     print("advantages", A.view(-1, G))
-    print("group means", A.view(-1, G).mean(1), " zero_std_fraction", zero_std_fraction(rewards, G).item())
+    means, zf = A.view(-1, G).mean(1), zero_std_fraction(rewards, G).item()
+    print("group means", means, " zero_std_fraction", zf, "(expect 0, 0, 0 and 1/3)")
+    assert means.abs().max() < 1e-6 and torch.equal(A[4:8], torch.zeros(4)), "advantages do not centre per group"
+    assert abs(zf - 1 / 3) < 1e-7, "zero_std_fraction is not 1/3"
     logp = torch.randn(12, requires_grad=True)
     s = clipped_surrogate(logp, logp.detach(), A, 1e-4)
     print(f"ratio==1: loss {s.loss.item():.6f} vs -mean(A) {-A.mean().item():.6f}, clipfrac {s.clipfrac.item()}")
+    assert abs(s.loss.item() + A.mean().item()) < 1e-6 and s.clipfrac == 0, "at ratio 1 the loss is not -mean(A)"
     m = torch.randn(2, 4, 8, 8)
     std = torch.full((2, 1, 1, 1), 0.3)
     m_ref = m + 0.1
-    exact_sum = reference_kl(m, m_ref, std, reduce="sum")
-    print("exact KL (sum)", exact_sum, " closed form", 0.01 * m[0].numel() / (2 * 0.09))
+    exact_sum, closed = reference_kl(m, m_ref, std, reduce="sum"), 0.01 * m[0].numel() / (2 * 0.09)
+    print("exact KL (sum)", exact_sum, " closed form", closed)
+    assert torch.allclose(exact_sum, torch.full((2,), closed), rtol=1e-5, atol=0), "KL != ‖Δμ‖²/(2 std²)"
     dt = -0.1   # flow_grpo's Δt-less KL divides by 2σ_t², σ_t = std/√|Δt|: exact·|Δt|/D
-    print("Δt-less form", reference_kl(m, m_ref, std / abs(dt) ** 0.5), " = exact·|Δt|/D",
-          exact_sum * abs(dt) / m[0].numel())
+    no_dt, want = reference_kl(m, m_ref, std / abs(dt) ** 0.5), exact_sum * abs(dt) / m[0].numel()
+    print("Δt-less form", no_dt, " = exact·|Δt|/D", want)
+    assert torch.allclose(no_dt, want, rtol=1e-5, atol=0), "the Δt-less KL is not exact·|Δt|/D"
     # the clip acts on the ratio of MEAN-reduced log-probs: ε = 1e-4 allows a summed log-prob change of
     # about D·1e-4 before it binds (D = 256 here: 0.026 nats; the world's latents, D = 512: 0.05 nats;
     # SD3.5 at 512 px, D = 16·64·64 = 65,536: 6.6 nats)
@@ -179,8 +188,12 @@ if __name__ == "__main__":
     for total in (0.02, 0.2):   # summed log-prob changes, in nats
         s = clipped_surrogate(torch.full((4,), total / D), torch.zeros(4), torch.ones(4), 1e-4)
         print(f"summed log-prob change {total} nats over D = {D}: ratio {s.ratio[0].item():.6f}, "
-              f"clipfrac {s.clipfrac.item()}")
+              f"clipfrac {s.clipfrac.item()} (expect {float(total > D * 1e-4)})")
+        assert abs(s.ratio[0].item() - math.exp(total / D)) < 1e-6, "ratio != exp(summed change / D)"
+        assert s.clipfrac == float(total > D * 1e-4), f"the clip does not bind at D·1e-4 nats ({total} nats)"
     sig = torch.randn(1000)
     sig = 0.2 * sig / sig.norm()                                      # ‖s‖² = 0.04, noise E‖n‖² = 1
     noisy = sig + torch.randn(64, 1000) / 1000 ** 0.5
-    print("gradient_signal of s + n (expect kappa ≈ 0.04/1.04 = 0.038):", gradient_signal(noisy))
+    gs = gradient_signal(noisy)
+    print("gradient_signal of s + n (expect kappa ≈ 0.04/1.04 = 0.038 within 4 SE):", gs)
+    assert abs(gs.kappa - 0.04 / 1.04) < 4 * gs.se, "gradient_signal's kappa is not 0.04/1.04 within 4 SE"

@@ -112,7 +112,8 @@ def pickscore_reward(images, prompts, metadata):
 
 
 def deqa_raw(images, prompts=None, metadata=None):
-    """DeQA-like quality on DeQA's raw 1-5 scale, (B,) float32: 5 - 25 noise - 2.5 blur - 1.0 blockiness."""
+    """DeQA-like quality on DeQA's raw 1-5 scale, (B,) float32: 5 - 25 noise - 4 blur - 1 blockiness, clamped to
+    [1, 5] (K_NOISE, K_BLUR, K_BLOCK of world/judges.py)."""
     noise, blur, blockiness = deqa_terms(images)
     return (5 - K_NOISE * noise - K_BLUR * blur - K_BLOCK * blockiness).clamp(1, 5).float()
 

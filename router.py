@@ -104,16 +104,26 @@ def target_velocity(model, x_t, t, conds, routed: Sequence[str], team: Sequence[
 if __name__ == "__main__":
     g = torch.Generator().manual_seed(0)
     teachers = {"geneval": "T_geneval", "ocr": "T_ocr", "pickscore": "T_pick"}
-    tasks = sample_tasks(DEFAULT_TASK_WEIGHTS, 10_000, g)
-    print("task shares (expect .6/.2/.2):", {k: round(tasks.count(k) / len(tasks), 3) for k in teachers})
+    N = 10_000
+    tasks = sample_tasks(DEFAULT_TASK_WEIGHTS, N, g)
+    print("task shares (expect .6/.2/.2 within 4 SE):", {k: round(tasks.count(k) / N, 3) for k in teachers})
+    for k, p in {"geneval": 0.6, "ocr": 0.2, "pickscore": 0.2}.items():
+        assert abs(tasks.count(k) / N - p) < 4 * (p * (1 - p) / N) ** 0.5, f"share of {k} is not {p} within 4 SE"
     names = route(tasks[:6], teachers)
     print("routed:", list(zip(tasks[:6], names)))
-    print("groups:", {k: v.tolist() for k, v in groups_by_teacher(names).items()})
+    assert names == [teachers[k] for k in tasks[:6]], "a sample is not routed to its own task's teacher"
+    groups = groups_by_teacher(names)
+    print("groups:", {k: v.tolist() for k, v in groups.items()})
+    assert sorted(i for v in groups.values() for i in v.tolist()) == list(range(6)) and all(
+        names[i] == k for k, v in groups.items() for i in v.tolist()), "groups do not partition the samples by teacher"
     vel = {n: torch.randn(6, 2, 2, generator=g) for n in teachers.values()}
     soft = mix_velocities(vel, one_hot_weights(names, list(vel)))
     hard = torch.stack([vel[n][b] for b, n in enumerate(names)])
     print("one-hot soft == hard:", torch.equal(soft, hard))
+    assert torch.equal(soft, hard), "soft routing with one-hot weights is not exactly hard routing"
     try:
         route(["ocr", "deqa"], teachers)
     except ValueError as e:
         print("missing teacher ->", e)
+    else:
+        raise AssertionError("route must fail on a task with no teacher")

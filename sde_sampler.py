@@ -162,26 +162,39 @@ if __name__ == "__main__":
     from flow_matching import euler_sample, euler_step, time_grid
 
     g = torch.Generator().manual_seed(0)
-    print(f"sigma_t(0.5, 0.4, 0.7) = {sigma_t(0.5, 0.4, 0.7):.4f} (expect 0.7)")
-    print(f"sigma_t(1.0, 0.75, 0.7) = {sigma_t(1.0, 0.75, 0.7):.4f} (expect 1.4, the t = 1 substitution)")
+    s1, s2 = sigma_t(0.5, 0.4, 0.7), sigma_t(1.0, 0.75, 0.7)
+    print(f"sigma_t(0.5, 0.4, 0.7) = {s1:.4f} (expect 0.7)")
+    print(f"sigma_t(1.0, 0.75, 0.7) = {s2:.4f} (expect 1.4, the t = 1 substitution)")
+    assert math.isclose(s1, 0.7, rel_tol=1e-12) and math.isclose(s2, 1.4, rel_tol=1e-12), "sigma_t is wrong"
 
     x, v = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     ode = sde_step(x, v, 0.6, 0.5, 0.0, generator=g)
-    print("noise 0 == Euler:", torch.equal(ode.x_next, euler_step(x, v, 0.6, 0.5)), " std:", ode.std.flatten().tolist())
+    same = torch.equal(ode.x_next, euler_step(x, v, 0.6, 0.5))
+    print("noise 0 == Euler:", same, " std:", ode.std.flatten().tolist())
+    assert same and (ode.std == 0).all(), "sde_step at noise 0 is not exactly euler_step with std 0"
 
     xb = x[:1].expand(20_000, -1, -1, -1)  # many samples of one transition
     s = sde_step(xb, v[:1].expand_as(xb), 0.6, 0.5, 0.7, generator=g)
-    print(f"std = {s.std[0].item():.5f}, empirical std = {(s.x_next - s.mean).std().item():.5f}")
+    std, emp = s.std[0].item(), (s.x_next - s.mean).std().item()
+    se = std / (2 * s.mean.numel()) ** 0.5   # standard error of a sample std
+    print(f"std = {std:.5f}, empirical std = {emp:.5f} (expect equal within 4 SE = {4 * se:.5f})")
+    assert abs(emp - std) < 4 * se, "the SDE step's noise does not have std σ_t·sqrt(|Δt|)"
     lp = gaussian_logprob(s.x_next, s.mean, s.std, "sum")[:8]
     ref = torch.distributions.Normal(s.mean[:8], s.std[:8]).log_prob(s.x_next[:8]).flatten(1).sum(1)
     print(f"logprob vs torch Normal, max |diff| = {(lp - ref).abs().max():.2e}")
+    assert torch.allclose(lp, ref, rtol=1e-6, atol=0), "gaussian_logprob(sum) != torch's Normal log-density"
 
     x_star = torch.randn(1, 4, 8, 8, generator=g)  # point-mass data: exact velocity (x - x0*)/t
     vel = lambda x, t: (x - x_star) / broadcast_t(t, x)
     x1, sig = torch.randn(2, 4, 8, 8, generator=g), time_grid(10, shift=3.0)
     ode_traj = rollout(vel, x1, sig, 0.0)
-    print("rollout(noise 0).x0 == euler_sample:", torch.equal(ode_traj.x0, euler_sample(vel, x1, sig)))
+    same = torch.equal(ode_traj.x0, euler_sample(vel, x1, sig))
+    print("rollout(noise 0).x0 == euler_sample:", same)
+    assert same, "rollout at noise 0 is not exactly euler_sample"
     traj = rollout(vel, x1, sig, 0.7, generator=g)
-    print("SDE rollout shapes:", tuple(traj.x_t.shape), tuple(traj.std.shape), tuple(traj.logp.shape))
-    print(f"SDE rollout |x0 - x0*| rms = {(traj.x0 - x_star).pow(2).mean().sqrt():.4f}"
-          f" (last-step std {traj.std[0, -1].item():.4f})")
+    shapes = tuple(traj.x_t.shape), tuple(traj.std.shape), tuple(traj.logp.shape)
+    print("SDE rollout shapes:", *shapes)
+    assert shapes == ((2, 10, 4, 8, 8), (2, 10), (2, 10)), "Trajectory shapes are not (B, T, ...), (B, T), (B, T)"
+    rms, last = (traj.x0 - x_star).pow(2).mean().sqrt().item(), traj.std[0, -1].item()
+    print(f"SDE rollout |x0 - x0*| rms = {rms:.4f} (expect about the last-step std {last:.4f}: Difference 3)")
+    assert 0.8 * last < rms < 1.5 * last, "the SDE sample does not end about one last-step std from x0*"

@@ -150,11 +150,3 @@ def _check_geneval(path, n, meta):
     if not isinstance(meta.get("tag"), str) or not meta["tag"].strip():   # the server groups its rewards by tag
         raise PromptFileError(path, n, 'geneval metadata without "tag" (the GenEval reward server reads it)',
                               f'add "tag": one of GenEval\'s sub-tasks {", ".join(GENEVAL_TAGS)}')
-
-
-def records_by_task(path):
-    """{task: records} of a prompt file (prompts.read_prompts: our jsonl, GenEval metadata jsonl, or txt)."""
-    out = {}
-    for r in read_prompts(path):
-        out.setdefault(r["task"], []).append(r)
-    return out
