@@ -6,7 +6,6 @@ and the evaluation settings every stage shares (support/config.py holds the flag
 import os
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from peft import LoraConfig, set_peft_model_state_dict
 
 from rewards import REWARDS
@@ -93,6 +92,9 @@ DIFFUSERS_PREFIX = "transformer."  # diffusers' prefix for the transformer's LoR
 
 def load_diffusers_lora(model, path, name):
     """A diffusers SD3 LoRA as adapter `name`: without the "transformer." prefix its keys are PEFT's own."""
+    # imported here, as in models.load_sd3: the SD3 pipeline module pulls transformers' image processors, which
+    # cost a second and warn without torchvision, on every world run that never reads a diffusers LoRA
+    from diffusers import StableDiffusion3Pipeline
     raw, metadata = StableDiffusion3Pipeline.lora_state_dict(path, return_lora_metadata=True)
     others = [k for k in raw if not k.startswith(DIFFUSERS_PREFIX)]
     if others:

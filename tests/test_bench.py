@@ -102,12 +102,13 @@ def test_one_iteration_each_and_the_report():
     results = []
     for variant in ("floor", "ours", "released"):
         args.variant = variant
-        res = bench.run_variant(cfg, args)
-        assert res["median_s"] > 0 and res["peak_mib"] > 0
-        assert res["opt_steps"] == (0 if variant == "floor" else 1)   # 1 trained timestep: one step either way
-        results.append(res)
-    assert results[0]["passes"] == 3 + 3   # 3 sampling forwards; teacher, anchor and student at 1 step
-    report = bench.report(cfg, args, SMALL, results, load=0.0)
+        results.append(bench.run_variant(cfg, args))
+    assert results[0]["peak_mib"] > 0 and "median_s" not in results[0]   # the floor's memory: loaded only
+    for res in results[1:]:
+        assert res["median_s"] > 0 and res["floor_s"] > 0 and res["x_floor"] > 0 and res["peak_mib"] > 0
+        assert res["opt_steps"] == 1   # 1 trained timestep: one step either way
+        assert res["passes"] == 3 + 3   # 3 sampling forwards; teacher, anchor and student at 1 trained step
+    report = bench.report(cfg, args, SMALL, results, load=(0.0, 0.0))
     assert "ratio to the floor" in report and "released / ours" in report and "python -m tools.bench" in report
 
 
@@ -124,7 +125,7 @@ def small_sd35m(monkeypatch):
 def test_sd35m_path_on_a_small_sd3(small_sd35m):
     for variant in ("ours", "released"):
         res = bench.run_variant(*bench.parse(["--config", "sd35m", "--device", "cpu", "--max_sequence_length", "4",
-                                              "--iters", "1", "--variant", variant]))
+                                              "--num_steps", "3", "--iters", "1", "--variant", variant]))
         assert res["median_s"] > 0 and res["weights_mib"] > 0
 
 
@@ -132,8 +133,8 @@ def test_mid_path_on_a_small_sd3(monkeypatch):
     monkeypatch.setattr(bench_kit, "MID", dict(bench_kit.MID, num_layers=1, attention_head_dim=8,
                                                num_attention_heads=2, joint_attention_dim=16,
                                                caption_projection_dim=16, pooled_projection_dim=16))
-    res = bench.run_variant(*bench.parse(["--config", "mid", "--device", "cpu", "--iters", "1", "--variant",
-                                          "released"]))
+    res = bench.run_variant(*bench.parse(["--config", "mid", "--device", "cpu", "--num_steps", "5", "--iters", "1",
+                                          "--variant", "released"]))
     assert res["median_s"] > 0 and res["opt_steps"] == 4   # one optimizer step per trained timestep
 
 
@@ -196,8 +197,8 @@ def test_sd35m_plan_meets_the_target():
 
 def test_gpu_check_dry_run_on_cpu(small_sd35m, monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "GPU_RUNS", gpu_check.GPU_RUNS[:3])   # off CUDA the compiled run is the eager one
-    argv = ["--gpu_check", "--device", "cpu", "--config", "sd35m", "--train_timesteps", "1", "--opd_prompts", "2",
-            "--max_sequence_length", "4", "--out_json", str(tmp_path / "gpu_check.json")]
+    argv = ["--gpu_check", "--device", "cpu", "--config", "sd35m", "--num_steps", "3", "--train_timesteps", "1",
+            "--opd_prompts", "2", "--max_sequence_length", "4", "--out_json", str(tmp_path / "gpu_check.json")]
     res = gpu_check.run(*bench.parse(argv), argv,
                         runner=lambda variant, a: bench.run_variant(*bench.parse(a + ["--variant", variant])))
     saved = json.load(open(tmp_path / "gpu_check.json"))

@@ -7,9 +7,11 @@ micro-batch the routed teacher and the MAR anchor give velocities at the student
 student's forward (CFG) and L = L_OPD + lambda*MAR (opd_loss.flow_opd_loss) are backpropagated, and the
 optimizer steps. Each variant runs in its own fresh process, on the same model, sizes, steps and seeds:
 
-  floor          the iteration's transformer passes alone (tools/floor.py): the same sampling forwards, teacher
-                 and anchor no-grad forwards and student forward + backward on tensors of the same shapes, with
-                 no routing, adapter switches, loss or bookkeeping. Its memory: the backbone loaded, no iteration.
+  floor          time: the iteration's transformer passes alone (tools/floor.py: the same sampling forwards,
+                 teacher and anchor no-grad forwards and student forward + backward, on tensors of the same shapes,
+                 with no routing, adapter switches, loss or bookkeeping), run after every iteration of each
+                 variant in its own process, so that a shared machine's load weighs on both alike; "x floor" is
+                 the median of iteration / floor over the rounds. Memory: the backbone loaded, no iteration.
   ours           train.opd_iteration itself (the main job's code: one frozen transformer; the three routed
                  teachers, the MAR anchor and the student are adapters on it, switched per routed group), then
                  support.rollouts.optimizer_step, as train.stage_distill runs them.
@@ -18,7 +20,8 @@ optimizer steps. Each variant runs in its own fresh process, on the same model, 
   ours_compiled  ours with torch.compile(flow_opd_loss) (--skip_compile leaves it out).
 Backbones (--config tiny, mid, sd35m), adapters and measures: tools/bench_kit.py.
 
-Time: median over --iters timed iterations after one warm-up (which also holds torch.compile's compile time).
+Time: median over --iters timed rounds (iteration, then floor) after one warm-up round (which also holds
+torch.compile's compile time).
 Memory: CPU, the process's peak RSS (getrusage; it includes Python, torch, the VAE and the text encoder, hence
 the floor's); CUDA, torch.cuda.max_memory_allocated() from once the variant's models are built. "weights" =
 bytes of the distinct transformer parameters and buffers held.
@@ -33,14 +36,13 @@ only. --routes and --mar_anchor are fixed (geneval, ocr, pickscore; deqa); --com
   python -m tools.bench --config mid --iters 2           # CPU: random 116M-parameter SD3, weights > activations
   python -m tools.bench --config sd35m --memory_plan     # SD3.5-M's memory from meta builds (tools/memory_plan.py)
   bash tools/gpu_check.sh                                # the CUDA checks (tools/gpu_check.py)
+The report is markdown (--out appends it to a file); tools/BENCHMARKS.md holds the recorded runs.
 """
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -51,20 +53,22 @@ from opd_loss import flow_opd_loss
 from router import DEFAULT_TASK_WEIGHTS, route
 from support import rollouts
 from support.config import parse_args
-from tools import memory_plan
-from tools.bench_kit import ANCHOR, ROUTES, build_ours, draw, load_backbone, peak_mib, sync, time_core, weight_bytes
+from tools import gpu_check, memory_check, memory_plan
+from tools.bench_kit import (ANCHOR, ROUTES, build_ours, draw, load_backbone, machine, peak_mib, spawn, sync,
+                             time_core, weight_bytes)
 from tools.floor import floor_inputs, floor_passes
 from tools.released import build_released, released_iteration
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DEFAULTS = {"tiny": {}, "mid": dict(opd_prompts=2, micro_batch=2), "sd35m": dict(opd_prompts=4, micro_batch=2)}
 VARIANTS = ("floor", "ours", "released", "ours_compiled")
 
 
 def bench_flags(group):
+    """bench's own flags, beside Config's (support.config.parse_args's `extra`)."""
     group.add_argument("--config", default="tiny", choices=tuple(CONFIG_DEFAULTS),
                        help="the backbone: tiny (--base), mid or sd35m (random SD3s; tools/bench_kit.py)")
-    group.add_argument("--iters", type=int, default=3, help="timed iterations per variant, after 1 warm-up")
+    group.add_argument("--iters", type=int, default=3,
+                       help="timed rounds (iteration + floor) per variant, after 1 warm-up")
     group.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
     group.add_argument("--ref_dtype", default="fp32", choices=("fp32", "bf16"),
                        help="released: the dtype of the reference copies (the released code keeps fp32)")
@@ -108,8 +112,19 @@ def ours_iteration(model, cfg, gen, loss_fn, opt, params, it):
     return 1
 
 
+def timed(fn, device):
+    """(fn(), its wall-clock seconds, the GPU's queued work included)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
 def run_variant(cfg, args):
-    """Build args.variant, time 1 + --iters iterations, return its results (run in a fresh process: spawn)."""
+    """Build args.variant and time 1 + --iters rounds of one iteration followed by the floor's passes on the same
+    model (tools/floor.py), so that load on a shared machine weighs on both alike; returns the results (run in a
+    fresh process: spawn). The floor variant only loads the backbone: the memory floor."""
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = cfg.device.startswith("cuda")
@@ -118,7 +133,9 @@ def run_variant(cfg, args):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     res = dict(variant=args.variant, threads=torch.get_num_threads(), checkpointing=cfg.gradient_checkpointing,
-               peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer) / 2**20)   # the floor's
+               peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer) / 2**20)
+    if args.variant == "floor":
+        return res
     refs = {}
     if args.variant == "released":
         res["sources"], refs = build_released(model, cfg, args.config, args.ref_dtype, args.released_fuse)
@@ -131,92 +148,72 @@ def run_variant(cfg, args):
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
     core = torch.compile(flow_opd_loss) if args.variant == "ours_compiled" else flow_opd_loss
     gen = torch.Generator().manual_seed(cfg.seed)
-    if args.variant == "floor":
-        inputs = floor_inputs(model, draw(cfg, gen, {t: DEFAULT_TASK_WEIGHTS[t] for t in ROUTES}), cfg)
-        teachers = len(ROUTES) if cfg.soft_routing else 1   # soft routing runs every teacher on every sample
-
-        def step(it):
-            res["passes"] = floor_passes(model, inputs, cfg, teachers)
-            return 0   # no optimizer
-    elif args.variant == "released":
-        step = lambda it: released_iteration(model, refs, cfg, gen, core, opt, params, it)
+    weights = {t: DEFAULT_TASK_WEIGHTS[t] for t in ROUTES}
+    inputs = floor_inputs(model, draw(cfg, torch.Generator().manual_seed(cfg.seed + 1), weights), cfg)
+    teachers = len(ROUTES) if cfg.soft_routing else 1   # soft routing runs every teacher on every sample
+    if args.variant == "released":
+        step = lambda it: released_iteration(model, refs, cfg, gen, core, opt, params, it)   # noqa: E731
     else:
-        step = lambda it: ours_iteration(model, cfg, gen, core, opt, params, it)
-    times = []
+        step = lambda it: ours_iteration(model, cfg, gen, core, opt, params, it)   # noqa: E731
+    times, floors = [], []
     for it in range(1 + args.iters):
-        sync(cfg.device)
-        t0 = time.perf_counter()
-        opt_steps = step(it)
-        sync(cfg.device)
-        times.append(time.perf_counter() - t0)
-    res.update(warmup_s=times[0], times_s=times[1:], median_s=statistics.median(times[1:]), opt_steps=opt_steps)
+        opt_steps, t = timed(lambda: step(it), cfg.device)
+        res["passes"], f = timed(lambda: floor_passes(model, inputs, cfg, teachers), cfg.device)
+        opt.zero_grad(set_to_none=True)   # the floor's gradients must not reach the next optimizer step
+        times.append(t)
+        floors.append(f)
+    res.update(warmup_s=times[0], times_s=times[1:], median_s=statistics.median(times[1:]), opt_steps=opt_steps,
+               floor_times_s=floors[1:], floor_s=statistics.median(floors[1:]),
+               x_floor=statistics.median(t / f for t, f in zip(times[1:], floors[1:])))
     if args.variant.startswith("ours"):
         res["core_ms"] = time_core(core, (cfg.micro_batch, *model.latent_shape), cfg)["ms"]
-    if args.variant != "floor":
-        res.update(peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer, *(
-            m.transformer for m in refs.values())) / 2**20)
+    res.update(peak_mib=peak_mib(cuda), weights_mib=weight_bytes(model.transformer, *(
+        m.transformer for m in refs.values())) / 2**20)
     return res
 
 
-def spawn(variant, argv):
-    """Run one variant in a fresh `python -m tools.bench ... --variant V` in this working directory (relative
-    paths mean the same); its last stdout line is 'BENCH_RESULT {json}'."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    p = subprocess.run([sys.executable, "-m", "tools.bench", *argv, "--variant", variant], capture_output=True,
-                       text=True, env=env)
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
-    return dict(variant=variant, error=f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or ["?"])[-1])
-
-
-def machine(device):
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (unavailable)"
-    return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-                platform.processor()) + f", {os.cpu_count()} logical CPUs"
-
-
 def report(cfg, args, argv, results, load):
-    """The markdown report of one bench run: the variants' table, the ratios to the floor, released / ours."""
+    """The markdown report of one bench run: the variants' table, the ratios to the floor, released / ours.
+    load: the machine's 1-min load average at the start and at the end of the run."""
     R = {r["variant"]: r for r in results}
     mem = "peak CUDA allocated" if cfg.device.startswith("cuda") else "peak RSS"
-    passes = R.get("floor", {}).get("passes", "?")
-    holds = {"floor": f"time: ours' {passes} transformer forwards (+ the student's backwards) alone; memory: the "
-                      f"backbone loaded",
+    holds = {"floor": "the backbone loaded, no iteration (the memory floor)",
              "ours": "1 transformer + 4 LoRA (3 teachers, anchor) + student LoRA; train.opd_iteration",
              "released": f"student transformer + LoRA, 4 full {args.ref_dtype} copies (3 teachers, anchor), "
                          f"LoRA {'fused' if args.released_fuse else 'unfused (PeftModel-like)'}",
              "ours_compiled": "as ours, torch.compile(flow_opd_loss)"}
     src = next((r["sources"] for r in results if "sources" in r), {})
     threads = next((r["threads"] for r in results if "threads" in r), "?")
-    floor_s = R.get("floor", {}).get("median_s")
-    ratio = lambda r: f"{r['median_s'] / floor_s:.2f}" if floor_s and "median_s" in r else "-"   # noqa: E731
+    passes = next((r["passes"] for r in results if "passes" in r), "?")
     out = [f"## Flow-OPD distill iteration: ratio to the floor, ours vs released ({args.config}, {cfg.device})", "",
            f"- command: `{' '.join(shlex.quote(a) for a in ['python', '-m', 'tools.bench', *argv])}`",
-           f"- machine: {machine(cfg.device)}; torch {torch.__version__}; torch threads {threads}; "
-           f"1-min load average at start {load:.2f}",
+           f"- machine: {machine(cfg.device)}; torch {torch.__version__}; torch threads {threads}; 1-min load "
+           f"average {load[0]:.2f} at the start, {load[1]:.2f} at the end (above ~1 per core, other work skews times)",
            f"- per iteration: {cfg.opd_prompts * cfg.opd_group} samples, micro-batch {cfg.micro_batch}, "
            f"{cfg.num_steps} SDE steps, {cfg.train_timesteps} trained timesteps, CFG {cfg.guidance_scale:g} "
            f"(student, teachers, anchor), gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
            f"seed {cfg.seed}",
            "- adapters: " + ", ".join(f"{k}={v}" for k, v in src.items()) + "; student = random LoRA r32",
-           f"- time: median of {args.iters} iterations after 1 warm-up; memory: one fresh process per variant", "",
-           f"| variant | holds | opt steps/iter | s/iter (median) | x floor | timed iters (s) | warm-up (s) | {mem} "
-           f"(MiB) | transformer weights (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+           f"- floor: the iteration's {passes} transformer forwards (and the student's backwards) alone "
+           f"(tools/floor.py), run after each iteration in the variant's own process; x floor = the median over the "
+           f"timed rounds of iteration / floor",
+           f"- time: median of {args.iters} rounds after 1 warm-up; memory: one fresh process per variant", "",
+           f"| variant | holds | opt steps/iter | s/iter (median) | floor s/iter | x floor | timed iters (s) | "
+           f"warm-up (s) | {mem} (MiB) | transformer weights (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for v, r in R.items():
         if "error" in r:
-            out.append(f"| {v} | {holds[v]} | | **{r['error']}** | | | | | |")
+            out.append(f"| {v} | {holds[v]} | | **{r['error']}** | | | | | | |")
             continue
-        ts = ", ".join(f"{x:.2f}" for x in r.get("times_s", []))
-        med, warm = (f"{r[k]:.3f}" if k in r else "-" for k in ("median_s", "warmup_s"))
-        out.append(f"| {v} | {holds[v]} | {r.get('opt_steps') or '-'} | {med} | {ratio(r)} | {ts or '-'} | {warm} | "
-                   f"{r['peak_mib']:.0f} | {r['weights_mib']:.1f} |")
+        f = lambda k, d=3: f"{r[k]:.{d}f}" if k in r else "-"   # noqa: E731
+        ts = ", ".join(f"{x:.2f}" for x in r.get("times_s", [])) or "-"
+        out.append(f"| {v} | {holds[v]} | {r.get('opt_steps', '-')} | {f('median_s')} | {f('floor_s')} | "
+                   f"{f('x_floor', 2)} | {ts} | {f('warmup_s', 2)} | {r['peak_mib']:.0f} | {r['weights_mib']:.1f} |")
     o, rel, fl, c = (R.get(v, {}) for v in ("ours", "released", "floor", "ours_compiled"))
-    if floor_s and "median_s" in o:
-        out += ["", f"**ratio to the floor** (the same transformer passes alone, {floor_s:.3f} s): ours "
-                f"**{ratio(o)}x**" + (f", released {ratio(rel)}x" if "median_s" in rel else "")
-                + (f", ours compiled {ratio(c)}x" if "median_s" in c else "")]
+    ratios = [f"{name} {'**' * (v == 'ours')}{R[v]['x_floor']:.2f}x{'**' * (v == 'ours')}"
+              for v, name in [("ours", "ours"), ("released", "released"), ("ours_compiled", "ours compiled")]
+              if "x_floor" in R.get(v, {})]
+    if ratios:
+        out += ["", "**ratio to the floor** (one iteration / its transformer passes alone): " + ", ".join(ratios)]
     if "median_s" in o and "median_s" in rel:
         out += ["", f"**released / ours**: time {rel['median_s'] / o['median_s']:.2f}x, "
                 f"{mem} {rel['peak_mib'] / o['peak_mib']:.2f}x, transformer weights "
@@ -240,7 +237,6 @@ def plan(cfg, args):
         raise SystemExit("--memory_plan plans SD3.5-Medium: add --config sd35m")
     text = memory_plan.report(cfg.micro_batch, cfg.opd_prompts, cfg.max_sequence_length, args.budget_gb)
     if args.activation_check:
-        from tools import memory_check
         text += "\n\n" + memory_check.format_check(memory_check.activation_check(micro_batch=2))
     print(text)
     return text
@@ -252,7 +248,6 @@ def main(argv=None):
     if args.memory_plan:
         return plan(cfg, args)
     if args.gpu_check:
-        from tools import gpu_check   # it runs bench's variants, so it imports this module: imported here
         return gpu_check.run(cfg, args, argv)
     if args.variant:
         try:
@@ -267,7 +262,7 @@ def main(argv=None):
         t0 = time.time()
         results.append(spawn(v, argv))
         print(f"[bench] {v} done in {time.time() - t0:.0f} s", file=sys.stderr)
-    text = report(cfg, args, argv, results, load)
+    text = report(cfg, args, argv, results, (load, os.getloadavg()[0]))
     print(text)
     if args.out:
         with open(args.out, "a") as f:

@@ -1,8 +1,9 @@
 """
 What every tools/bench.py variant is built and measured with: the backbone of each --config, the teachers, MAR
-anchor and student as LoRA adapters on it, the records of an iteration, and the measures (time, memory, weights).
-One place, so that the two loop structures (tools/bench.py's ours, tools/released.py's released) and the floor
-(tools/floor.py) start from the same models, adapters and seeds and are measured alike.
+anchor and student as LoRA adapters on it, the records of an iteration, the measures (time, memory, weights), and
+the fresh process each variant runs in (spawn). One place, so that the two loop structures (tools/bench.py's ours,
+tools/released.py's released) and the floor (tools/floor.py) start from the same models, adapters and seeds and
+are measured alike, by bench and by tools/gpu_check.py.
 
   tiny    the --base model through support.resolve.load_model, as train.py loads it (default: the world's
           checkpoints/base); its teachers from --teacher_dir when they are there;
@@ -16,9 +17,13 @@ their adapters are random LoRAs (rank 32, alpha 64, non-zero lora_B so they are 
 measures speed and memory, not quality. Prompt lengths are fixed (padded), so drawing one task per iteration or
 mixed tasks costs the same.
 """
+import json
 import os
+import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,6 +34,7 @@ from support.rollouts import draw_records
 from tools import memory_plan
 from world import toy_world
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROUTES, ANCHOR = ["geneval", "ocr", "pickscore"], "deqa"   # Config's default --routes and --mar_anchor
 POOL = {t: toy_world.prompts(t, "train") for t in ROUTES}
 SD35M_LATENT = 64   # 512 px / 8
@@ -154,3 +160,23 @@ def peak_mib(cuda):
     if cuda:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def spawn(variant, argv):
+    """Run one variant in a fresh `python -m tools.bench ... --variant V` in this working directory (relative
+    paths mean the same); its last stdout line is 'BENCH_RESULT {json}'."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    p = subprocess.run([sys.executable, "-m", "tools.bench", *argv, "--variant", variant], capture_output=True,
+                       text=True, env=env)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return dict(variant=variant, error=f"exit {p.returncode}: " + (p.stderr.strip().splitlines() or ["?"])[-1])
+
+
+def machine(device):
+    """The device in words, for a report: the GPU's name, or the CPU's model and logical core count."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda (unavailable)"
+    return next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+                platform.processor()) + f", {os.cpu_count()} logical CPUs"

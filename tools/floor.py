@@ -11,7 +11,8 @@ every forward with classifier-free guidance, i.e. on a batch of 2m (cond and unc
 these passes, on the same model (the same adapters, one active), on tensors of the same shapes, under the same
 autocast and gradient checkpointing: the batch is not split by teacher, no adapter is switched, the student's
 backward starts from a fixed output gradient instead of a loss, and nothing is encoded, decoded or stored.
-Its inputs are built once, outside the timed region.
+Its inputs are built once, outside the timed region. tools/bench.py runs it after every iteration of each
+variant, on that variant's model, and reports the iteration's time as a ratio to it.
 """
 import torch
 

@@ -6,11 +6,13 @@ CPU benchmarks can only predict (tools/BENCHMARKS.md, "GPU check"):
   2. one distill iteration (after a warm-up one) of a random SD3.5-M-sized transformer at 512 px, micro-batch 2,
      for ours with and without gradient checkpointing, ours with the compiled core, and the released structure,
      each in a fresh process (tools/bench.py's variants), with peak torch.cuda.max_memory_allocated beside the
-     memory plan's prediction for the same run (random prompt embeddings: no text encoders, no VAE).
-It writes --out_json and prints a markdown table. Its flags are tools/bench.py's:
+     memory plan's prediction for the same run (random prompt embeddings: no text encoders, no VAE), and each
+     iteration's ratio to its floor (the same transformer passes alone, tools/floor.py).
+It writes --out_json and prints a markdown table. It is tools/bench.py's --gpu_check (bench parses the flags and
+calls run; this module imports no bench, so the import graph stays one-way):
 
-  bash tools/gpu_check.sh                                    # the checks, results/gpu_check.json
-  python -m tools.gpu_check --device cuda --config sd35m     # the same, by hand (= python -m tools.bench --gpu_check)
+  bash tools/gpu_check.sh                                           # the checks, into results/gpu_check.json
+  python -m tools.bench --gpu_check --device cuda --config sd35m   # the same, by hand
 """
 import json
 import os
@@ -20,7 +22,7 @@ import time
 import torch
 
 from opd_loss import flow_opd_loss
-from tools import bench, bench_kit, memory_plan
+from tools import bench_kit, memory_plan
 
 # the runs: (name, bench variant, its extra flags); each runs in a fresh process
 GPU_RUNS = [("ours", "ours", ["--gradient_checkpointing", "true"]),
@@ -57,16 +59,17 @@ def strip_flags(argv, flags):
     return out
 
 
-def run(cfg, args, argv, runner=bench.spawn):
-    """The checks (module docstring) for the parsed command line argv; `runner(variant, argv)` runs one bench
-    variant (default: a fresh process). Returns the results, also written to --out_json."""
+def run(cfg, args, argv, runner=bench_kit.spawn):
+    """The checks (module docstring) for bench's parsed command line argv (cfg, args: tools.bench.parse);
+    `runner(variant, argv)` runs one bench variant (default: a fresh process). Returns the results, also written
+    to --out_json."""
     cuda = cfg.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         raise SystemExit("gpu_check: torch sees no CUDA device (torch.cuda.is_available() is False); run it on "
                          "a machine with an NVIDIA GPU and a CUDA build of torch, or pass --device cpu to try "
                          "the check's code on a small config")
     t0 = time.time()
-    res = dict(device=bench.machine(cfg.device), torch=torch.__version__, config=args.config,
+    res = dict(device=bench_kit.machine(cfg.device), torch=torch.__version__, config=args.config,
                micro_batch=cfg.micro_batch, prompts=cfg.opd_prompts, train_timesteps=cfg.train_timesteps, runs={},
                core=core_check(cfg, torch.compile if cuda else (lambda f: f)))
     res["core"]["compiled_is"] = "torch.compile" if cuda else "eager (no compile off CUDA: a dry run)"
@@ -99,21 +102,12 @@ def format_gpu_check(res):
            f"flow_opd_loss, bf16 velocities: eager {c['eager']['ms']:.2f} ms, torch.compile {c['compiled']['ms']:.2f} "
            f"ms per forward + backward (first compiled call {c['compiled']['first_call_s']:.1f} s); relative "
            f"differences " + ", ".join(f"{k} {v:.1e}" for k, v in c["rel_diff"].items()), "",
-           "| run | s / iteration | warm-up (s) | peak allocated (MiB) | plan's prediction (MiB) | weights (MiB) |",
-           "|---|---|---|---|---|---|"]
+           "| run | s / iteration | x floor | warm-up (s) | peak allocated (MiB) | plan's prediction (MiB) | "
+           "weights (MiB) |", "|---|---|---|---|---|---|---|"]
     for name, r in res["runs"].items():
         if "error" in r:
-            out.append(f"| {name} | **{r['error']}** | | | {r['predicted_mib']:.0f} | |")
+            out.append(f"| {name} | **{r['error']}** | | | | {r['predicted_mib']:.0f} | |")
             continue
-        out.append(f"| {name} | {r['median_s']:.2f} | {r['warmup_s']:.1f} | {r['peak_mib']:.0f} | "
-                   f"{r['predicted_mib']:.0f} | {r['weights_mib']:.0f} |")
+        out.append(f"| {name} | {r['median_s']:.2f} | {r['x_floor']:.2f} | {r['warmup_s']:.1f} | {r['peak_mib']:.0f} "
+                   f"| {r['predicted_mib']:.0f} | {r['weights_mib']:.0f} |")
     return "\n".join(out) + "\n"
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return run(*bench.parse(argv), argv)
-
-
-if __name__ == "__main__":
-    main()
