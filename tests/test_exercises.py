@@ -51,7 +51,7 @@ def run_command(command, tmp):
         elif argv[0] == "eval.py":
             eval_py.main(argv[1:] + ["--eval_prompts_per_task", "2", "--eval_steps", "2"])
         elif argv[:2] == ["-m", "pytest"]:   # the selection exists; the suite itself runs those tests
-            out = subprocess.run([sys.executable, *argv, "--collect-only", "-q"], cwd=ROOT, capture_output=True,
+            out = subprocess.run([sys.executable, *argv, "--collect-only"], cwd=ROOT, capture_output=True,
                                  text=True, timeout=120)
             assert out.returncode == 0 and "::" in out.stdout, out.stdout[-1500:] + out.stderr[-1500:]
             print(out.stdout)

@@ -1,5 +1,6 @@
 """
-Tests for support/reward_backends.py and support/reward_servers.py: RapidOCR on rendered text, PickScore against a hand computation with a tiny CLIP
+Tests for support/reward_backends.py and support/reward_servers.py: RapidOCR on rendered text, PickScore
+against a hand computation with a tiny CLIP
 saved to a temp folder, and the reward-server client against a local server on 127.0.0.1 (batching, retries,
 errors, the plain-data decoder).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_reward_backends.py

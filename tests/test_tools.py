@@ -17,7 +17,7 @@ from tools import grpo_snr, paper_tables, pretrain_world
 def test_pretrain_smoke(tmp_path):
     base = tmp_path / "base"
     pretrain_world.main(["--ae_steps", "2", "--pretrain_steps", "2", "--pretrain_batch", "4",
-                "--pretrain_dataset", "500", "--eval_at_end", "false", "--base", str(base), "--device", "cpu"])
+                         "--pretrain_dataset", "64", "--eval_at_end", "false", "--base", str(base), "--device", "cpu"])
     model = models.load_world_model(str(base))
     assert model.latent_shape == (8, 8, 8)
     with torch.no_grad():
@@ -27,8 +27,6 @@ def test_pretrain_smoke(tmp_path):
     assert log["config"]["pretrain_steps"] == 2 and log["device"] == "cpu"
     assert [step for step, _ in log["loss"]] == [0, 1]
     assert not (tmp_path / "base.tmp").exists()
-
-
 
 
 @pytest.mark.slow

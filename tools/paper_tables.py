@@ -201,7 +201,8 @@ def sample_cost_over_seeds(cfg, out):
         curves, summary = sample_cost(cfg, run, pipeline_rows(cfg, run))
         teachers = sum(summary["teachers_images"].values())
         for row, entries in curves.items():
-            offsets[row] = 0 if row == "grpo_mix" else teachers + (summary["sft_cold_start_images"] * row.endswith("sft"))
+            sft = summary["sft_cold_start_images"] if row.endswith("sft") else 0   # the SFT cold start's samples
+            offsets[row] = 0 if row == "grpo_mix" else teachers + sft
             for e in entries:
                 per_row.setdefault(row, {}).setdefault(e["images"], []).append(e["eval/avg"])
         print(os.path.basename(run), json.dumps({k: summary.get(k) for k in (
