@@ -74,6 +74,7 @@ def test_floor_runs_ours_transformer_passes():
 
 
 @needs_base
+@pytest.mark.slow
 @pytest.mark.parametrize("fuse", [False, True])
 def test_reference_copies_equal_adapters(fuse):
     cfg, args = bench.parse(SMALL + ["--device", "cpu"])
@@ -97,6 +98,7 @@ def test_reference_copies_equal_adapters(fuse):
 
 
 @needs_base
+@pytest.mark.slow
 def test_one_iteration_each_and_the_report():
     cfg, args = bench.parse(SMALL + ["--device", "cpu"])
     results = []
@@ -122,6 +124,7 @@ def small_sd35m(monkeypatch):
     monkeypatch.setattr(bench_kit, "SD35M_LATENT", 8)
 
 
+@pytest.mark.slow
 def test_sd35m_path_on_a_small_sd3(small_sd35m):
     for variant in ("ours", "released"):
         res = bench.run_variant(*bench.parse(["--config", "sd35m", "--device", "cpu", "--max_sequence_length", "4",
@@ -195,6 +198,7 @@ def test_sd35m_plan_meets_the_target():
     assert memory_plan.largest_micro_batch(C, 24 * memory_plan.GiB, "ours", True, False) >= 2
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(small_sd35m, monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "GPU_RUNS", gpu_check.GPU_RUNS[:3])   # off CUDA the compiled run is the eager one
     argv = ["--gpu_check", "--device", "cpu", "--config", "sd35m", "--num_steps", "3", "--train_timesteps", "1",

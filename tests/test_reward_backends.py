@@ -365,6 +365,7 @@ def test_server_make_rewards_defaults_to_world_and_swaps_by_flag(geneval_server)
         RB.make_rewards(ocr="paddle")
 
 
+@pytest.mark.slow   # a subprocess: the command line as a user runs it
 def test_server_check_reports_every_backend_from_the_cli(monkeypatch):
     env = dict(os.environ, **{RB.GENEVAL_URL_ENV: "http://127.0.0.1:18085"})
     env.pop(RB.DEQA_URL_ENV, None)
