@@ -3,12 +3,11 @@ The one configuration of every stage and tool: a dataclass whose fields are all 
 with its help, its default and the values it accepts (`python train.py --help`). A leaf: it imports no module
 of the project. Defaults are the miniature world's; where the paper (Flow-OPD §4) or the released code uses
 another value, the help gives it. Time convention throughout: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
-List fields take several values, and repeating the flag adds more (`--teacher a=X --teacher b=Y`); booleans
-take true/false; `--model`/`--pretrained_model_name_or_path` and `--mar` are aliases in the conventions of
-diffusers' scripts and of the paper's command lines. `--preset sd35m_paper` fills in the paper's SD3.5-Medium
-settings (PRESETS, each value with its source) before the flags given, which win; `describe(cfg)` lists what
-differs from the defaults, and train.py prints it when a stage starts. Values are checked when parsed, before
-any model loads: a bad one ends the command with one line naming the flag and what it accepts.
+Lists take several values and repeated flags add more; booleans take true/false; --model and --mar are aliases
+(diffusers' and the paper's names). `--preset sd35m_paper` fills in the paper's SD3.5-Medium settings (PRESETS,
+each with its source) under the flags given; describe(cfg) lists what differs from the defaults (train.py
+prints it). Values are checked when parsed, before any model loads: a bad one ends the command with one line
+naming the flag and what it accepts.
 """
 import argparse
 import dataclasses
@@ -205,9 +204,8 @@ GROUPS = {
         "caption_noise", "cfg_dropout", "snapshots", "init_from", "step_offset"),
     "the paper's tables (python -m tools.paper_tables)": ("runs_dir", "results_dir", "ablations"),
 }
-# Flag aliases in the conventions of diffusers' scripts and of the paper's command lines.
 ALIASES = {"base": ["--model", "--pretrained_model_name_or_path"], "mar_anchor": ["--mar"],
-           "guidance_scale": ["--cfg_scale"]}  # classifier-free guidance's scale (diffusers: guidance_scale)
+           "guidance_scale": ["--cfg_scale"]}  # flag aliases: diffusers' scripts' and the paper's names
 # Flags that are gone, and what replaced them.
 REMOVED = {"--eval_limit": "--eval_prompts_per_task N (stratified by sub-task, 0 = all) and --eval_images_per_prompt K",
            "--out_dir": "--base, --teacher_dir, --student_dir and --cold_start_dir (it was never read)",
@@ -232,15 +230,17 @@ def _shown(value):
 
 def _check_paths(cfg):
     """Files and folders the flags name, checked before anything loads."""
-    for flag in ("prompts", "eval_prompts"):
-        for spec in getattr(cfg, flag):
-            path = spec.split("=", 1)[1]
-            if not os.path.isfile(path):
-                raise ValueError(f"--{flag} {spec}: no prompt file {path!r}")
+    for flag, spec in ((flag, spec) for flag in ("prompts", "eval_prompts") for spec in getattr(cfg, flag)):
+        if not os.path.isfile(spec.split("=", 1)[1]):
+            raise ValueError(f"--{flag} {spec}: no prompt file {spec.split('=', 1)[1]!r}")
     if cfg.init_from and not os.path.isdir(cfg.init_from):
         raise ValueError(f"--init_from {cfg.init_from!r}: not a folder (a saved world model)")
     if cfg.resume_from_checkpoint not in ("", "latest") and not os.path.isdir(cfg.resume_from_checkpoint):
         raise ValueError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint!r}: latest, or a checkpoint-N folder")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written; an entry point's own flags with their defaults (Config's carry their own)."""
 
 
 def parse_args(argv=None, description="", extra=None):
@@ -249,7 +249,7 @@ def parse_args(argv=None, description="", extra=None):
     the namespace. --preset NAME fills in PRESETS[NAME] first; flags given on the command line override it.
     A bad value ends the command with argparse's one-line error naming the flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter,
                                  usage="%(prog)s [--FLAG VALUE ...]   (--help: every flag, its default and meaning)")
     for arg in argv:
         if arg.split("=")[0] in REMOVED:

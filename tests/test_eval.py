@@ -237,6 +237,9 @@ def test_help_gives_every_flag_a_description_and_its_default(capsys):
         assert f"--{f.name} {f.name.upper()}" in text or f"--{f.name} [{f.name.upper()} ...]" in text, f.name
     assert "(default: pathwise)" in text and "(default: 40)" in text and text.count("(default: ") >= len(
         dataclasses.fields(Config))
+    with pytest.raises(SystemExit):
+        E.main(["--help"])   # an entry point's own flags carry their defaults too
+    assert "--paired also each row minus the base" in " ".join(capsys.readouterr().out.split())
 
 
 # ---------------------------------------------------------------------------------------- decode, uint8

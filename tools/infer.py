@@ -29,7 +29,7 @@ def infer_flags(group):
     group.add_argument("--lora", default=None, help="PEFT folder, diffusers LoRA file or folder, or a hub id of either")
     group.add_argument("--prompt", required=True, help="the prompt of every image")
     group.add_argument("--num_images", type=int, default=4, help="images drawn, each from its own noise")
-    group.add_argument("--shift", type=float, default=None, help="time shift (default: the scheduler's, else 1)")
+    group.add_argument("--shift", type=float, default=None, help="time shift; none: the scheduler's, else 1")
     group.add_argument("--out", default="samples.png", help="the PNG grid written")
 
 
