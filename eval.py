@@ -52,7 +52,8 @@ from rewards import REWARDS, REWARDS_VERSION, geneval_details
 from support.config import parse_args
 from support.metrics import (format_metrics, format_paired, paired_difference, scalars, summarise, summarise_prompts,
                              write_json)
-from support.resolve import adapter_folder, eval_settings, load_model, named_paths, prompt_pool, reward_registry
+from support.resolve import (eval_settings, load_lora, load_model, named_paths, ood_settings, prompt_pool,
+                             reward_registry)
 from support.rollouts import sample_uint8, to_float
 from world import compbench, styles, toy_world
 
@@ -202,7 +203,8 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
 def eval_flags(group):
     """eval.py's own flags; the model, sizes, steps and guidance are Config's (support/config.py)."""
     group.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
-                       help="a PEFT adapter folder to evaluate as row ROW (repeatable); the base is always row 'base'")
+                       help="a LoRA to evaluate as row ROW (repeatable): a PEFT folder, a diffusers LoRA or a hub id "
+                            "(resolve.load_lora); the base is always row 'base'")
     group.add_argument("--other_model", action="append", default=[], metavar="ROW=PATH",
                        help="another full world model to evaluate as row ROW, paired with --model like an adapter")
     group.add_argument("--seeds", type=int, nargs="+", default=None, help="noise seeds (default: --seed)")
@@ -220,7 +222,7 @@ def main(argv=None):
     model = load_model(cfg)
     rows = {"base": (model, None)}   # row -> (model, adapter)
     for row, path in named_paths(args.adapter).items():
-        model.load_adapter(adapter_folder(row, path), row)
+        load_lora(model, path, row)
         rows[row] = (model, row)
     for row, path in named_paths(args.other_model).items():
         rows[row] = (load_model(dataclasses.replace(cfg, base=path)), None)
@@ -229,14 +231,13 @@ def main(argv=None):
         if set(args.tasks) - set(records):
             raise SystemExit(f"--tasks {' '.join(args.tasks)}: the prompts have tasks {', '.join(records)}")
         records = {t: records[t] for t in args.tasks}
-    per_seed, paired, rewards = {}, {}, reward_registry(cfg)
+    per_seed, paired, rewards, seeds = {}, {}, reward_registry(cfg), args.seeds or [cfg.seed]
     for row, (model, adapter) in rows.items():
-        for seed in args.seeds or [cfg.seed]:
-            kw = {**eval_settings(cfg), "seed": seed}
+        for seed in seeds:
             if args.ood:
-                m = evaluate_ood(model, adapter, **{k: v for k, v in kw.items() if k != "images_per_prompt"})
+                m = evaluate_ood(model, adapter, **{**ood_settings(cfg), "seed": seed})
             else:
-                m = evaluate(model, adapter, **kw, records=records, rewards=rewards)
+                m = evaluate(model, adapter, **{**eval_settings(cfg), "seed": seed}, records=records, rewards=rewards)
             per_seed.setdefault(row, []).append(m)
             print(f"seed {seed}  " + (format_metrics(row, m) if not args.ood else
                                       f"{row:<22} " + "  ".join(f"{k} {v:.3f}" for k, v in m.items())))
@@ -244,9 +245,8 @@ def main(argv=None):
                 paired.setdefault(row, []).append(paired_difference(m, per_seed["base"][len(per_seed[row]) - 1]))
                 print(f"seed {seed}  " + format_paired(f"{row} - base", paired[row][-1]))
     if args.out:
-        meta = {"model": cfg.base, "seeds": args.seeds or [cfg.seed], **eval_settings(cfg), "tasks": list(records),
-                "prompts": cfg.eval_prompts or ("compbench" if args.ood else "world test")}
-        meta.pop("seed")
+        meta = {"model": cfg.base, "seeds": seeds, **{k: v for k, v in eval_settings(cfg).items() if k != "seed"},
+                "tasks": list(records), "prompts": cfg.eval_prompts or ("compbench" if args.ood else "world test")}
         write_json(args.out, {"rows": summarise(per_seed), "meta": meta, **({"paired": paired} if paired else {})})
         print(f"wrote {args.out}")
 

@@ -82,8 +82,7 @@ class Config:
     prompts_per_iter: int = opt(4, "prompts per GRPO iteration, each sampled G times", low=1)
     group_size: int = opt(8, "G: images per prompt, one advantage group (paper 24)", low=2)
     sde_window: int = opt(2, "Flow-GRPO-Fast: SDE (and training) on this many early steps; 0: every step", low=0)
-    sde_window_range: float = opt(0.2, "the window starts in this first fraction of the steps (flow_grpo 0.5)",
-                                  low=1e-9, high=1)
+    sde_window_range: float = opt(0.2, "the window starts in this first fraction (0, 1] of the steps (flow_grpo 0.5)")
     shared_noise: bool = opt(True, "a group's G samples start from one x1 (they branch at the SDE window)")
     lora_targets: str = opt("attention", "attention (Flow-GRPO's q/k/v/out projections) or wide (+ MLPs, adaLN)",
                             choices=("attention", "wide"))
@@ -132,6 +131,8 @@ class Config:
     deqa_reward: str = opt("world", "world, or the URL of a DeQA reward server")
 
     def __post_init__(self):
+        if not 0 < self.sde_window_range <= 1:   # a fraction of the steps: the window needs at least its first
+            raise ValueError(f"--sde_window_range {self.sde_window_range}: must be in (0, 1]")
         for f in dataclasses.fields(self):
             value, m = getattr(self, f.name), f.metadata
             if m["choices"] is not None and value not in m["choices"]:
@@ -143,10 +144,8 @@ class Config:
             for spec in getattr(self, flag):
                 if "=" not in spec:
                     raise ValueError(f"--{flag} expects NAME=PATH entries, got {spec!r}")
-        if self.text_encoder_device and not (self.text_encoder_device == "cpu"
-                                             or self.text_encoder_device.startswith("cuda")):
-            raise ValueError(f"--text_encoder_device {self.text_encoder_device!r}: cpu or cuda[:N] (or empty for "
-                             f"--device)")
+        if self.text_encoder_device not in ("", "cpu") and not self.text_encoder_device.startswith("cuda"):
+            raise ValueError(f"--text_encoder_device {self.text_encoder_device!r}: cpu or cuda[:N] (or empty)")
 
 
 # The paper's SD3.5-Medium run as one switch (--preset sd35m_paper): field -> (value, source), from the paper

@@ -78,6 +78,11 @@ def probe_settings(cfg):
     return {**eval_settings(cfg), "prompts_per_task": cfg.probe_prompts_per_task, "images_per_prompt": 1}
 
 
+def ood_settings(cfg):
+    """eval.evaluate_ood's settings: eval_settings' without images_per_prompt (one image per OOD prompt)."""
+    return {k: v for k, v in eval_settings(cfg).items() if k != "images_per_prompt"}
+
+
 def eval_settings(cfg):
     """eval.evaluate's settings from the flags (the same on the world's prompts and --eval_prompts files)."""
     return dict(prompts_per_task=cfg.eval_prompts_per_task, images_per_prompt=cfg.eval_images_per_prompt,

@@ -1,7 +1,7 @@
 """
 What both trainers share: drawing prompts, encoding them, sampling SDE rollouts in micro-batches, choosing the
-trained steps, and one optimizer step. The Flow-GRPO teachers (teachers.py) and the Flow-OPD student
-(train.py) are both on-policy: each iteration samples trajectories with the current adapter (§2.4's SDE
+trained steps, and one optimizer step. The Flow-GRPO teachers and the Flow-OPD student
+(both in train.py) are both on-policy: each iteration samples trajectories with the current adapter (§2.4's SDE
 sampler, sde_sampler.rollout) and then differentiates the Gaussian-step means at the stored states.
 
 Time convention: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO); a rollout runs t = 1 -> 0.
@@ -120,9 +120,7 @@ def trained_steps(cfg, gen, window):
     """Step indices trained this iteration: a random subset of the first T - 1, or with sde_window a random
     window of consecutive steps within the first cfg.sde_window_range of the T steps (at least the window), the
     only SDE steps of the rollout."""
-    if window:
-        if not 0 < cfg.sde_window_range <= 1:
-            raise ValueError(f"--sde_window_range is a fraction of the steps in (0, 1], got {cfg.sde_window_range}")
+    if window:   # Config holds sde_window_range in (0, 1]
         starts = max(1, int(cfg.num_steps * cfg.sde_window_range) - window + 1)
         start = torch.randint(starts, (1,), generator=gen).item()
         return list(range(start, start + window))

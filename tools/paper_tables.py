@@ -24,7 +24,7 @@ from rewards import REWARDS, geneval_details
 from support import figures, models
 from support.config import parse_args
 from support.metrics import format_metrics, read_jsonl, table_markdown, write_json, write_table
-from support.resolve import eval_settings
+from support.resolve import eval_settings, ood_settings
 from support.rollouts import sample_images
 from train import stage_distill, stage_teachers
 from world import compbench, toy_world
@@ -34,7 +34,7 @@ from world import compbench, toy_world
 # against the images each has sampled (results/sample_cost_seed<S>.png), the paper's comparison at equal cost.
 CURVE_EVERY = 10
 
-# Flow-OPD rows built by --stage all: row -> overrides of the distill stage. The main table's three, and
+# Flow-OPD rows built by stage_all: row -> overrides of the distill stage. The main table's three, and
 # the two ablations' (the OPD estimator; the cold start by A/B averaging, beside exact dW and SFT above).
 MAIN_VARIANTS = {"flow_opd/merge": dict(cold_start="merge", eval_every=CURVE_EVERY),
                  "flow_opd/sft": dict(cold_start="sft", eval_every=CURVE_EVERY),
@@ -49,7 +49,7 @@ def selected_variants(cfg):
 
 
 def pipeline_rows(cfg, run):
-    """row -> adapter folder (None: the base) for every model --stage all evaluates."""
+    """row -> adapter folder (None: the base) for every model stage_all evaluates."""
     rows = {"base": None, **{f"teacher/{t}": os.path.join(cfg.teacher_dir, t) for t in toy_world.TASKS + ("deqa",)},
             "grpo_mix": os.path.join(run, "grpo_mix")}
     variants = selected_variants(cfg)
@@ -94,7 +94,7 @@ def evaluate_rows(cfg, rows, timings):
     folders), write results/seed<S>.json, and aggregate every seed present into main.json and ood.json."""
     model = models.load_world_model(cfg.base, cfg.device)
     kw = eval_settings(cfg)
-    ood_kw = {k: kw[k] for k in ("prompts_per_task", "steps", "guidance_scale", "seed", "batch_size")}
+    ood_kw = ood_settings(cfg)
     main, ood = {}, {}
     for row, folder in tqdm(rows.items(), desc="evaluate"):
         adapter = None if folder is None else row
