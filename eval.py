@@ -52,6 +52,7 @@ from rewards import REWARDS, REWARDS_VERSION, geneval_details
 from support.config import parse_args
 from support.metrics import (format_metrics, format_paired, paired_difference, scalars, summarise, summarise_prompts,
                              write_json)
+from support.provenance import weights_sha256
 from support.resolve import (eval_settings, load_lora, load_model, named_paths, ood_settings, prompt_pool,
                              reward_registry)
 from support.rollouts import sample_uint8, to_float
@@ -180,12 +181,15 @@ def log_probe(model, adapter, probe, log, **fields):
 
 def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
     """fn(model, adapter, **kw) (evaluate or evaluate_ood), remembered in folder/eval.json per function and
-    setting (the key: the settings that change scores, as sorted JSON; batch sizes are left out). An adapter
-    folder is replaced whole when retrained (save_adapter renames a new folder in), so a cached score never
-    outlives its weights; sampling is seeded, so it equals a fresh one up to float summation order. Custom
+    setting. The key: the settings that change scores (batch sizes left out), the rewards' version and the
+    sha256 of the weights evaluated (the adapter's and the base's, support/provenance.py), as sorted JSON;
+    entries of other weights are dropped when the file is written, so a cached score never outlives its
+    weights. Sampling is seeded, so a cached score equals a fresh one up to float summation order. Custom
     `records` or `rewards` are not cached. Says what it evaluates, and for how long, whenever it samples."""
     custom = "records" in kw or "rewards" in kw
-    settings = {**{k: v for k, v in kw.items() if k not in CACHE_EXCLUDE + ("records",)}, "rewards": REWARDS_VERSION}
+    weights = model_weights(model, adapter and folder)
+    settings = {**{k: v for k, v in kw.items() if k not in CACHE_EXCLUDE + ("records",)}, "rewards": REWARDS_VERSION,
+                "weights": weights}
     key = json.dumps(settings if fn is evaluate else {fn.__name__: settings}, sort_keys=True)  # other fns named
     path = os.path.join(folder, "eval.json")
     cache = json.load(open(path)) if os.path.isfile(path) and not custom else {}
@@ -195,9 +199,26 @@ def evaluate_cached(model, adapter, folder, fn=evaluate, **kw):
         print(f"evaluating {adapter or 'the base'} ({fn.__name__}, {settings}); {where}", flush=True)
         cache[key] = fn(model, adapter, **kw)
         if not custom:   # re-read: parallel runs (other seeds) on this folder may have added entries meanwhile
-            write_json(path, {**(json.load(open(path)) if os.path.isfile(path) else {}), key: cache[key]})
+            now = json.load(open(path)) if os.path.isfile(path) else {}
+            write_json(path, {**{k: v for k, v in now.items() if _cached_weights(k) == weights}, key: cache[key]})
         print(f"evaluated {adapter or 'the base'} in {(time.time() - t0) / 60:.1f} min", flush=True)
     return cache[key]
+
+
+def model_weights(model, adapter_folder=None):
+    """{"base": sha256, "adapter": sha256 or None} of what an evaluation runs: the model's own weights (the
+    folder it was loaded from, models.load_model) and the adapter folder's, if any."""
+    if not hasattr(model, "_source_sha256"):   # hashed once per loaded model
+        model._source_sha256 = weights_sha256(model.source) if os.path.isdir(getattr(model, "source", "")) else None
+    return {"base": model._source_sha256, "adapter": weights_sha256(adapter_folder) if adapter_folder else None}
+
+
+def _cached_weights(key):
+    """The "weights" of an eval.json key (None for keys written before weights were part of them)."""
+    d = json.loads(key)
+    if "weights" not in d and len(d) == 1:   # {function name: settings}
+        d = next(iter(d.values()))
+    return d.get("weights") if isinstance(d, dict) else None
 
 
 def eval_flags(group):

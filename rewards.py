@@ -14,9 +14,10 @@ a sample returns float('nan') for it. REWARD_SCALE[name] is what to divide by to
              geneval_details(images, metadata) -> (score, strict): strict = every count exact, every colour and
              position right, no excluded class found (GenEval's strict accuracy).
              The detector (world/judges.py) models every pixel as a blend of the background and one palette
-             colour and fits ideal circle, square and triangle templates to each blob, picking the best by a
-             margin; ground truth through the world's autoencoder scores >= 0.98 on every sub-task and
-             +-2/255 pixel noise flips none of its rewards (world/judges.py has the calibration numbers).
+             colour and fits ideal circle, square and triangle templates to each blob; a blob that fits none
+             of them well (an elongated ellipse, a bar, a line, a ring, a frame) is an object of no shape.
+             Ground truth through the world's autoencoder scores >= 0.97 on every sub-task and +-2/255 pixel
+             noise flips < 1% of its rewards (world/judges.py has the calibration numbers).
   ocr        ocr.recognise (a template-matching recogniser, see ocr.py), then Flow-GRPO's formula:
              target = quoted text, lower-cased, spaces removed; dist = 0 if target in recognised else
              Levenshtein; reward = 1 - min(dist, len(target))/len(target). Scale [0, 1].
@@ -26,8 +27,9 @@ a sample returns float('nan') for it. REWARD_SCALE[name] is what to divide by to
              world would be closer to the paper (and hackable like PickScore is); the formula is a deliberate,
              transparent stand-in whose optimum is exactly "the vivid, complete scene of the prompt".
              The scene is the longest toy_world.SCENES name in the prompt (8 named, 61 composed scenes).
-  deqa       task-agnostic quality 5 - 25*noise - 4*blur - 1.0*blockiness clamped to [1, 5] (DeQA's raw 1-5
-             scale; REWARD_SCALE["deqa"] = 5 gives Flow-GRPO's score/5 reward).
+  deqa       task-agnostic quality 5 - 25*noise - 4*blur - 1.0*blockiness - 4*pattern clamped to [1, 5] (DeQA's
+             raw 1-5 scale; REWARD_SCALE["deqa"] = 5 gives Flow-GRPO's score/5 reward); pattern = textures and
+             splits the world never draws (stripes, checkerboards, dithering, hatching, rings, half splits).
 Differences from the paper:
   1) every reward is a hand-written pixel rule for 32x32 toy images, not mask2former+CLIP, PaddleOCR,
      PickScore (CLIP-H) or DeQA-Score (mPLUG-Owl2); they are deterministic and not differentiable;
@@ -45,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from world.judges import K_BLOCK, K_BLUR, K_NOISE, deqa_terms, detect, pickscore_one, relative_position, scene_of
+from world.judges import K_BLOCK, K_BLUR, K_NOISE, K_PATTERN, deqa_terms, detect, pickscore_one, relative_position, scene_of
 from world.ocr import levenshtein, recognise  # the text recogniser, a PP-OCR stand-in
 
 
@@ -112,10 +114,10 @@ def pickscore_reward(images, prompts, metadata):
 
 
 def deqa_raw(images, prompts=None, metadata=None):
-    """DeQA-like quality on DeQA's raw 1-5 scale, (B,) float32: 5 - 25 noise - 4 blur - 1 blockiness, clamped to
-    [1, 5] (K_NOISE, K_BLUR, K_BLOCK of world/judges.py)."""
-    noise, blur, blockiness = deqa_terms(images)
-    return (5 - K_NOISE * noise - K_BLUR * blur - K_BLOCK * blockiness).clamp(1, 5).float()
+    """DeQA-like quality on DeQA's raw 1-5 scale, (B,) float32: 5 - 25 noise - 4 blur - 1 blockiness - 4 pattern,
+    clamped to [1, 5] (K_NOISE, K_BLUR, K_BLOCK, K_PATTERN and the rules of world/judges.py)."""
+    noise, blur, blockiness, pattern = deqa_terms(images)
+    return (5 - K_NOISE * noise - K_BLUR * blur - K_BLOCK * blockiness - K_PATTERN * pattern).clamp(1, 5).float()
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -130,8 +132,9 @@ REWARDS = {
 REWARD_SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}  # reward = REWARDS[k](...) / scale
 # Bumped whenever a world reward or its test prompts change, so cached scores (eval.json) of the old ones are
 # never reused: 2 = the calibrated detector (world/judges.py) and the composed pickscore scenes; 3 = deqa's
-# blur weight 2.5 -> 4 (the world's blurred style costs about half the 1-5 scale, world/toy_world.py).
-REWARDS_VERSION = 3
+# blur weight 2.5 -> 4 (the world's blurred style costs about half the 1-5 scale, world/toy_world.py); 4 = judges a
+# person would agree with: the detector's shapes need MIN_IOU at the world's aspect, deqa's pattern rule.
+REWARDS_VERSION = 4
 
 
 def combined_reward(images, records, weights, rewards=REWARDS):

@@ -45,7 +45,8 @@ from router import DEFAULT_TASK_WEIGHTS, route, target_velocity
 from sde_sampler import gaussian_logprob
 from support import checkpoint, distributed
 from support.config import describe, parse_config
-from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference
+from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars
+from support.provenance import made_here, source, stamp, weights_sha256
 from support.resolve import eval_settings, load_model, probe_settings, prompt_pool, reward_registry
 from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
                               sample_rollouts, trainable, trained_steps)
@@ -147,11 +148,14 @@ def stage_teachers(cfg, names=None):
                    os.path.join(cfg.teacher_dir, "runs", name))
         if rank == 0:
             model.save_adapter(name, path)
+            stamp(path, **made_here(f"Flow-GRPO teacher {name}", cfg.seed, cfg.grpo_iters, {"base": source(cfg.base)}))
             minutes = (time.time() - t0) / 60
             log(stage=name, minutes=minutes, processes=world)
             print(f"[{name}] saved {path} after {minutes:.1f} min")
             if cfg.eval_at_end and not cfg.prompts:
-                print(format_metrics(name, evaluate_cached(model, name, path, **eval_settings(cfg))))
+                scores = evaluate_cached(model, name, path, **eval_settings(cfg))
+                stamp(path, scores=scalars(scores), protocol=eval_settings(cfg))
+                print(format_metrics(name, scores))
         distributed.barrier()
 
 
@@ -173,6 +177,8 @@ def stage_distill(cfg):
     pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
     kw, evaluating = student_evaluation(cfg, rewards_fns, rank)
     cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None  # says how long it takes
+    if cold is not None and "records" not in kw and "rewards" not in kw:   # the main protocol's scores
+        stamp(cold_path, scores=scalars(cold), protocol=kw)
     model.adapter("student")
     params = trainable(model, "student")
     opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
@@ -218,25 +224,29 @@ def stage_distill(cfg):
               flush=True)
     if rank == 0:
         with ema.applied() if ema is not None else contextlib.nullcontext():
-            finish_student(cfg, model, run_dir, teachers, cold, kw, evaluating, t0)
+            finish_student(cfg, model, run_dir, teachers, sources, cold, kw, evaluating, t0)
     distributed.barrier()
 
 
 def make_student(model, cfg, teachers, sources):
     """The cold start (§3) as adapter "student": loaded from cfg.cold_start_dir if built before, else
     merged from the routed teachers, fitted to their samples (sft), or a fresh LoRA (none), and saved.
-    routes.json records what it was built from (the base, and each teacher's source from load_teachers), so
-    a cold start is never reused for other teachers or another model."""
+    Its provenance.json records what it was built from (the base and each teacher: source and sha256), so a
+    cold start is never reused for other teachers, retrained ones, or another model."""
     path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
     names = list(teachers.values())
-    built_from = {"base": cfg.base, "teachers": {n: sources[n] for n in names}}
-    routes_file = os.path.join(path, "routes.json")
-    if os.path.isdir(path) and os.path.isfile(routes_file) and json.load(open(routes_file)) == built_from:
-        print(f"cold start: using {path} (delete it to rebuild, e.g. after retraining teachers)")
+    built_from = {"base": source(cfg.base), **{n: source(sources[n]) for n in names}}
+    made = os.path.join(path, "provenance.json")
+    record = json.load(open(made)) if os.path.isfile(made) else {}
+    same = lambda a: {n: s["sha256"] or s["path"] for n, s in a.items()}   # by weights; a hub id by its name
+    if os.path.isdir(path) and same(record.get("built_from", {})) == same(built_from) and \
+            record.get("weights_sha256") == weights_sha256(path):
+        print(f"cold start: using {path} (delete it to rebuild)")
         model.load_adapter(path, "student")
         return path
     if os.path.isdir(path):
-        print(f"cold start: {path} was built from another base or other teachers than {built_from}; rebuilding it")
+        print(f"cold start: {path} was built from other weights than {built_from} (or has no provenance.json); "
+              f"rebuilding it")
     if cfg.cold_start in ("merge", "merge_average"):
         res = merge_into(model, "student", names, mode="delta" if cfg.cold_start == "merge" else "average")
         print(f"cold start {cfg.cold_start}: rank {res.rank}, alpha {res.alpha}, "
@@ -249,8 +259,8 @@ def make_student(model, cfg, teachers, sources):
     else:  # "none" (Config checked the choice)
         model.add_lora("student", cfg.lora_rank, cfg.lora_alpha)
     model.save_adapter("student", path)
-    with open(routes_file, "w") as f:
-        json.dump(built_from, f, indent=1)
+    stamp(path, **made_here(f"cold start {cfg.cold_start}", cfg.seed, cfg.sft_steps if cfg.cold_start == "sft" else 0,
+                            built_from))
     return path
 
 
@@ -300,10 +310,15 @@ def student_evaluation(cfg, rewards_fns, rank):
     return kw, evaluating
 
 
-def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
-    """Save the student in PEFT and diffusers LoRA formats; print its scores beside the cold start's and
-    the teachers'. The caller swaps in the EMA weights first, if any."""
-    model.save_adapter("student", os.path.join(path, "adapter"))
+def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0):
+    """Save the student in PEFT and diffusers LoRA formats, stamped with what it was made from (sources: the
+    teachers' and anchor's, load_teachers); print its scores beside the cold start's and the teachers'. The
+    caller swaps in the EMA weights first, if any."""
+    adapter = os.path.join(path, "adapter")
+    model.save_adapter("student", adapter)
+    stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
+        "base": source(cfg.base), "cold_start": source(os.path.join(cfg.cold_start_dir, cfg.cold_start)),
+        **{n: source(spec) for n, spec in sources.items()}}))
     checkpoint.export_lora(model, "student", os.path.join(path, "export"))
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
           f"{(time.time() - t0) / 60:.1f} min")
@@ -314,7 +329,9 @@ def finish_student(cfg, model, path, teachers, cold, kw, evaluating, t0):
             scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
             print(format_metrics(f"teacher/{teacher}", scores))
         # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
-        student = evaluate_cached(model, "student", os.path.join(path, "adapter"), **kw)
+        student = evaluate_cached(model, "student", adapter, **kw)
+        if "records" not in kw and "rewards" not in kw:
+            stamp(adapter, scores=scalars(student), protocol=kw)
         print(format_metrics(f"flow_opd/{os.path.basename(path)}", student))
         print(format_paired("student - cold start", paired_difference(student, cold)))  # same prompts and noise
     print(f"total {(time.time() - t0) / 60:.1f} min")

@@ -24,12 +24,19 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-# Tables over seeds: {"rows": {ROW: {METRIC: {"mean": m, "std": s, "se": s/√n, "n": seeds}}}, "meta": {...}}
+# Tables over seeds: {"rows": {ROW: {METRIC: {"mean", "std", "se": std/√n, "ci95", "n": seeds}}}, "meta": {...}}
+
+def t_ci95(se, n):
+    """Half-width of the two-sided 95% interval of a mean of n values with standard error se: Student's t with
+    n - 1 degrees of freedom (4.30 se for three seeds, not 1.96 se); nan for n < 2."""
+    from scipy.stats import t   # scipy comes with the world's judges (ndimage)
+    return float(t.ppf(0.975, n - 1) * se) if n > 1 else math.nan
+
 
 def summarise(per_seed):
-    """{row: [metrics of seed 0, seed 1, ...]} -> {row: {metric: {mean, std, se, n}}} (std: sample std over
-    seeds, 0 if n = 1; se = std/√n, the standard error of the mean over seeds); only numeric entries (not
-    per_prompt or settings)."""
+    """{row: [metrics of seed 0, seed 1, ...]} -> {row: {metric: {mean, std, se, ci95, n}}} (std: sample std
+    over seeds, 0 if n = 1; se = std/√n, the standard error of the mean over seeds; ci95 = t_ci95(se, n));
+    only numeric entries (not per_prompt or settings)."""
     rows = {}
     for row, runs in per_seed.items():
         rows[row] = {}
@@ -38,7 +45,8 @@ def summarise(per_seed):
                 continue
             x = torch.tensor([r[k] for r in runs if k in r], dtype=torch.float64)
             std = x.std().item() if len(x) > 1 else 0.0
-            rows[row][k] = {"mean": x.mean().item(), "std": std, "se": std / len(x) ** 0.5, "n": len(x)}
+            se = std / len(x) ** 0.5
+            rows[row][k] = {"mean": x.mean().item(), "std": std, "se": se, "ci95": t_ci95(se, len(x)), "n": len(x)}
     return rows
 
 
@@ -50,11 +58,12 @@ def write_table(path, per_seed, meta):
 
 
 def table_markdown(table, metrics=("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")):
-    """A markdown table of mean ± se over seeds, and the number of seeds (the rows and metrics of a written
-    table; a cell without "se", from an older table, shows its std)."""
+    """A markdown table of the mean over seeds ± the t-based 95% interval (ci95; ± 0 for one seed), and the
+    number of seeds (the rows and metrics of a written table)."""
     lines = ["| | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
     for row, m in table["rows"].items():
-        cells = [f"{m[k]['mean']:.3f} ± {m[k].get('se', m[k]['std']):.3f}" if k in m else "" for k in metrics]
+        half = lambda c: 0.0 if c["n"] < 2 else c["ci95"]
+        cells = [f"{m[k]['mean']:.3f} ± {half(m[k]):.3f}" if k in m else "" for k in metrics]
         n = max((c["n"] for c in m.values()), default=0)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)

@@ -246,8 +246,9 @@ def build_world_model(cfg=None, seed=0):
 
 
 def load_world_model(path, device="cpu"):
-    """A saved world model in fp32, frozen, on `device`."""
-    return T2IModel(*world_model.load(path)).to(device).requires_grad_(False).eval()
+    """A saved world model in fp32, frozen, on `device`; model.source = path (its provenance and cache key)."""
+    model = T2IModel(*world_model.load(path)).to(device).requires_grad_(False).eval()
+    return setattr(model, "source", path) or model
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_device=None, max_sequence_length=128):
@@ -286,7 +287,7 @@ def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_dev
     pipe.set_progress_bar_config(disable=True)
     model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe, max_sequence_length, out_device=device))
     model.shift = pipe.scheduler.config.get("shift", 1.0)  # SD3.5 samples on a shifted grid (3.0)
-    model.scheduler = pipe.scheduler
+    model.scheduler, model.source = pipe.scheduler, name_or_path
     return model.requires_grad_(False).eval()
 
 

@@ -8,6 +8,7 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_eval.py
 """
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -16,7 +17,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from support import metrics
+import rewards as R
+from helpers import BASE
+from support import metrics, provenance
 from support import rollouts
 import eval as E
 from support import models
@@ -308,26 +311,63 @@ def test_eval_cli_restricts_tasks_and_pairs_another_full_model(tmp_path):
         E.main(["--model", base, "--tasks", "paint", "--eval_steps", "2"])
 
 
-def test_tables_over_seeds_carry_the_standard_error_of_the_mean():
+def test_tables_over_seeds_carry_a_t_based_interval():
     table = {"rows": metrics.summarise({"flow_opd/merge": [{"avg": 1.0, "per_prompt": {}}, {"avg": 2.0},
                                                            {"avg": 3.0}]})}
     cell = table["rows"]["flow_opd/merge"]["avg"]
     assert cell["mean"] == pytest.approx(2.0) and cell["std"] == pytest.approx(1.0) and cell["n"] == 3
     assert cell["se"] == pytest.approx(1 / 3 ** 0.5, rel=1e-12)
-    assert "| flow_opd/merge | 2.000 ± 0.577 | 3 |" in metrics.table_markdown(table, metrics=("avg",))
+    # Student's t for 2 degrees of freedom: 4.302652729749464 (not 1.96), times se
+    assert cell["ci95"] == pytest.approx(4.302652729749464 / 3 ** 0.5, rel=1e-9)
+    assert "| flow_opd/merge | 2.000 ± 2.484 | 3 |" in metrics.table_markdown(table, metrics=("avg",))
+    one = metrics.summarise({"row": [{"avg": 1.0}]})["row"]["avg"]
+    assert one["n"] == 1 and math.isnan(one["ci95"])
+
+
+class _Model:
+    """Stands in for a loaded model: evaluate_cached reads only where it was loaded from."""
+    def __init__(self, source):
+        self.source = source
+
+
+def _fake_adapter(folder, content):
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(content)
+    return str(folder)
 
 
 def test_evaluate_cached_keeps_entries_another_run_wrote_meanwhile(tmp_path):
     """Two seeds evaluating one adapter folder at once: the second to finish must not erase the first's."""
-    path = tmp_path / "eval.json"
+    folder = _fake_adapter(tmp_path / "student", b"weights")
+    path, model = tmp_path / "student" / "eval.json", _Model(BASE)
 
     def evaluate_while_another_seed_writes(model, adapter, seed):
-        path.write_text(json.dumps({"other seed": {"avg": 0.5}}))   # a parallel run finished first
+        other = json.dumps({"evaluate_ood": {"seed": 9, "rewards": R.REWARDS_VERSION,
+                                             "weights": E.model_weights(model, folder)}}, sort_keys=True)
+        path.write_text(json.dumps({other: {"avg": 0.5}}))   # a parallel run finished first
         return {"avg": float(seed)}
 
     evaluate_while_another_seed_writes.__name__ = "evaluate_ood"   # a plain fn name keeps the key readable
-    got = E.evaluate_cached(None, "student", str(tmp_path), fn=evaluate_while_another_seed_writes, seed=3)
+    got = E.evaluate_cached(model, "student", folder, fn=evaluate_while_another_seed_writes, seed=3)
     assert got == {"avg": 3.0}
     saved = json.loads(path.read_text())
-    assert saved["other seed"] == {"avg": 0.5} and len(saved) == 2
-    assert E.evaluate_cached(None, "student", str(tmp_path), fn=evaluate_while_another_seed_writes, seed=3) == got
+    assert {"avg": 0.5} in saved.values() and len(saved) == 2
+    assert E.evaluate_cached(model, "student", folder, fn=evaluate_while_another_seed_writes, seed=3) == got
+
+
+def test_evaluate_cached_is_keyed_by_the_weights_sha256(tmp_path):
+    """Retrained weights in the same folder are evaluated afresh, and the old weights' entries are dropped."""
+    folder, calls = _fake_adapter(tmp_path / "teacher", b"first weights"), []
+
+    def evaluate_ood(model, adapter, seed):
+        calls.append(seed)
+        return {"avg": float(len(calls))}
+
+    model = _Model(BASE)
+    assert E.evaluate_cached(model, "t", folder, fn=evaluate_ood, seed=0) == {"avg": 1.0}
+    assert E.evaluate_cached(model, "t", folder, fn=evaluate_ood, seed=0) == {"avg": 1.0} and calls == [0]
+    _fake_adapter(tmp_path / "teacher", b"retrained weights")
+    assert E.evaluate_cached(model, "t", folder, fn=evaluate_ood, seed=0) == {"avg": 2.0}
+    (key,) = json.load(open(tmp_path / "teacher" / "eval.json"))
+    want = hashlib.sha256(b"retrained weights").hexdigest()
+    assert json.loads(key)["evaluate_ood"]["weights"] == {"base": provenance.weights_sha256(BASE), "adapter": want}

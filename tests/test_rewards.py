@@ -228,6 +228,12 @@ def test_ground_truth_through_the_autoencoder_scores_full_marks_and_resists_nois
     assert set(cal) == set(tw.GENEVAL_TAGS) | {"ocr"}
     assert all(v["reward"] >= 0.97 for v in cal.values()), cal
     assert np.mean([v["flip"] for v in cal.values()]) < 0.01, cal
+    rng = np.random.default_rng(3)
+    with torch.no_grad():
+        for task in tw.TASKS:   # and deqa's pattern rule charges nothing for what a perfect generator draws
+            truth = renderer.to_tensor([renderer.render(r, rng, *renderer.random_style(rng))
+                                        for r in tw.prompts(task, "test")[:32]])
+            assert (J.pattern_term(base.decode(base.encode_images(truth)).clamp(0, 1)) == 0).all(), task
 
 
 def _shape_images(shapes, sizes, seed=0):
@@ -256,13 +262,16 @@ def _margins(images, names):
 
 def test_shape_classifier_wins_by_a_margin_on_crisp_and_autoencoded_shapes(base):
     """Every world shape (sizes 8-12, every colour) is told apart with a soft-IoU margin, sharp or through
-    the autoencoder (measured minima 0.10 and 0.05), where bounding-box fill put generated squares
-    (fill 0.87-0.90) on the old 0.9 threshold."""
+    the autoencoder (measured minima 0.10 and 0.023 with the world's fixed aspect; 0.05 when each axis was
+    fitted apart), where bounding-box fill put generated squares (fill 0.87-0.90) on the old 0.9 threshold;
+    and every one fits its shape above MIN_IOU (measured minima 0.87 sharp, 0.78 through the autoencoder)."""
     images, names = _shape_images(tw.SHAPES, (8, 10, 12))
     with torch.no_grad():
         autoencoded = base.decode(base.encode_images(images))
     assert _margins(images, names).min() > 0.06
-    assert _margins(autoencoded, names).min() > 0.03
+    assert _margins(autoencoded, names).min() > 0.015
+    for x in (images, autoencoded):
+        assert [o.shape for found in J.detect(x) for o in found] == names
 
 
 def test_rounded_square_is_a_square_and_octagon_a_circle():
@@ -287,3 +296,87 @@ def test_colour_cover_puts_a_blended_edge_at_half_coverage():
     k = J.COLOUR_NAMES.index("red")
     assert label[0, :, 0].tolist() == [k, len(J.COLOUR_NAMES)]
     assert cover[0, :, 0, k] == pytest.approx([0.6, 0.4], rel=1e-5)
+
+
+# ------------------------------------------------------------------ judges a person would agree with
+def _two_tone(mask, a=(0, 0, 0), b=(255, 255, 255)):
+    """A (1, 3, 32, 32) image: colour b where mask (32, 32) is True, colour a elsewhere."""
+    img = np.where(mask[..., None], np.array(b), np.array(a)) / 255.0
+    return torch.tensor(img, dtype=torch.float32).permute(2, 0, 1)[None]
+
+
+def _patterns():
+    """{name: image} of textures and splits the world never draws, in black and white and in palette colours."""
+    y, x = np.mgrid[0:32, 0:32]
+    r = np.hypot(x - 15.5, y - 15.5)
+    masks = {"checkerboard 1 px": (x + y) % 2 == 0, "checkerboard 2 px": (x // 2 + y // 2) % 2 == 0,
+             "checkerboard 4 px": (x // 4 + y // 4) % 2 == 0, "stripes 1 px": x % 2 == 0,
+             "stripes 2 px": (y // 2) % 2 == 0, "stripes 4 px": (x // 4) % 2 == 0,
+             "random dithering": np.random.default_rng(0).uniform(size=(32, 32)) < 0.5,
+             "ordered dithering": np.array([[0, 2], [3, 1]])[y % 2, x % 2] < 2,
+             "hatching": (x + y) % 3 == 0, "hatching 4 px": (x - y) % 4 == 0,
+             "rings 1.5 px": (r // 1.5) % 2 == 0, "rings 2 px": (r // 2) % 2 == 0,
+             "half split, left/right": x >= 16, "half split, top/bottom": y >= 16}
+    out = {name: _two_tone(m) for name, m in masks.items()}
+    out.update({f"{name}, red/blue": _two_tone(m, tw.PALETTE["red"], tw.PALETTE["blue"]) for name, m in masks.items()
+                if name != "half split, top/bottom"})   # a two-colour top/bottom split is a world scene
+    return out
+
+
+def test_deqa_scores_patterns_the_world_never_draws_below_blurred_ground_truth():
+    """Stripes, checkerboards, dithering, hatching, rings and half splits (the old deqa: 4.0-5.0, a 1 px
+    checkerboard and a black/white split 5.00) score below the world's blurred ground truth."""
+    blurred = [R.deqa_raw(renderer.to_tensor([renderer.render(r, np.random.default_rng(0), blur=True)
+                                               for r in tw.prompts(t, "test")[:24]])).mean() for t in tw.TASKS]
+    for name, img in _patterns().items():
+        assert R.deqa_raw(img).item() < min(blurred), name
+        assert J.pattern_term(img).item() == 1.0, name
+
+
+def test_pattern_term_is_zero_on_ground_truth_and_on_noise_blur_and_blocks():
+    """The pattern rule leaves every world style alone (clean, web, blurred) and charges nothing for noise,
+    blur or blockiness, which keep their own costs."""
+    rng = np.random.default_rng(1)
+    for task in tw.TASKS:
+        recs = tw.prompts(task, "train")[:40] + tw.prompts(task, "test")[:40]
+        for web, blur in ((False, False), (True, False), (False, True)):
+            images = renderer.to_tensor([renderer.render(r, rng, web, blur) for r in recs])
+            assert (J.pattern_term(images) == 0).all(), (task, web, blur)
+    x = _clean_batch()
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    for corrupted in (noisy, _gauss_blur(x, 1.5), _blocky(x, 1.0)):
+        assert (J.pattern_term(corrupted) == 0).all()
+
+
+def _one_blob(draw):
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (32, 32), tw.BACKGROUND)
+    draw(ImageDraw.Draw(img), tw.PALETTE["red"])
+    return renderer.to_tensor([np.asarray(img)])
+
+
+NON_SHAPES = {   # drawn for circles and squares by a model that pleases a nearest-shape detector
+    "3:1 ellipse": lambda d, c: d.ellipse([4, 12, 27, 19], fill=c),
+    "2:1 ellipse": lambda d, c: d.ellipse([6, 11, 25, 20], fill=c),
+    "4x28 ellipse": lambda d, c: d.ellipse([2, 14, 29, 17], fill=c),
+    "3:1 bar": lambda d, c: d.rectangle([4, 12, 27, 19], fill=c),
+    "2:1 bar": lambda d, c: d.rectangle([6, 11, 25, 20], fill=c),
+    "3 px line": lambda d, c: d.rectangle([2, 14, 29, 16], fill=c),
+    "ring": lambda d, c: d.ellipse([6, 6, 25, 25], outline=c, width=3),
+    "square frame": lambda d, c: d.rectangle([6, 6, 25, 25], outline=c, width=3),
+    "frame of the image": lambda d, c: d.rectangle([0, 0, 31, 31], outline=c, width=3),
+    "downward triangle": lambda d, c: d.polygon([(6, 8), (25, 8), (16, 24)], fill=c),
+}
+
+
+@pytest.mark.parametrize("name", NON_SHAPES)
+def test_detector_finds_no_shape_in_elongated_hollow_or_inverted_blobs(name):
+    """Each such blob is found as an object of no shape (the old detector: 3:1 ellipses and bars were a
+    circle and a square, 0.93 partial / 0.79 strict; a 3 px line a square, a frame a full-image square),
+    and scores 0 for the shape the prompt asks for."""
+    image = _one_blob(NON_SHAPES[name])
+    (found,) = J.detect(image)
+    assert [o.shape for o in found] == [None], found
+    for shape in tw.SHAPES:
+        meta = {"tag": "color_attr", "include": [{"class": shape, "count": 1, "color": "red"}]}
+        assert R.geneval_reward(image, [""], [meta]).item() == 0.0

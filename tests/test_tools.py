@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY
-from support import models, rollouts
+from helpers import BASE, TINY
+from support import models, provenance, rollouts
 from tools import grpo_snr, paper_tables, pretrain_world
 
 
@@ -27,6 +27,8 @@ def test_pretrain_smoke(tmp_path):
     assert log["config"]["pretrain_steps"] == 2 and log["device"] == "cpu"
     assert [step for step, _ in log["loss"]] == [0, 1]
     assert not (tmp_path / "base.tmp").exists()
+    made = json.load(open(base / "provenance.json"))
+    assert made["iterations"] == 2 and made["built_from"] == {} and made["weights_sha256"] == provenance.weights_sha256(str(base))
 
 
 @pytest.mark.slow
@@ -66,7 +68,14 @@ def test_paper_tables_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teac
                                    "grpo_mix", "cold_start/merge", "cold_start/sft", "flow_opd/merge",
                                    "flow_opd/sft", "flow_opd/merge_no_mar"]
     cell = table["rows"]["flow_opd/merge"]["avg"]
-    assert set(cell) == {"mean", "std", "se", "n"} and cell["n"] == 1 and cell["se"] == 0 and 0 <= cell["mean"] <= 1
+    assert set(cell) == {"mean", "std", "se", "ci95", "n"} and cell["n"] == 1 and cell["se"] == 0 and 0 <= cell["mean"] <= 1
+    seed0 = json.load(open(tmp_path / "results" / "seed0.json"))
+    assert seed0["models"]["teacher/ocr"] == provenance.weights_sha256(str(teacher_dir / "ocr"))
+    assert table["meta"]["models"]["base"] == provenance.weights_sha256(BASE)
+    student = tmp_path / "runs" / "seed0" / "students" / "merge" / "adapter"
+    made = json.load(open(student / "provenance.json"))
+    assert made["weights_sha256"] == seed0["models"]["flow_opd/merge"] == provenance.weights_sha256(str(student))
+    assert made["built_from"]["ocr"]["sha256"] == seed0["models"]["teacher/ocr"] and made["iterations"] == 1
     assert "geneval_acc" in table["rows"]["base"] and "se/geneval_acc" in table["rows"]["base"]
     ood = json.load(open(tmp_path / "results" / "ood.json"))
     assert {"colour", "shape", "counting", "spatial"} <= set(ood["rows"]["grpo_mix"])
@@ -84,3 +93,17 @@ def test_paper_tables_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teac
     paper_tables.main(argv)  # resumable: nothing is trained again
     out = capsys.readouterr().out
     assert "[grpo_mix] found" in out and out.count("skipping") >= 8 and "distilling" not in out
+
+
+def test_seeds_whose_shared_rows_came_from_other_weights_are_not_merged():
+    """A seed evaluated with another geneval teacher (or one that predates the weight record) is refused with
+    a message naming the row and both files; per-seed rows (students) may differ."""
+    a = {"models": {"base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": "s0"}}
+    b = {"models": {"base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": "s1"}}
+    assert paper_tables.merged_models({"seed0.json": a, "seed1.json": b}) == {
+        "base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": ["s0", "s1"]}
+    c = {"models": {**b["models"], "teacher/geneval": "2" * 64}}
+    with pytest.raises(SystemExit, match=r"teacher/geneval differs between seeds: seed0.json .* 111111111111, seed2.json 222222222222"):
+        paper_tables.merged_models({"seed0.json": a, "seed2.json": c})
+    with pytest.raises(SystemExit, match="seed3.json has no 'models' record"):
+        paper_tables.merged_models({"seed0.json": a, "seed3.json": {"main": {}}})

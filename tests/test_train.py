@@ -4,7 +4,9 @@ output goes to pytest's tmp_path; nothing under checkpoints/ is written), a GRPO
 the OPD core's loss and gradient scale. The committed base (checkpoints/base) is loaded once and deep-copied
 (tests/conftest.py: fast_load). The tools' stages (pretraining, grpo_snr, the paper's tables): test_tools.py.
 """
+import hashlib
 import json
+import shutil
 import os
 import re
 import sys
@@ -17,11 +19,12 @@ from opd_loss import flow_opd_loss, kl_weight
 from router import target_velocity
 from safetensors.torch import load_file
 from sde_sampler import gaussian_logprob, sde_step
-from support import models, rollouts, teachers
+from support import models, provenance, rollouts, teachers
 from support.config import Config
 from support.resolve import prompt_pool
 from world import toy_world
 from helpers import ROOT, TINY, load_base as _load_base, read_jsonl as _jsonl
+from tiny_sd3 import save_random_loras
 
 # --------------------------------------------------------------------------------------------- config
 def test_parse_config(capsys):
@@ -90,6 +93,11 @@ def test_teachers_stage_smoke(tmp_path, fast_load, capsys):
         # on-policy, fp32, one optimizer step per iteration: the ratio is exactly 1 before the update
         assert r["ratio_min"] == 1.0 and r["ratio_max"] == 1.0 and r["clipfrac"] == 0.0
     assert (folder / "eval.json").exists()  # the end-of-stage evaluation, cached next to the adapter
+    made = json.load(open(folder / "provenance.json"))   # how it was made, from what, and its scores
+    assert made["weights_sha256"] == provenance.weights_sha256(str(folder)) and made["seed"] == 0
+    assert made["iterations"] == 2 and made["command"].startswith("python ") and made["commit"]   # this process
+    assert made["built_from"]["base"]["sha256"] == provenance.weights_sha256(made["built_from"]["base"]["path"])
+    assert 0 <= made["scores"]["pickscore"] <= 1 and made["protocol"]["steps"] > 0
 
     capsys.readouterr()
     mtime = os.path.getmtime(folder / "adapter_model.safetensors")
@@ -152,6 +160,8 @@ def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     # the cold start is reused, not rebuilt; periodic checkpoints and evaluation during distillation
     train.main(common + fast + ["--name", "again", "--checkpoint_every", "1", "--eval_every", "2"])
     assert "cold start: using" in capsys.readouterr().out
+    made = json.load(open(cold / "merge" / "provenance.json"))
+    assert made["built_from"]["ocr"]["sha256"] == provenance.weights_sha256(str(teacher_dir / "ocr"))
     rows = _jsonl(students / "again" / "train_log.jsonl")
     # a probe before the first iteration and after the second, at the images sampled so far (3 prompts x 1)
     assert [r["stage"] for r in rows] == ["distill_eval", "distill", "distill", "distill_eval"]
@@ -352,3 +362,31 @@ def test_sde_window_lies_in_its_range():
     assert rollouts.trained_steps(Config(sde_window_range=0.2), gen, 2) == [0, 1]
     with pytest.raises(ValueError, match="--sde_window_range 2: must be in"):
         Config(sde_window_range=2)
+
+
+def test_stamp_forgets_what_it_recorded_for_other_weights(tmp_path):
+    """provenance.json describes the weights beside it: after a retrain, the old command and scores are gone."""
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"one")
+    provenance.stamp(str(tmp_path), command="python train.py --seed 1", scores={"avg": 0.5})
+    assert provenance.stamp(str(tmp_path), protocol={"steps": 40})["scores"] == {"avg": 0.5}   # same weights: kept
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"two")
+    record = provenance.stamp(str(tmp_path), seed=2)
+    assert record == {"seed": 2, "weights_sha256": hashlib.sha256(b"two").hexdigest()}
+
+
+@pytest.mark.slow
+def test_a_cold_start_is_rebuilt_when_a_teacher_is_retrained(tmp_path, teacher_dir, fast_load, capsys):
+    """The same teacher folders with other weights in one of them: the merge is rebuilt, not reused."""
+    shutil.copytree(teacher_dir, tmp_path / "teachers")
+    argv = ["--stage", "distill", "--teacher_dir", str(tmp_path / "teachers"), "--student_dir", str(tmp_path / "s"),
+            "--cold_start_dir", str(tmp_path / "cold"), "--opd_iters", "1", "--opd_prompts", "1", "--compile", "false",
+            "--eval_at_end", "false"] + TINY
+    train.main(argv)
+    model = _load_base()
+    torch.manual_seed(1)
+    save_random_loras(model, tmp_path / "teachers", ("ocr",), std=0.01)   # "retrained"
+    capsys.readouterr()
+    train.main(argv)
+    assert "rebuilding it" in capsys.readouterr().out
+    made = json.load(open(tmp_path / "cold" / "merge" / "provenance.json"))
+    assert made["built_from"]["ocr"]["sha256"] == provenance.weights_sha256(str(tmp_path / "teachers" / "ocr"))

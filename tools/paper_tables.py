@@ -7,8 +7,11 @@ Per seed S, resumable stage by stage (whatever exists is reused): the four teach
 evaluated on the test prompts and the out-of-domain set (noise seed S; cached beside each adapter), written
 to results/seedS.json and aggregated over every seed present into results/main.json and results/ood.json
 (eval.write_table's schema), with a sample grid and training curves.
-Departure: the paper's tables are over one training run each; ours are mean ± std over seeds, and the
-teachers are not retrained per seed (only their evaluation noise varies).
+Every seed file records {row: sha256 of the weights evaluated} ("models"); seeds whose base or teacher rows
+came from other weights are refused, not merged (merged_models).
+Departure: the paper's tables are over one training run each; ours are the mean over seeds with a t-based 95%
+interval (support/metrics.summarise), and the teachers are not retrained per seed (only their evaluation noise
+varies).
 """
 import dataclasses
 import glob
@@ -23,7 +26,8 @@ from eval import evaluate_cached, evaluate_ood
 from rewards import REWARDS, geneval_details
 from support import figures, models
 from support.config import parse_args
-from support.metrics import format_metrics, read_jsonl, table_markdown, write_json, write_table
+from support.metrics import format_metrics, read_jsonl, scalars, table_markdown, write_json, write_table
+from support.provenance import stamp, weights_sha256
 from support.resolve import eval_settings, ood_settings
 from support.rollouts import sample_images
 from train import stage_distill, stage_teachers
@@ -103,19 +107,48 @@ def evaluate_rows(cfg, rows, timings):
         cache = folder or os.path.join(cfg.runs_dir, "base_eval")
         main[row] = evaluate_cached(model, adapter, cache, **kw)
         ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
+        if cfg.seed == 0 and kw["seed"] == 0:   # the main protocol's noise: the scores the model folder carries
+            stamp(folder or cfg.base, scores=scalars(main[row]), protocol=kw)
         print(format_metrics(row, main[row]))
+    weights = {row: weights_sha256(folder or cfg.base) for row, folder in rows.items()}
     path = os.path.join(cfg.results_dir, f"seed{cfg.seed}.json")
     earlier = json.load(open(path)).get("minutes", {}) if os.path.isfile(path) else {}  # a rerun's untouched rows
-    write_json(path, {"main": main, "ood": ood, "minutes": {**earlier, **timings}, "eval": kw})
+    write_json(path, {"main": main, "ood": ood, "minutes": {**earlier, **timings}, "eval": kw, "models": weights})
     seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
     runs = [json.load(open(p)) for p in seeds]
     meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},
-            "note": "base and teachers are shared by all seeds (only their evaluation noise varies)"}
+            "note": "base and teachers are shared by all seeds (only their evaluation noise varies)",
+            "models": merged_models(dict(zip(seeds, runs)))}
     tables = {part: write_table(os.path.join(cfg.results_dir, f"{part}.json"),
                                 {row: [r[part][row] for r in runs if row in r[part]] for row in rows}, meta)
               for part in ("main", "ood")}
     print(table_markdown(tables["main"]))
     draw_pictures(cfg, model, rows)
+
+
+def shared_row(row):
+    """Rows every seed evaluates with the same weights: the base and the teachers (not retrained per seed)."""
+    return row == "base" or row.startswith("teacher/")
+
+
+def merged_models(runs):
+    """{row: sha256} for the shared rows, {row: [sha256 of each seed]} for the others, from {path: seed json};
+    refuses (SystemExit naming them) seeds whose shared rows evaluated other weights, or that predate the
+    record, since a table over them would average different models."""
+    out = {}
+    for path, run in runs.items():
+        if "models" not in run:
+            raise SystemExit(f"{path} has no 'models' record (it predates weight hashes): rerun its seed with "
+                             f"`python -m tools.paper_tables --seed S`, or move it out of the results folder")
+        for row, sha in run["models"].items():
+            if not shared_row(row):
+                out.setdefault(row, []).append(sha)
+            elif out.setdefault(row, sha) != sha:
+                first = next(p for p, r in runs.items() if r.get("models", {}).get(row) == out[row])
+                raise SystemExit(f"{row} differs between seeds: {first} evaluated weights {out[row][:12]}, {path} "
+                                 f"{sha[:12]}. Rerun the seeds made with the old weights (delete their runs/seedS "
+                                 f"rows and seedS.json) before merging them into one table")
+    return out
 
 
 def failed_by_every_row(samples, recs):

@@ -25,6 +25,7 @@ from flow_matching import flow_matching_loss, interpolate, sample_t
 from support import models
 from support.config import parse_config
 from support.metrics import format_metrics
+from support.provenance import made_here, source, stamp
 from support.resolve import eval_settings
 from world import captions, renderer, toy_world
 from world.model import trainable_positions
@@ -54,6 +55,8 @@ def stage_pretrain(cfg, report=None):
     with open(os.path.join(cfg.base, "pretrain_log.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "minutes": minutes, "device": cfg.device,
                    "loss": history}, f)
+    stamp(cfg.base, **made_here("the miniature world's pretrained base", cfg.seed, cfg.pretrain_steps,
+                                {"init_from": source(cfg.init_from)} if cfg.init_from else {}))
     print(f"pretrained base saved to {cfg.base} in {minutes:.1f} min on {cfg.device}")
     if cfg.eval_at_end and report is not None:
         report(models.load_world_model(cfg.base, cfg.device))

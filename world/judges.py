@@ -7,18 +7,22 @@ can skip this file.
 GenEval detector: every pixel is modelled as a blend of the background and one palette colour; it belongs to
 the colour whose blend line it is nearest (within 50 RGB) once that colour covers >= 1/2 of it (colour_cover),
 which puts a blurred edge where the edge is; 8-connected components of >= 12 px are objects; the shape is the
-ideal circle, square or upward triangle with the component's centroid and second moments (blurred by 0, 0.4 or
-0.8 px) whose soft IoU with the component's coverage map is highest (shape_scores, classify_shape).
+ideal circle, square or upward triangle, as wide as it is tall like the world's, with the component's centroid
+and total second moment (blurred by 0, 0.4 or 0.8 px) whose soft IoU with the component's coverage map is
+highest (shape_scores, classify_shape), and no shape at all when even that IoU is below MIN_IOU = 0.72.
+Why an absolute bar: a nearest-shape rule names every blob (a 3:1 ellipse or bar drawn for a circle or
+square scored 0.93, strict 0.79; a 3 px line was a square, a frame a full-image square), and with the two axes
+fitted apart an ellipse *is* a circle. Best IoU on world shapes (sizes 8-12, every colour): >= 0.87 sharp,
+>= 0.78 through the autoencoder; 2:1 ellipses, bars and a downward triangle 0.63-0.68, 3:1 ones 0.51-0.56,
+lines, rings and frames <= 0.59. Margins over the runner-up shape: >= 0.10 sharp, >= 0.023 autoencoded.
 
-Calibration (python -m tools.calibrate_world --n 60, on checkpoints/base): ground truth rendered by toy_world and
-passed through the world's autoencoder, what a perfect generator could draw, scores 1.00 on five sub-tasks and
-0.98 on counting (four shapes in 32 px strain the autoencoder), and +-2/255 uniform pixel noise changes 0.0%
-of those rewards; on the base's own samples it changes 1.7% of geneval rewards (0-3.9% per sub-task). The
-first detector (nearest colour within 60 RGB, shape by bounding-box fill: > 0.9 square, > 0.625 circle) scored
-0.72-1.00 per sub-task on ground truth (position 0.72, counting 0.77) and flipped 0-4.4% of its rewards, 4.7%
-on samples: the autoencoder's edges fall outside the colour tolerance, its triangles fill 0.63-0.68 of their
-box and its squares 0.84-0.90, so shapes straddled the thresholds. Shape margins (best soft IoU minus the
-runner-up's) on every world shape: >= 0.10 sharp, >= 0.05 through the autoencoder.
+deqa (deqa_terms): noise, blur, blockiness, and a pattern rule for what the world never draws (pattern_term).
+A 1 px checkerboard and a black/white half split scored 5.00 before it, above ground truth (4.90-4.98).
+
+Calibration (python -m tools.calibrate_world --n 60, on checkpoints/base): ground truth through the world's
+autoencoder (what a perfect generator could draw) scores 1.00 on five sub-tasks and 0.97 on counting, and
++-2/255 pixel noise changes 0.6% of counting's rewards and none of the others' (on the base's own samples
+0.6-9.4% per sub-task; 0-13.3% before MIN_IOU). README "The miniature world" has the first detector's history.
 
 Self-check: OMP_NUM_THREADS=1 python rewards.py (scores rendered test images with every reward).
 """
@@ -42,12 +46,13 @@ COLOUR_TOL = 50.0      # RGB distance (0-255) of a pixel from its colour's blend
 MIN_COVER = 0.5        # a pixel at least half covered by a colour belongs to it: the shape's edge, whatever the blur
 MIN_AREA = 12          # components smaller than this are specks (the world's smallest object covers ~30 pixels)
 EDGE_BLURS = (0.0, 0.4, 0.8)   # px: Gaussian blurs tried on the templates (the world's autoencoder: ~0.5)
+MIN_IOU = 0.72         # a blob fitting no ideal shape this well is no shape (world shapes through the AE: >= 0.77)
 SHAPE_PAD, SUPERSAMPLE = 3, 4   # template window around a component's box; sub-pixels per pixel side
 POSITION_THRESHOLD = 0.1  # GenEval's: offsets are reduced by 0.1 * (sum of box sizes) before the direction test
 
 
 class Detection(NamedTuple):
-    shape: str
+    shape: str | None   # None: a blob that fits no ideal shape (classify_shape)
     colour: str
     box: tuple   # (x0, y0, x1, y1), exclusive ends, pixels
     area: int
@@ -69,34 +74,38 @@ def colour_cover(images):
     return label.reshape(B, H, W).numpy(), a.clamp(0, 1).reshape(B, H, W, -1).numpy()
 
 
-def shape_templates(mx, my, vx, vy, X, Y):
-    """Ideal circle, square and upward triangle with centroid (mx, my) and variances (vx, vy), as 0/1 masks
-    on the point grid (X, Y) -> (3, *X.shape). Second moments: circle r^2/4, square side^2/12, triangle
-    base^2/24 across and height^2/18 down, its centroid a third of the height above the base."""
-    rx, ry = 2 * np.sqrt(vx), 2 * np.sqrt(vy)
-    circle = ((X - mx) / rx) ** 2 + ((Y - my) / ry) ** 2 <= 1
-    square = (np.abs(X - mx) <= np.sqrt(3 * vx)) & (np.abs(Y - my) <= np.sqrt(3 * vy))
-    base, height = np.sqrt(24 * vx), np.sqrt(18 * vy)
-    top = my - 2 * height / 3
-    triangle = (Y >= top) & (Y <= top + height) & (np.abs(X - mx) <= base / 2 * (Y - top) / height)
+def shape_templates(mx, my, v, X, Y):
+    """Ideal circle, square and upward triangle, each as wide as it is tall (as the world draws them), with
+    centroid (mx, my) and total second moment v = var_x + var_y, as 0/1 masks on the point grid (X, Y) ->
+    (3, *X.shape). Second moments: circle r^2/4 per axis, square side^2/12 per axis, triangle side^2/24
+    across and side^2/18 down (its centroid a third of the height above the base).
+    Why one v and not var_x, var_y apart: with two variances a 3:1 ellipse is a perfect "circle" and a bar
+    a perfect "square"; with the world's fixed aspect they fit badly and fall below MIN_IOU."""
+    r = np.sqrt(2 * v)                                        # circle: v = r^2 / 2
+    circle = (X - mx) ** 2 + (Y - my) ** 2 <= r ** 2
+    half = np.sqrt(1.5 * v)                                   # square: v = side^2 / 6
+    square = (np.abs(X - mx) <= half) & (np.abs(Y - my) <= half)
+    side = np.sqrt(v * 72 / 7)                                # triangle: v = side^2 (1/24 + 1/18)
+    top = my - 2 * side / 3
+    triangle = (Y >= top) & (Y <= top + side) & (np.abs(X - mx) <= side / 2 * (Y - top) / side)
     return np.stack([circle, square, triangle]).astype(np.float32)
 
 
 def shape_scores(cover):
     """Soft IoU of one component's coverage map (h, w) with each ideal shape of SHAPES fitted to its
-    moments and blurred, best over the blurs of EDGE_BLURS -> (3,). A blur's variance is taken off the
-    map's before fitting (blurring adds its variance)."""
+    centroid and total second moment and blurred, best over the blurs of EDGE_BLURS -> (3,). A blur's
+    variance is taken off the map's before fitting (blurring adds its variance on each axis)."""
     h, w = cover.shape
     ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
     rows, cols, mass = cover.sum(1), cover.sum(0), cover.sum()
     my, mx = rows @ ys / mass, cols @ xs / mass
+    total = rows @ (ys - my) ** 2 / mass + cols @ (xs - mx) ** 2 / mass
     Y, X = np.meshgrid((np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE,
                        (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE, indexing="ij")
     best = np.zeros(len(SHAPES))
     for blur in EDGE_BLURS:
-        vy = max(rows @ (ys - my) ** 2 / mass - blur ** 2, 0.5)
-        vx = max(cols @ (xs - mx) ** 2 / mass - blur ** 2, 0.5)
-        T = shape_templates(mx, my, vx, vy, X, Y).reshape(3, h, SUPERSAMPLE, w, SUPERSAMPLE).mean((2, 4))
+        v = max(total - 2 * blur ** 2, 1.0)
+        T = shape_templates(mx, my, v, X, Y).reshape(3, h, SUPERSAMPLE, w, SUPERSAMPLE).mean((2, 4))
         if blur:
             T = ndimage.gaussian_filter(T, (0, blur, blur), mode="constant")              # (3, h, w)
         best = np.maximum(best, np.minimum(cover, T).sum((1, 2)) / np.maximum(cover, T).sum((1, 2)))
@@ -104,10 +113,11 @@ def shape_scores(cover):
 
 
 def classify_shape(cover):
-    """(shape, margin): the best-fitting ideal shape and its soft IoU minus the runner-up's."""
+    """(shape, margin): the best-fitting ideal shape and its soft IoU minus the runner-up's; shape is None
+    when even the best fit is below MIN_IOU (a bar, a line, a ring, a frame, an elongated ellipse)."""
     iou = shape_scores(cover)
     second, first = np.sort(iou)[-2:]
-    return SHAPES[int(iou.argmax())], float(first - second)
+    return (SHAPES[int(iou.argmax())] if first >= MIN_IOU else None), float(first - second)
 
 
 def _components(label, cover):
@@ -214,6 +224,12 @@ def pickscore_one(img, scene):
 K_NOISE, K_BLUR, K_BLOCK = 25.0, 4.0, 1.0   # points lost (of 5) per unit of each defect
 BLUR_SHARP, BLUR_SOFT = 0.5, 0.9            # re-blur energy ratio of a sharp edge (~0.38-0.5) / a soft one
 BLOCK = 4                                   # block size of the blockiness measure (JPEG's 8 is too big at 32x32)
+K_PATTERN = 4.0      # points lost by a full pattern: as much as a full blur, so a pattern scores the floor (1)
+EDGE_STEP = 0.3      # a strong step between neighbouring pixels (largest channel difference, [0, 1] units)
+TEXTURE_DENSITY = (0.22, 0.30)   # share of neighbour pairs that step strongly: world's most (text) .. a texture
+SPAN = 0.9           # a straight edge across the image: >= 90% of a row's (column's) neighbour pairs step
+HORIZON_CONTRAST = (1.55, 1.65)  # RGB distance of the two sides of a horizon: world's most (a snowy night,
+                                 # 376/255 = 1.47) .. black against white (sqrt 3 = 1.73)
 
 
 def _pad_unfold3(x):
@@ -227,8 +243,40 @@ def _grad_energy(x):
     return (x.diff(dim=3) ** 2).mean((1, 2, 3)) + (x.diff(dim=2) ** 2).mean((1, 2, 3))
 
 
+def _ramp(x, lo_hi):
+    """0 at or below lo, 1 at or above hi, linear between."""
+    lo, hi = lo_hi
+    return ((x - lo) / (hi - lo)).clamp(0, 1)
+
+
+def _runs(flags):
+    """Number of runs of True along the last axis of a bool tensor (B, N) -> (B,)."""
+    return flags[:, 0].long() + (flags[:, 1:] & ~flags[:, :-1]).sum(1)
+
+
+def pattern_term(x):
+    """How much of an image (B, 3, H, W) in [0, 1] is a pattern the world never draws, (B,) in [0, 1]: the
+    largest of three rules, each 0 on the world's ground truth (sharp or through the autoencoder):
+      texture   strong steps between neighbours on more pairs than any world image has (text is the
+                densest, < 0.22): stripes, checkerboards, dithering, hatching, rings of 1-2 px;
+      lines     a straight edge across the whole image other than one horizon (the world's only such
+                edge is a horizontal horizon): a vertical split, wide stripes, a 4 px checkerboard;
+      contrast  a horizon with more contrast than any world scene: a black-and-white half split."""
+    dx, dy = x.diff(dim=3).abs().amax(1), x.diff(dim=2).abs().amax(1)         # (B, H, W-1), (B, H-1, W)
+    strong_x, strong_y = dx > EDGE_STEP, dy > EDGE_STEP
+    density = (strong_x.float().mean((1, 2)) + strong_y.float().mean((1, 2))) / 2
+    cols, rows = strong_x.float().mean(1) >= SPAN, strong_y.float().mean(2) >= SPAN   # (B, W-1), (B, H-1)
+    lines = (_runs(cols) + (_runs(rows) - 1).clamp(min=0)).clamp(max=1).float()
+    contrast = torch.zeros(len(x))
+    for i in rows.any(1).nonzero()[:, 0].tolist():       # the horizon: the row boundary that steps most
+        r = int(strong_y[i].float().mean(1).argmax()) + 1
+        above, below = x[i, :, :r].flatten(1).median(1).values, x[i, :, r:].flatten(1).median(1).values
+        contrast[i] = (above - below).norm()
+    return torch.stack([_ramp(density, TEXTURE_DENSITY), lines, _ramp(contrast, HORIZON_CONTRAST)]).amax(0)
+
+
 def deqa_terms(images):
-    """(noise, blur, blockiness) per image, each (B,): the three defects deqa_raw penalises."""
+    """(noise, blur, blockiness, pattern) per image, each (B,): the four defects deqa_raw penalises."""
     x = images.float()
     # noise: median |x - median3x3(x)|; 0 on flat regions and clean edges, ~0.6 sigma for Gaussian noise
     noise = (x - _pad_unfold3(x).median(-1).values).abs().flatten(1).median(1).values
@@ -248,4 +296,4 @@ def deqa_terms(images):
         e_in = e.index_select(dim, (~on).nonzero()[:, 0]).mean((1, 2, 3))
         return ((e_on - e_in) / (e_on + e_in + 1e-6)).clamp(0, 1)
     blockiness = torch.minimum(excess(x.diff(dim=3), 3), excess(x.diff(dim=2), 2))
-    return noise, blur, blockiness
+    return noise, blur, blockiness, pattern_term(x)

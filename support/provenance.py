@@ -1,0 +1,73 @@
+"""
+Provenance: every model folder we ship carries provenance.json, {"what", "command", "seed",
+"iterations", "commit", "weights_sha256", "built_from": {name: {"path", "sha256"}}, "scores"}: how it was made,
+from which weights, and its scores under the main evaluation protocol. `weights_sha256` is also the key of the
+evaluation caches (eval.evaluate_cached), so a cached score never outlives its weights.
+"""
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+WEIGHT_FILES = ("adapter_model.safetensors", os.path.join("transformer", "diffusion_pytorch_model.safetensors"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def weights_sha256(folder):
+    """sha256 (hex) of a model folder's weights: an adapter's adapter_model.safetensors, or a full model's
+    transformer; None for a folder with neither (a hub id not downloaded here)."""
+    path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_commit():
+    """The git commit of this code, with "+uncommitted changes" when tracked Python files outside tests/ differ."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        dirty = git("status", "--porcelain", "-uno", "--", "*.py", ":!tests")
+        return git("rev-parse", "HEAD") + (" +uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+# Read once, when imported: a long run records the code it imported, not what the checkout holds when it ends.
+COMMIT = code_commit()
+
+
+def this_command():
+    """The command line of this process, as a user would type it."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    head = ["python", "-m", spec.name] if spec and spec.name != "__main__" else ["python", os.path.relpath(sys.argv[0], ROOT)]
+    return shlex.join(head + sys.argv[1:])
+
+
+def source(path):
+    """{"path", "sha256"} of a model a new one is built from (sha256 None for a hub id)."""
+    return {"path": path, "sha256": weights_sha256(path) if os.path.isdir(path) else None}
+
+
+def stamp(folder, **fields):
+    """Write or update folder/provenance.json with `fields` and the weights' sha256. Fields recorded for other
+    weights (the folder was retrained since) are dropped, so a provenance never describes other weights."""
+    path, sha = os.path.join(folder, "provenance.json"), weights_sha256(folder)
+    old = json.load(open(path)) if os.path.isfile(path) else {}
+    record = {**(old if old.get("weights_sha256") == sha else {}), **fields, "weights_sha256": sha}
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def made_here(what, seed, iterations, built_from):
+    """The provenance fields of a model this process made: what, command, seed, iterations, commit, built_from."""
+    return dict(what=what, command=this_command(), seed=seed, iterations=iterations, commit=COMMIT,
+                built_from=built_from)
