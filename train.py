@@ -45,8 +45,8 @@ from router import DEFAULT_TASK_WEIGHTS, route, target_velocity
 from sde_sampler import gaussian_logprob
 from support import checkpoint, distributed
 from support.config import describe, parse_config
-from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars
-from support.provenance import made_here, source, stamp, weights_sha256
+from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars, write_json
+from support.provenance import made_here, source, stamp, this_command, weights_sha256
 from support.resolve import eval_settings, load_model, probe_settings, prompt_pool, reward_registry
 from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
                               sample_rollouts, trainable, trained_steps)
@@ -323,17 +323,23 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
           f"{(time.time() - t0) / 60:.1f} min")
     if evaluating:
-        print(format_metrics(f"cold start ({cfg.cold_start})", cold))
+        rows = {f"cold start ({cfg.cold_start})": cold}
         for teacher in teachers.values():
             folder = os.path.join(cfg.teacher_dir, teacher)
-            scores = evaluate(model, teacher, **kw) if cfg.teacher else evaluate_cached(model, teacher, folder, **kw)
-            print(format_metrics(f"teacher/{teacher}", scores))
+            rows[f"teacher/{teacher}"] = evaluate(model, teacher, **kw) if cfg.teacher else \
+                evaluate_cached(model, teacher, folder, **kw)
         # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
-        student = evaluate_cached(model, "student", adapter, **kw)
+        rows[f"flow_opd/{os.path.basename(path)}"] = student = evaluate_cached(model, "student", adapter, **kw)
         if "records" not in kw and "rewards" not in kw:
             stamp(adapter, scores=scalars(student), protocol=kw)
-        print(format_metrics(f"flow_opd/{os.path.basename(path)}", student))
-        print(format_paired("student - cold start", paired_difference(student, cold)))  # same prompts and noise
+        paired = paired_difference(student, cold)   # same prompts and noise
+        for row, scores in rows.items():
+            print(format_metrics(row, scores))
+        print(format_paired("student - cold start", paired))
+        models = {r: source(f)["sha256"] for r, f in zip(rows, [os.path.join(cfg.cold_start_dir, cfg.cold_start)] +
+                                                          [sources[t] for t in teachers.values()] + [adapter])}
+        write_json(os.path.join(path, "scores.json"), {"command": this_command(), "rows": {
+            r: scalars(m) for r, m in rows.items()}, "paired": paired, "models": models})
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 

@@ -50,6 +50,18 @@ def summarise(per_seed):
     return rows
 
 
+def over_seeds(diffs):
+    """A paired difference over training seeds, diffs = [{"mean", "se"} of each seed (paired_difference)]:
+    {"mean", "se": std over seeds/√n, "ci95": t_ci95(se, n), "pooled_se": sqrt(mean of se²)/√n (the
+    within-seed sampling error of the mean alone), "n", "per_seed"}. The t interval is the one to judge a claim
+    by: it counts the seed-to-seed spread that training adds."""
+    x = torch.tensor([d["mean"] for d in diffs], dtype=torch.float64)
+    n = len(diffs)
+    se = (x.std() / n ** 0.5).item() if n > 1 else math.nan
+    pooled = math.sqrt(sum(d["se"] ** 2 for d in diffs) / n) / n ** 0.5
+    return {"mean": x.mean().item(), "se": se, "ci95": t_ci95(se, n), "pooled_se": pooled, "n": n, "per_seed": diffs}
+
+
 def write_table(path, per_seed, meta):
     """Write {"rows": summarise(per_seed), "meta": meta} to path (atomically) and return it."""
     table = {"rows": summarise(per_seed), "meta": meta}

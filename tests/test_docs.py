@@ -73,3 +73,16 @@ def test_documented_command_parses(doc, entry, argv, tmp_path, monkeypatch):
 def test_the_documents_show_the_commands():
     entries = {entry for _, entry, _ in documented_commands()}
     assert {"train", "eval", "tools.paper_tables", "tools.grpo_snr", "tools.bench", "tools.infer"} <= entries
+
+
+def test_generated_tables_match_their_results():
+    """Every table between <!-- table NAME --> markers is what tools/doc_tables.py writes from results/*.json
+    (fix: python -m tools.doc_tables), and RESULTS.md has no table that is not generated."""
+    from tools import doc_tables
+    for doc in doc_tables.DOCS:
+        text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
+        assert doc_tables.render(text) == text, f"{doc}: a generated table differs from its results file: " \
+                                                f"run `python -m tools.doc_tables`"
+    results = open(os.path.join(ROOT, "results", "RESULTS.md"), encoding="utf-8").read()
+    outside = re.sub(r"<!-- table \S+ -->\n.*?<!-- /table -->", "", results, flags=re.S)
+    assert not [line for line in outside.splitlines() if line.startswith("|")], "a typed table in RESULTS.md"

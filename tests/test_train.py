@@ -148,6 +148,12 @@ def test_distill_stage_smoke(tmp_path, teacher_dir, fast_load, capsys):
     conf = json.load(open(cold / "merge" / "adapter_config.json"))
     assert conf["r"] == 4 * 3 and conf["lora_alpha"] == 8 * 3  # exact mean dW of 3 routed rank-4 teachers
     assert (students / "merge" / "adapter" / "adapter_model.safetensors").exists()
+    scores = json.load(open(students / "merge" / "scores.json"))   # the printed table, as a results file
+    assert list(scores["rows"]) == ["cold start (merge)", "teacher/geneval", "teacher/ocr", "teacher/pickscore",
+                                    "flow_opd/merge"]
+    assert scores["models"]["flow_opd/merge"] == provenance.weights_sha256(str(students / "merge" / "adapter"))
+    assert scores["paired"]["avg"]["mean"] == pytest.approx(
+        scores["rows"]["flow_opd/merge"]["avg"] - scores["rows"]["cold start (merge)"]["avg"], abs=1e-9)
     rows = _jsonl(students / "merge" / "train_log.jsonl")
     assert [r["iter"] for r in rows] == [0, 1]
     for r in rows:

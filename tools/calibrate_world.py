@@ -6,14 +6,17 @@ own ODE samples of the same prompts; the mean reward, and the share of rewards t
 uniform pixel noise. The numbers are in world/judges.py's docstring; tests/test_rewards.py holds the targets
 (ground truth >= 0.97 per sub-task, < 1% flips).
 
-    python -m tools.calibrate_world --n 60 [--model checkpoints/base]
-    python -m tools.calibrate_world --n 60 --styles     (what each web style costs the rewards, toy_world.WEB_STYLES)
+    python -m tools.calibrate_world --n 60 [--model checkpoints/base] [--out results/calibration.json]
+    python -m tools.calibrate_world --n 60 --styles --out results/style_costs.json
+                                              (what each web style costs the rewards, toy_world.WEB_STYLES)
 """
 import numpy as np
 import torch
 
 from rewards import REWARDS
 from support.config import parse_args
+from support.metrics import write_json
+from support.provenance import this_command
 from support.resolve import load_model
 from support.rollouts import sample_images
 from world import renderer, styles, toy_world
@@ -84,10 +87,16 @@ def main(argv=None):
     def flags(group):
         group.add_argument("--n", type=int, default=60, help="images per GenEval sub-task and for OCR")
         group.add_argument("--styles", action="store_true", help="what each web style costs the rewards, instead")
+        group.add_argument("--out", default="", help="also write the numbers here as JSON (with the command)")
     cfg, args = parse_args(argv, __doc__, flags)
     model = load_model(cfg)
+
+    def save(obj):   # --out: the printed numbers as JSON, for the README's tables (tools/doc_tables.py)
+        if args.out:
+            write_json(args.out, {"command": this_command(), **obj})
     if args.styles:
         costs = style_costs(model, args.n, cfg.seed)
+        save({"styles": costs})
         print("| stratum | clean | web style | blurred | deqa clean | deqa web | deqa blurred | web style detected |")
         print("|---|---|---|---|---|---|---|---|")
         for s, c in costs.items():
@@ -96,6 +105,7 @@ def main(argv=None):
         return
     truth, drawn = (reward_calibration(model, args.n, cfg.seed, samples, cfg.eval_steps, cfg.guidance_scale)
                     for samples in (False, True))
+    save({"ground_truth": truth, "samples": drawn})
     print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
     print("|---|---|---|---|---|")
     for s in truth:

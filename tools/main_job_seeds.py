@@ -5,7 +5,7 @@ The main job over three evaluation-and-training seeds, paired: after
     python train.py --stage distill --seed S --name merge_seedS      (S = 1, 2)
 
 every row's scores are cached in its adapter folder (eval.json, 30 prompts per task x 2 images, noise seed S).
-This prints, per seed and as mean ± se over seeds, the student minus its cold start, minus each routed
+This prints, per seed (± paired se) and as the mean over seeds ± its t-based 95% interval, the student minus its cold start, minus each routed
 teacher on that teacher's reward, minus the 3-seed tables' GRPO-Mix and Flow-OPD students
 (results/seed<S>.json, same prompts and noise), and the geneval teacher minus the base; it writes
 results/main_job_3seeds.json.
@@ -50,15 +50,12 @@ def comparisons(seed):
 def main():
     per_seed = {s: {name: metrics.paired_difference(a, b)[m] for name, (a, b, m) in comparisons(s).items()}
                 for s in SEEDS}
-    print("| | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean ± se over seeds |")
+    print("| | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean ± t-based 95% interval over seeds |")
     print("|---|" + "---|" * (len(SEEDS) + 1))
     out = {}
     for name in per_seed[SEEDS[0]]:
-        xs = [per_seed[s][name] for s in SEEDS]
-        mean = sum(x["mean"] for x in xs) / len(xs)
-        se = (sum((x["mean"] - mean) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
-        out[name] = {"per_seed": xs, "mean": mean, "se": se}
-        cells = [f"{x['mean']:+.3f} ± {x['se']:.3f}" for x in xs] + [f"{mean:+.3f} ± {se:.3f}"]
+        out[name] = row = metrics.over_seeds([per_seed[s][name] for s in SEEDS])
+        cells = [f"{x['mean']:+.3f} ± {x['se']:.3f}" for x in row["per_seed"]] + [f"{row['mean']:+.3f} ± {row['ci95']:.3f}"]
         print(f"| {name} | " + " | ".join(cells) + " |")
     with open("results/main_job_3seeds.json", "w") as f:
         json.dump(out, f, indent=1)

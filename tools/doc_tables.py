@@ -1,0 +1,269 @@
+"""
+`python -m tools.doc_tables [--check]`: the tables of README.md, results/RESULTS.md and exercises/ANSWERS.md,
+written from results/*.json. A generated table sits between a line `<!-- table NAME -->` and a line
+`<!-- /table -->`; this rewrites what lies between them with TABLES[NAME](); --check only says which differ
+(exit 1), as tests/test_docs.py does, so a table in the docs can never drift from the results it quotes.
+
+Statistics: a cell over seeds is the mean ± the half-width of its t-based 95% interval with n - 1 degrees of
+freedom (support/metrics.t_ci95; 4.30 se for three seeds); a claim is a paired difference per seed (same
+prompts and noise, metrics.paired_difference), then over seeds (metrics.over_seeds), and its verdict is read
+off that interval: "holds" when it excludes 0 on the claimed side, "reversed" on the other, else "not settled".
+"""
+import functools
+import glob
+import json
+import os
+import re
+
+from support.config import parse_args
+from support.metrics import over_seeds, paired_difference, table_markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ("README.md", os.path.join("results", "RESULTS.md"), os.path.join("exercises", "ANSWERS.md"))
+BLOCK = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def results(name):
+    return json.load(open(os.path.join(ROOT, "results", name)))
+
+
+def seed_runs():
+    """{seed: results/seed<S>.json} for every seed present."""
+    paths = sorted(glob.glob(os.path.join(ROOT, "results", "seed*.json")))
+    return {int(os.path.basename(p)[4:-5]): json.load(open(p)) for p in paths}
+
+
+def _rows(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                     ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+# ------------------------------------------------------------------------------------------ the judges
+def judges_deqa():
+    images = results("judges.json")["images"]["deqa"]
+    names = [k for k in images if not k.endswith(", red/blue")]
+    cell = lambda k: f"{images[k]['before']:.2f} → {images[k]['after']:.2f}" if k in images else "(a world scene)"
+    return _rows(["pattern", "black/white: deqa before → after", "red/blue: before → after"],
+                 [(k, cell(k), cell(f"{k}, red/blue")) for k in names])
+
+
+def judges_geneval():
+    images = results("judges.json")["images"]["geneval"]
+    found = lambda r: f"{r['found'][0] or 'no shape'}, {r['score']:.2f}"
+    return _rows(["blob", "scored for", "before: found, geneval", "after: found, geneval"],
+                 [(k, v["prompt"], found(v["before"]), found(v["after"])) for k, v in images.items()])
+
+
+def judges_models():
+    j = results("judges.json")
+    m, arrow = j["models"], lambda r, k, f=".3f": f"{r[k]['before']:{f}} → {r[k]['after']:{f}}"
+    return _rows(["committed model (before the retrain)", "geneval", "geneval strict", "deqa on composition", "blobs of no shape",
+                  "samples with a pattern"],
+                 [(row, arrow(r, "geneval"), arrow(r, "strict"), arrow(r, "deqa/geneval", ".2f"),
+                   f"{j['no_shape_share'][row]:.3f}", f"{j['pattern_share'][row]:.3f}") for row, r in m.items()])
+
+
+def judges_retrain():
+    r = results("judges.json")["geneval_retrain"]
+    cols = r["columns"]
+    fmt = lambda col, x: f"{x:.2f}" if col.startswith("deqa") else f"{x:.3f}"
+    return _rows(["noise seed", "geneval teacher"] + cols, [(s, row, *(fmt(c, x) for c, x in zip(cols, v)))
+                                                            for s in ("0", "1") for row, v in r[s].items()])
+
+
+def calibration():
+    c = results("calibration.json")
+    return _rows(["stratum", "ground truth through the AE", "flipped by ±2/255", "model samples", "flipped by ±2/255"],
+                 [(k, f"{v['reward']:.3f}", f"{v['flip']:.1%}", f"{c['samples'][k]['reward']:.3f}",
+                   f"{c['samples'][k]['flip']:.1%}") for k, v in c["ground_truth"].items()])
+
+
+def style_costs():
+    c = results("style_costs.json")["styles"]
+    keys = ("clean", "web", "blurred", "deqa/clean", "deqa/web", "deqa/blurred", "web_detected")
+    return _rows(["stratum", "clean", "web style", "blurred", "deqa clean", "deqa web", "deqa blurred",
+                  "web style detected"], [(k, *(f"{v[x]:.2f}" for x in keys)) for k, v in c.items()])
+
+
+def base_scores():
+    """The base's row of main.json, one metric a line (only the evaluation noise varies over its seeds)."""
+    m = results("main.json")["rows"]["base"]
+    keys = ["geneval_acc"] + [f"geneval_acc/{t}" for t in TAGS] + ["geneval", "ocr", "pickscore", "deqa", "avg",
+                                                                     "web/geneval", "web/ocr", "web/pickscore", "blurred"]
+    return _rows(["metric", "base (mean ± t 95% over noise seeds)", "seeds"],
+                 [(k, f"{m[k]['mean']:.3f} ± {m[k]['ci95']:.3f}", m[k]["n"]) for k in keys if k in m])
+
+
+# ------------------------------------------------------------------------------------ the paper's tables
+def main_table():
+    return table_markdown(results("main.json"))
+
+
+def ood_table():
+    table = results("ood.json")
+    cats = [k for k in next(iter(table["rows"].values())) if not k.startswith("se/")]
+    return table_markdown(table, metrics=tuple(cats))
+
+
+def per_tag():
+    return table_markdown(results("main.json"), metrics=tuple(f"geneval_acc/{t}" for t in TAGS))
+
+
+def styles():
+    return table_markdown(results("main.json"), metrics=("web/geneval", "web/ocr", "web/pickscore", "blurred"))
+
+
+# Claims: (what, row a, row b, metric, sign the claim expects). a - b, paired on the same prompts and noise.
+CLAIMS = [
+    ("Flow-OPD beats GRPO-Mix", "flow_opd/merge", "grpo_mix", "avg", +1),
+    ("Flow-OPD beats its cold start", "flow_opd/merge", "cold_start/merge", "avg", +1),
+    ("MAR raises quality", "flow_opd/merge", "flow_opd/merge_no_mar", "deqa", +1),
+    ("MAR costs nothing on avg", "flow_opd/merge", "flow_opd/merge_no_mar", "avg", 0),
+    ("merge is the better cold start", "cold_start/merge", "cold_start/sft", "avg", +1),
+    ("merge is the better start after Flow-OPD", "flow_opd/merge", "flow_opd/sft", "avg", +1),
+    ("the student is level with the geneval teacher on its reward", "flow_opd/merge", "teacher/geneval",
+     "geneval_acc", 0),
+    ("the student is level with the ocr teacher on its reward", "flow_opd/merge", "teacher/ocr", "ocr", 0),
+    ("the student is level with the pickscore teacher on its reward", "flow_opd/merge", "teacher/pickscore",
+     "pickscore", 0),
+    ("the student beats the geneval teacher on avg", "flow_opd/merge", "teacher/geneval", "avg", +1),
+    ("the student beats the ocr teacher on avg", "flow_opd/merge", "teacher/ocr", "avg", +1),
+    ("the student beats the pickscore teacher on avg", "flow_opd/merge", "teacher/pickscore", "avg", +1),
+]
+ABLATIONS = [("logratio estimator", "flow_opd/merge_logratio", "flow_opd/merge", "avg", +1),
+             ("released estimator", "flow_opd/merge_released", "flow_opd/merge", "avg", +1),
+             ("A/B-averaged merge (student)", "flow_opd/merge_average", "flow_opd/merge", "avg", +1),
+             ("A/B-averaged merge (cold start)", "cold_start/merge_average", "cold_start/merge", "avg", +1)]
+
+
+def claim(a, b, metric, runs=None):
+    """over_seeds of a - b on metric, over every seed that has both rows."""
+    runs = runs if runs is not None else seed_runs()
+    diffs = [paired_difference(r["main"][a], r["main"][b])[metric] for r in runs.values()
+             if a in r["main"] and b in r["main"]]
+    return over_seeds(diffs)
+
+
+def verdict(c, sign):
+    """What the interval says of a claim that a - b has the sign `sign` (0: that they are level)."""
+    lo, hi = c["mean"] - c["ci95"], c["mean"] + c["ci95"]
+    if c["n"] < 2:
+        return "one seed: no interval"
+    if lo <= 0 <= hi:
+        return "level within the interval" if sign == 0 else "not settled"
+    side = "+" if lo > 0 else "−"
+    return f"differs ({side})" if sign == 0 else ("holds" if (lo > 0) == (sign > 0) else "reversed")
+
+
+def _claims(claims):
+    runs, out = seed_runs(), []
+    for what, a, b, metric, sign in claims:
+        c = claim(a, b, metric, runs)
+        per = ", ".join(f"{d['mean']:+.3f} ± {d['se']:.3f}" for d in c["per_seed"])
+        out.append((what, f"{a} − {b}", metric, per, f"**{c['mean']:+.3f} ± {c['ci95']:.3f}**",
+                    f"{c['pooled_se']:.3f}", c["n"], verdict(c, sign)))
+    return _rows(["claim", "difference", "metric", "per seed (± paired se)", "mean ± t 95%", "pooled se", "seeds",
+                  "verdict"], out)
+
+
+def headline():
+    """The main claims as a list: what, the difference, its interval and verdict."""
+    runs, out = seed_runs(), []
+    for what, a, b, metric, sign in CLAIMS[:6]:
+        c = claim(a, b, metric, runs)
+        out.append(f"- {what}: {a} − {b} on {metric} {c['mean']:+.3f} ± {c['ci95']:.3f} ({c['n']} seeds): "
+                   f"{verdict(c, sign)}.")
+    return "\n".join(out)
+
+
+def claims():
+    return _claims(CLAIMS)
+
+
+def ablations():
+    return _claims(ABLATIONS)
+
+
+def estimator_step():
+    rows = results("estimator_step.json")["rows"]
+    out = []
+    for est, steps in rows.items():
+        kls = " → ".join(f"{e['kl']:.2f}" for e in steps)
+        cos = [e["cos_with_pathwise"] for e in steps]
+        ratio = [e["norm_ratio_to_pathwise"] for e in steps]
+        out.append((est, kls, f"{min(cos):.2f}–{max(cos):.2f}", f"{min(ratio):.2f}–{max(ratio):.2f}"))
+    return _rows(["estimator", "step KL after each AdamW step", "cosine with pathwise", "norm / pathwise"], out)
+
+
+def minutes():
+    runs = seed_runs()
+    rows = list(dict.fromkeys(r for run in runs.values() for r in run.get("minutes", {})))   # first-seen order
+    return _rows(["stage"] + [f"seed {s}" for s in runs],
+                 [(r, *(f"{run['minutes'][r]:.1f}" if r in run.get("minutes", {}) else "" for run in runs.values()))
+                  for r in rows])
+
+
+# Exercise answers (exercises/ANSWERS.md) that the 3-seed tables answer: (what, a, b, metric, sign) as CLAIMS.
+ANSWERS = {
+    "answer_mar": [("MAR on, minus off: quality", "flow_opd/merge", "flow_opd/merge_no_mar", "deqa", 0),
+                   ("MAR on, minus off: avg", "flow_opd/merge", "flow_opd/merge_no_mar", "avg", 0)],
+    "answer_merge_average": [
+        ("A/B averaging minus exact ΔW: cold start", "cold_start/merge_average", "cold_start/merge", "avg", 0),
+        ("A/B averaging minus exact ΔW: student", "flow_opd/merge_average", "flow_opd/merge", "avg", 0),
+        ("distillation's gain from the A/B start", "flow_opd/merge_average", "cold_start/merge_average", "avg", +1),
+        ("distillation's gain from the exact merge", "flow_opd/merge", "cold_start/merge", "avg", +1)],
+    "answer_estimators": [("released minus pathwise", "flow_opd/merge_released", "flow_opd/merge", "avg", 0),
+                          ("logratio minus pathwise", "flow_opd/merge_logratio", "flow_opd/merge", "avg", 0)],
+    "answer_cold_starts": [("merge minus SFT, cold starts", "cold_start/merge", "cold_start/sft", "avg", 0),
+                           ("merge minus SFT, after Flow-OPD", "flow_opd/merge", "flow_opd/sft", "avg", 0),
+                           ("distillation's gain from the merge", "flow_opd/merge", "cold_start/merge", "avg", +1),
+                           ("distillation's gain from SFT", "flow_opd/sft", "cold_start/sft", "avg", +1)],
+}
+
+
+def main_job():
+    j = results("main_job.json")
+    metrics = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
+    fmt = lambda m, k, sign="": (f"{m[k]:{sign}.2f}" if k == "deqa" else f"{m[k]:{sign}.3f} ± {m['se/' + k]:.3f}")
+    rows = [(row, *(fmt(m, k) for k in metrics)) for row, m in j["rows"].items()]
+    d = j["paired"]
+    rows.append(("student − cold start (paired)", *(f"{d[k]['mean']:+.2f}" if k == "deqa" else
+                                                      f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in metrics)))
+    return _rows(["model"] + ["deqa (1–5)" if k == "deqa" else k for k in metrics], rows)
+
+
+TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
+                                  base_scores, main_table, ood_table, per_tag, styles, claims, headline, ablations, main_job,
+                                  estimator_step, minutes)}
+TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()})
+
+
+def render(text):
+    """text with every generated table rewritten; an unknown table name is an error that lists the known ones."""
+    def one(m):
+        if m.group(2) not in TABLES:
+            raise KeyError(f"no table {m.group(2)!r} in tools/doc_tables.py (known: {', '.join(TABLES)})")
+        return m.group(1) + TABLES[m.group(2)]() + "\n" + m.group(4)
+    return BLOCK.sub(one, text)
+
+
+def main(argv=None):
+    _, args = parse_args(argv, __doc__, lambda g: g.add_argument(
+        "--check", action="store_true", help="only say which documents differ (exit 1), write nothing"))
+    check, stale = args.check, []
+    for doc in DOCS:
+        path = os.path.join(ROOT, doc)
+        text = open(path).read()
+        new = render(text)
+        if new != text:
+            stale.append(doc)
+            if not check:
+                open(path, "w").write(new)
+    print(("stale: " if check else "rewrote: ") + (", ".join(stale) or "nothing"))
+    if check and stale:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
