@@ -338,8 +338,9 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
         print(format_paired("student - cold start", paired))
         models = {r: source(f)["sha256"] for r, f in zip(rows, [os.path.join(cfg.cold_start_dir, cfg.cold_start)] +
                                                           [sources[t] for t in teachers.values()] + [adapter])}
-        write_json(os.path.join(path, "scores.json"), {"command": this_command(), "rows": {
-            r: scalars(m) for r, m in rows.items()}, "paired": paired, "models": models})
+        write_json(os.path.join(path, "scores.json"), {"command": this_command(), "minutes": (time.time() - t0) / 60,
+                                                       "rows": {r: scalars(m) for r, m in rows.items()},
+                                                       "paired": paired, "models": models})
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 

@@ -2,8 +2,7 @@
 The models Flow-OPD acts on, behind one velocity call v(x_t, t, prompts) with classifier-free guidance.
 
 Two backends share the `T2IModel` interface (encode prompts, velocity, decode latents, LoRA adapters):
-  * the miniature world's model (`build_world_model`, `load_world_model`; its architecture is in
-    world/model.py), saved in the real diffusers and transformers formats;
+  * the miniature world's model (`build_world_model`, `load_world_model`; world/model.py), in real formats;
   * Stable Diffusion 3.5 Medium from a local folder or hub id (`load_sd3`), through diffusers'
     `StableDiffusion3Pipeline` (its three text encoders, VAE and transformer). The frozen text encoders may
     live on another device than the transformer (the CPU, to save ~11 GB of GPU memory); T5 is cut at 128
@@ -248,7 +247,8 @@ def build_world_model(cfg=None, seed=0):
 def load_world_model(path, device="cpu"):
     """A saved world model in fp32, frozen, on `device`; model.source = path (its provenance and cache key)."""
     model = T2IModel(*world_model.load(path)).to(device).requires_grad_(False).eval()
-    return setattr(model, "source", path) or model
+    model.source = path
+    return model
 
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_device=None, max_sequence_length=128):

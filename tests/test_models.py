@@ -4,6 +4,7 @@ model's zero-initialised output and save/load round trip in the real formats, Wo
 on one backbone through diffusers' PEFT integration. Everything is built from configs in code (no download).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_models.py
 """
+import json
 import os
 import re
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import ROOT
 from support import models
 import tiny_sd3
 from support.models import LORA_TARGETS, T2IModel, build_world_model, load_sd3, load_world_model
@@ -285,3 +287,20 @@ def test_lora_adapters_on_one_backbone():
 def test_load_model_names_a_missing_world_base_instead_of_trying_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="tools.pretrain_world"):
         models.load_model(str(tmp_path / "base"))
+
+
+@pytest.mark.parametrize("folder", ["base", "teachers/geneval", "teachers/ocr", "teachers/pickscore", "teachers/deqa",
+                                    "cold_start/merge"])
+def test_every_committed_model_says_how_it_was_made(folder):
+    """provenance.json beside each committed model: how it was made, from which weights (by sha256, each one
+    a committed model's), and its scores under the main protocol; its weights_sha256 is the weights' own."""
+    from support import provenance
+    path = os.path.join(ROOT, "checkpoints", folder)
+    made = json.load(open(os.path.join(path, "provenance.json")))
+    assert made["weights_sha256"] == provenance.weights_sha256(path)
+    assert "python " in made["command"]
+    assert isinstance(made["seed"], int) and made["iterations"] >= 0 and made["commit"]
+    for name, src in made["built_from"].items():
+        if folder != "base":   # the base was continued from a first-world base that is not committed
+            assert src["sha256"] == provenance.weights_sha256(os.path.join(ROOT, src["path"])), name
+    assert 0 <= made["scores"]["avg"] <= 1 and made["protocol"]["seed"] == 0

@@ -131,10 +131,10 @@ CLAIMS = [
     ("the student beats the ocr teacher on avg", "flow_opd/merge", "teacher/ocr", "avg", +1),
     ("the student beats the pickscore teacher on avg", "flow_opd/merge", "teacher/pickscore", "avg", +1),
 ]
-ABLATIONS = [("logratio estimator", "flow_opd/merge_logratio", "flow_opd/merge", "avg", +1),
-             ("released estimator", "flow_opd/merge_released", "flow_opd/merge", "avg", +1),
-             ("A/B-averaged merge (student)", "flow_opd/merge_average", "flow_opd/merge", "avg", +1),
-             ("A/B-averaged merge (cold start)", "cold_start/merge_average", "cold_start/merge", "avg", +1)]
+ABLATIONS = [("logratio estimator", "flow_opd/merge_logratio", "flow_opd/merge", "avg", 0),
+             ("released estimator", "flow_opd/merge_released", "flow_opd/merge", "avg", 0),
+             ("A/B-averaged merge (student)", "flow_opd/merge_average", "flow_opd/merge", "avg", 0),
+             ("A/B-averaged merge (cold start)", "cold_start/merge_average", "cold_start/merge", "avg", 0)]
 
 
 def claim(a, b, metric, runs=None):
@@ -222,6 +222,26 @@ ANSWERS = {
 }
 
 
+def answer_seesaw():
+    """Exercise 8: the deqa teacher minus the base on every task (results/exercises/seesaw.json)."""
+    t = results(os.path.join("exercises", "seesaw.json"))
+    d, rows = t["paired"]["deqa"][0], t["rows"]
+    keys = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
+    share = ("web/geneval", "web/ocr", "web/pickscore", "blurred")
+    return (_rows(["deqa teacher − base (paired)"] + list(keys), [("mean ± se", *(
+        f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys))]) + "\n\n" +
+            _rows(["style share"] + list(share), [(r, *(f"{rows[r][k]['mean']:.2f}" for k in share))
+                                                  for r in ("base", "deqa")]))
+
+
+def answer_snr():
+    """Exercise 9: the signal share kappa of one GRPO gradient per reward (results/exercises/grpo_snr.json)."""
+    rows = results(os.path.join("exercises", "grpo_snr.json"))["rows"]
+    return _rows(["reward", "kappa ± se", "batches for SNR 1", "batches measured", "seconds per batch"],
+                 [(k, f"{r['kappa']:.3f} ± {r['se']:.3f}", f"{r['batches_for_snr1']:.0f}", r["batches"],
+                   f"{r['seconds_per_batch']:.1f}") for k, r in rows.items()])
+
+
 def main_job():
     j = results("main_job.json")
     metrics = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
@@ -230,12 +250,13 @@ def main_job():
     d = j["paired"]
     rows.append(("student − cold start (paired)", *(f"{d[k]['mean']:+.2f}" if k == "deqa" else
                                                       f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in metrics)))
-    return _rows(["model"] + ["deqa (1–5)" if k == "deqa" else k for k in metrics], rows)
+    return (_rows(["model"] + ["deqa (1–5)" if k == "deqa" else k for k in metrics], rows) +
+            f"\n\n`{j['command']}`: {j['minutes']:.1f} min from start to the student's scores.")
 
 
 TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
                                   base_scores, main_table, ood_table, per_tag, styles, claims, headline, ablations, main_job,
-                                  estimator_step, minutes)}
+                                  estimator_step, minutes, answer_seesaw, answer_snr)}
 TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()})
 
 
