@@ -6,7 +6,7 @@
 # a teacher already saved is skipped.
 # The committed geneval teacher is seed 0's checkpoint-100 of this run (results/RESULTS.md, "Closing the gap": the three
 # seeds' scores peak at 100 iterations); GENEVAL_ITERS=100 trains it directly.
-#   BASE=checkpoints/base OUT=runs/teachers RESULTS=results/teachers bash tools/teachers_3seeds.sh
+#   BASE=checkpoints/base OUT=runs/teachers RESULTS=results/teachers bash tools/teachers_3seeds.sh   (its results of commit dd4277d: results/HISTORY.md)
 set -euo pipefail
 BASE=${BASE:-checkpoints/base}
 OUT=${OUT:-runs/teachers}
