@@ -242,6 +242,18 @@ def answer_snr():
                    f"{r['seconds_per_batch']:.1f}") for k, r in rows.items()])
 
 
+def _against_hard(name):
+    """Exercises 5 and 6: a variant student minus the hard-routed default student of the same seed, paired
+    (results/exercises/<name>.json: {seed: {"variant": evaluation, "hard": evaluation}})."""
+    runs = results(os.path.join("exercises", f"{name}.json"))
+    keys = ("geneval_acc", "geneval", "ocr", "pickscore", "avg")
+    per = {seed: paired_difference(r["variant"], r["hard"]) for seed, r in runs.items()}
+    rows = [(f"seed {seed}", *(f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys)) for seed, d in per.items()]
+    over = {k: over_seeds([d[k] for d in per.values()]) for k in keys}
+    rows.append((f"over {len(per)} seeds (t 95%)", *(f"**{over[k]['mean']:+.3f} ± {over[k]['ci95']:.3f}**" for k in keys)))
+    return _rows(["variant − hard default (paired)"] + list(keys), rows)
+
+
 def main_job():
     j = results("main_job.json")
     metrics = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
@@ -257,6 +269,8 @@ def main_job():
 TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
                                   base_scores, main_table, ood_table, per_tag, styles, claims, headline, ablations, main_job,
                                   estimator_step, minutes, answer_seesaw, answer_snr)}
+TABLES.update({"answer_routing": functools.partial(_against_hard, "routing"),
+               "answer_noise": functools.partial(_against_hard, "noise")})
 TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()})
 
 
