@@ -65,8 +65,7 @@ def judges_models():
 
 
 def judges_retrain():
-    r = results("judges.json")["geneval_retrain"]
-    cols = r["columns"]
+    r, cols = results("judges.json")["geneval_retrain"], results("judges.json")["geneval_retrain"]["columns"]
     fmt = lambda col, x: f"{x:.2f}" if col.startswith("deqa") else f"{x:.3f}"
     return _rows(["noise seed", "geneval teacher"] + cols, [(s, row, *(fmt(c, x) for c, x in zip(cols, v)))
                                                             for s in ("0", "1") for row, v in r[s].items()])
@@ -177,14 +176,6 @@ def headline():
     return "\n".join(out)
 
 
-def claims():
-    return _claims(CLAIMS)
-
-
-def ablations():
-    return _claims(ABLATIONS)
-
-
 def estimator_step():
     rows = results("estimator_step.json")["rows"]
     out = []
@@ -267,11 +258,12 @@ def main_job():
 
 
 TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
-                                  base_scores, main_table, ood_table, per_tag, styles, claims, headline, ablations, main_job,
+                                  base_scores, main_table, ood_table, per_tag, styles, headline, main_job,
                                   estimator_step, minutes, answer_seesaw, answer_snr)}
 TABLES.update({"answer_routing": functools.partial(_against_hard, "routing"),
                "answer_noise": functools.partial(_against_hard, "noise")})
-TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()})
+TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()},
+              claims=functools.partial(_claims, CLAIMS), ablations=functools.partial(_claims, ABLATIONS))
 
 
 def render(text):
