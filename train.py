@@ -47,7 +47,7 @@ from support import checkpoint, distributed
 from support.config import describe, parse_config
 from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars, write_json
 from support.provenance import made_here, source, stamp, this_command, weights_sha256
-from support.resolve import eval_settings, load_model, probe_settings, prompt_pool, reward_registry
+from support.resolve import eval_settings, load_model, main_protocol, probe_settings, prompt_pool, reward_registry
 from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
                               sample_rollouts, trainable, trained_steps)
 from support.teachers import (TEACHER_TASKS, load_teachers, new_grpo_lora, reward_weights, rewards_for,
@@ -154,7 +154,8 @@ def stage_teachers(cfg, names=None):
             print(f"[{name}] saved {path} after {minutes:.1f} min")
             if cfg.eval_at_end and not cfg.prompts:
                 scores = evaluate_cached(model, name, path, **eval_settings(cfg))
-                stamp(path, scores=scalars(scores), protocol=eval_settings(cfg))
+                if main_protocol(eval_settings(cfg)):
+                    stamp(path, scores=scalars(scores), protocol=eval_settings(cfg))
                 print(format_metrics(name, scores))
         distributed.barrier()
 
@@ -177,7 +178,7 @@ def stage_distill(cfg):
     pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
     kw, evaluating = student_evaluation(cfg, rewards_fns, rank)
     cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None  # says how long it takes
-    if cold is not None and "records" not in kw and "rewards" not in kw:   # the main protocol's scores
+    if cold is not None and main_protocol(kw):   # the scores its provenance carries
         stamp(cold_path, scores=scalars(cold), protocol=kw)
     model.adapter("student")
     params = trainable(model, "student")
@@ -330,7 +331,7 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
                 evaluate_cached(model, teacher, folder, **kw)
         # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
         rows[f"flow_opd/{os.path.basename(path)}"] = student = evaluate_cached(model, "student", adapter, **kw)
-        if "records" not in kw and "rewards" not in kw:
+        if main_protocol(kw):
             stamp(adapter, scores=scalars(student), protocol=kw)
         paired = paired_difference(student, cold)   # same prompts and noise
         for row, scores in rows.items():

@@ -10,6 +10,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 
 from rewards import REWARDS
 from support import models, prompts, reward_backends
+from support.config import Config
 from support.hub import ModelUnavailableError, hub_advice
 from world import toy_world
 
@@ -87,6 +88,13 @@ def eval_settings(cfg):
     """eval.evaluate's settings from the flags (the same on the world's prompts and --eval_prompts files)."""
     return dict(prompts_per_task=cfg.eval_prompts_per_task, images_per_prompt=cfg.eval_images_per_prompt,
                 steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale, seed=cfg.seed, batch_size=cfg.eval_batch)
+
+
+def main_protocol(kw):
+    """Whether evaluate() settings kw are the main protocol (every default, noise seed 0, the world's prompts and
+    rewards): the scores a model folder's provenance.json carries. batch_size does not change scores."""
+    same = {k: v for k, v in eval_settings(Config()).items() if k != "batch_size"}
+    return {k: v for k, v in kw.items() if k != "batch_size"} == {**same, "seed": 0}
 
 
 # ---------------------------------------------------------------- a LoRA in either format (infer, eval)

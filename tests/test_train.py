@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sde_sampler import gaussian_logprob, sde_step
 from support import models, provenance, rollouts, teachers
 from support.config import Config
-from support.resolve import prompt_pool
+from support.resolve import eval_settings, main_protocol, prompt_pool
 from world import toy_world
 from helpers import ROOT, TINY, load_base as _load_base, read_jsonl as _jsonl
 from tiny_sd3 import save_random_loras
@@ -97,7 +97,8 @@ def test_teachers_stage_smoke(tmp_path, fast_load, capsys):
     assert made["weights_sha256"] == provenance.weights_sha256(str(folder)) and made["seed"] == 0
     assert made["iterations"] == 2 and made["command"].startswith("python ") and made["commit"]   # this process
     assert made["built_from"]["base"]["sha256"] == provenance.weights_sha256(made["built_from"]["base"]["path"])
-    assert 0 <= made["scores"]["pickscore"] <= 1 and made["protocol"]["steps"] > 0
+    assert "scores" not in made   # its tiny evaluation is not the main protocol (resolve.main_protocol)
+    assert main_protocol(eval_settings(Config())) and not main_protocol({**eval_settings(Config()), "seed": 1})
 
     capsys.readouterr()
     mtime = os.path.getmtime(folder / "adapter_model.safetensors")

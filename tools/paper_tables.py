@@ -28,7 +28,7 @@ from support import figures, models
 from support.config import parse_args
 from support.metrics import format_metrics, read_jsonl, scalars, table_markdown, write_json, write_table
 from support.provenance import stamp, weights_sha256
-from support.resolve import eval_settings, ood_settings
+from support.resolve import eval_settings, main_protocol, ood_settings
 from support.rollouts import sample_images
 from train import stage_distill, stage_teachers
 from world import compbench, toy_world
@@ -107,7 +107,7 @@ def evaluate_rows(cfg, rows, timings):
         cache = folder or os.path.join(cfg.runs_dir, "base_eval")
         main[row] = evaluate_cached(model, adapter, cache, **kw)
         ood[row] = evaluate_cached(model, adapter, cache, fn=evaluate_ood, **ood_kw)
-        if cfg.seed == 0 and kw["seed"] == 0:   # the main protocol's noise: the scores the model folder carries
+        if main_protocol(kw):   # the scores the model folder's provenance carries
             stamp(folder or cfg.base, scores=scalars(main[row]), protocol=kw)
         print(format_metrics(row, main[row]))
     weights = {row: weights_sha256(folder or cfg.base) for row, folder in rows.items()}
