@@ -153,9 +153,10 @@ def stage_teachers(cfg, names=None):
             log(stage=name, minutes=minutes, processes=world)
             print(f"[{name}] saved {path} after {minutes:.1f} min")
             if cfg.eval_at_end and not cfg.prompts:
-                scores = evaluate_cached(model, name, path, **eval_settings(cfg))
-                if main_protocol(eval_settings(cfg)):
-                    stamp(path, scores=scalars(scores), protocol=eval_settings(cfg))
+                kw = eval_settings(cfg)
+                scores = evaluate_cached(model, name, path, **kw)
+                if main_protocol(kw):
+                    stamp(path, scores=scalars(scores), protocol=kw)
                 print(format_metrics(name, scores))
         distributed.barrier()
 
@@ -315,33 +316,32 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
     """Save the student in PEFT and diffusers LoRA formats, stamped with what it was made from (sources: the
     teachers' and anchor's, load_teachers); print its scores beside the cold start's and the teachers'. The
     caller swaps in the EMA weights first, if any."""
-    adapter = os.path.join(path, "adapter")
+    adapter, cold_path = os.path.join(path, "adapter"), os.path.join(cfg.cold_start_dir, cfg.cold_start)
     model.save_adapter("student", adapter)
     stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
-        "base": source(cfg.base), "cold_start": source(os.path.join(cfg.cold_start_dir, cfg.cold_start)),
-        **{n: source(spec) for n, spec in sources.items()}}))
+        "base": source(cfg.base), "cold_start": source(cold_path), **{n: source(spec) for n, spec in sources.items()}}))
     checkpoint.export_lora(model, "student", os.path.join(path, "export"))
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
           f"{(time.time() - t0) / 60:.1f} min")
     if evaluating:
-        rows = {f"cold start ({cfg.cold_start})": cold}
+        rows, folders = {f"cold start ({cfg.cold_start})": cold}, {f"cold start ({cfg.cold_start})": cold_path}
         for teacher in teachers.values():
             folder = os.path.join(cfg.teacher_dir, teacher)
             rows[f"teacher/{teacher}"] = evaluate(model, teacher, **kw) if cfg.teacher else \
                 evaluate_cached(model, teacher, folder, **kw)
+            folders[f"teacher/{teacher}"] = sources[teacher]
         # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
-        rows[f"flow_opd/{os.path.basename(path)}"] = student = evaluate_cached(model, "student", adapter, **kw)
+        name = f"flow_opd/{os.path.basename(path)}"
+        rows[name], folders[name] = evaluate_cached(model, "student", adapter, **kw), adapter
         if main_protocol(kw):
-            stamp(adapter, scores=scalars(student), protocol=kw)
-        paired = paired_difference(student, cold)   # same prompts and noise
+            stamp(adapter, scores=scalars(rows[name]), protocol=kw)
+        paired = paired_difference(rows[name], cold)   # same prompts and noise
         for row, scores in rows.items():
             print(format_metrics(row, scores))
         print(format_paired("student - cold start", paired))
-        models = {r: source(f)["sha256"] for r, f in zip(rows, [os.path.join(cfg.cold_start_dir, cfg.cold_start)] +
-                                                          [sources[t] for t in teachers.values()] + [adapter])}
-        write_json(os.path.join(path, "scores.json"), {"command": this_command(), "minutes": (time.time() - t0) / 60,
-                                                       "rows": {r: scalars(m) for r, m in rows.items()},
-                                                       "paired": paired, "models": models})
+        write_json(os.path.join(path, "scores.json"), {
+            "command": this_command(), "minutes": (time.time() - t0) / 60, "rows": {r: scalars(m) for r, m in rows.items()},
+            "paired": paired, "models": {r: source(f)["sha256"] for r, f in folders.items()}})
     print(f"total {(time.time() - t0) / 60:.1f} min")
 
 

@@ -11,6 +11,8 @@ import shlex
 import subprocess
 import sys
 
+from support.metrics import write_json
+
 WEIGHT_FILES = ("adapter_model.safetensors", os.path.join("transformer", "diffusion_pytorch_model.safetensors"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +63,7 @@ def stamp(folder, **fields):
     path, sha = os.path.join(folder, "provenance.json"), weights_sha256(folder)
     old = json.load(open(path)) if os.path.isfile(path) else {}
     record = {**(old if old.get("weights_sha256") == sha else {}), **fields, "weights_sha256": sha}
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, record)
     return record
 
 

@@ -17,8 +17,8 @@ import re
 
 from support.config import parse_args
 from support.metrics import over_seeds, paired_difference, table_markdown
+from support.provenance import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", os.path.join("results", "RESULTS.md"), os.path.join("exercises", "ANSWERS.md"))
 BLOCK = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
