@@ -25,6 +25,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 DEFAULT_TASK_WEIGHTS = {"geneval": 3.0, "ocr": 1.0, "pickscore": 1.0}   # GRPO-Mix epoch ratio 3:1:1
+# A routed task that is no dataset (the deqa teacher routed as a fourth expert, tools/questions.py
+# teacher_count) draws its prompts from every dataset with the weight of one of the smaller tasks.
+QUALITY_TASK_WEIGHT = 1.0
 
 
 def route(tasks: Sequence[str], teachers: Dict[str, str]) -> List[str]:

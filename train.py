@@ -41,7 +41,7 @@ from eval import evaluate, evaluate_cached, log_probe
 from grpo import group_advantages, grpo_loss, zero_std_fraction
 from opd_loss import flow_opd_loss
 from rewards import REWARDS, combined_reward
-from router import DEFAULT_TASK_WEIGHTS, route, target_velocity
+from router import DEFAULT_TASK_WEIGHTS, QUALITY_TASK_WEIGHT, route, target_velocity
 from sde_sampler import gaussian_logprob
 from support import checkpoint, distributed
 from support.config import describe, parse_config
@@ -51,7 +51,7 @@ from support.resolve import eval_settings, load_model, main_protocol, probe_sett
 from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
                               sample_rollouts, trainable, trained_steps)
 from support.teachers import (TEACHER_TASKS, load_teachers, new_grpo_lora, reward_weights, rewards_for,
-                              rollout_styles)
+                              rollout_styles, routed_pool)
 
 
 # ------------------------------------------------------------------ stage 1: the Flow-GRPO teachers (§4)
@@ -176,7 +176,7 @@ def stage_distill(cfg):
     distributed.barrier()
     if rank > 0:  # the cold start is built once, by rank 0, and loaded by the others
         model.load_adapter(os.path.join(cfg.cold_start_dir, cfg.cold_start), "student")
-    pool, rewards_fns = prompt_pool(cfg.prompts, "train"), reward_registry(cfg)
+    pool, rewards_fns = routed_pool(prompt_pool(cfg.prompts, "train"), teachers), reward_registry(cfg)
     kw, evaluating = student_evaluation(cfg, rewards_fns, rank)
     cold = evaluate_cached(model, "student", cold_path, **kw) if evaluating else None  # says how long it takes
     if cold is not None and main_protocol(kw):   # the scores its provenance carries
@@ -191,7 +191,8 @@ def stage_distill(cfg):
     log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl"), fresh=start == 0) if rank == 0 else None
     per_iter = cfg.opd_prompts * cfg.opd_group * world  # images the student samples per iteration
     probe = {**kw, **probe_settings(cfg)}  # --eval_every: the avg-vs-images curve (kw: --eval_prompts, rewards)
-    weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers}
+    weights = {**{t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers},   # this order: sample_tasks'
+               **{t: QUALITY_TASK_WEIGHT for t in teachers if t not in DEFAULT_TASK_WEIGHTS}}
     if rank == 0:
         anchor_name = anchor or ("base" if cfg.mar_anchor == "base" else "none")
         print(f"distill {name}: teachers {teachers}, MAR anchor {anchor_name}, "
@@ -206,7 +207,7 @@ def stage_distill(cfg):
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
                                         anchor, cfg, loss_fn, gen, team=list(teachers.values()))
         optimizer_step(params, opt, ema)
-        metrics = {"kl": kl, "mar": mar}
+        metrics = {"kl": kl.pop("all"), **{f"kl/{t}": v for t, v in kl.items()}, "mar": mar}
         if cfg.log_rewards:
             rewards = combined_reward(images, records, {"task": 1.0}, rewards_fns)
             metrics.update({f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()
@@ -272,12 +273,13 @@ def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
     states (adapter switches on the one backbone, no grad), then the student's forward and the total loss
     L = L_OPD + λ·MAR (loss_fn: opd_loss.flow_opd_loss, maybe compiled) are backpropagated.
     team: every teacher adapter (soft routing mixes them all; default: those routed).
-    Returns the decoded images and the mean step KL and MAR terms."""
+    Returns the decoded images, the mean step KL ({"all": over every sample, TEACHER: over the samples routed
+    to it}, the signal that tells a teacher behaving unlike the others) and the mean MAR term."""
     team = team or sorted(set(routed))
     model.adapter("student")
     traj, images = sample_rollouts(model, records, cfg, gen)
     steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
-    kls, mars = [], []
+    kls, mars, by = [], [], []
     for mb in micro_steps(traj, steps, micro_batch_conds(model, records, cfg), cfg.micro_batch):
         with torch.no_grad(), amp(cfg):
             v_T = target_velocity(model, mb.x_t, mb.t, mb.conds, routed[mb.rows], team, cfg.soft_routing)
@@ -294,7 +296,10 @@ def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
         (loss * mb.scale).backward()
         kls.append(kl)
         mars.append(mar)
-    return images, torch.cat(kls).mean().item(), torch.stack(mars).mean().item()
+        by.extend(routed[mb.rows])   # the teacher of each KL entry
+    kls = torch.cat(kls)   # (samples x trained steps,)
+    per_teacher = {t: kls[[k for k, b in enumerate(by) if b == t]].mean().item() for t in sorted(set(by))}
+    return images, {"all": kls.mean().item(), **per_teacher}, torch.stack(mars).mean().item()
 
 
 def student_evaluation(cfg, rewards_fns, rank):

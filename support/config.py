@@ -77,7 +77,7 @@ class Config:
     resume_from_checkpoint: str = opt("", "latest, or the path of a checkpoint-N folder")
     checkpoints_total_limit: int = opt(0, "keep only the newest N checkpoints (0 = all)", low=0)
     # --- the GRPO teachers and GRPO-Mix (--stage teachers, grpo_mix; python -m tools.grpo_snr) ---
-    teachers: list[str] = opt(["geneval", "ocr", "pickscore", "deqa"], "the teachers to train (or brightness)")
+    teachers: list[str] = opt(["geneval", "ocr", "pickscore", "deqa"], "the teachers to train (or the control brightness, the biased geneval_red)")
     grpo_iters: int = opt(60, "GRPO iterations per teacher, one optimizer step each", low=1)
     prompts_per_iter: int = opt(4, "prompts per GRPO iteration, each sampled G times", low=1)
     group_size: int = opt(8, "G: images per prompt, one advantage group (paper 24)", low=2)

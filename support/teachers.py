@@ -30,10 +30,30 @@ CONTROLS = ("brightness",)
 TEACHER_REWARDS["brightness"] = {"task": 1.0}
 TEACHER_TASKS["brightness"] = {t: 1 for t in toy_world.TASKS}
 
+# A biased teacher, for the open question of what one bad expert does to the student (tools/questions.py,
+# biased_teacher): a composition teacher whose judge wants every object red, whatever colour the prompt asks
+# for. Shapes, counts and positions are scored as GenEval scores them, so the bias is the colour alone, and a
+# reader sees it in a grid. `--teachers geneval_red` trains it on the composition prompts.
+BIASED = {"geneval_red": "red"}
+TEACHER_REWARDS["geneval_red"] = {"task": 1.0}
+TEACHER_TASKS["geneval_red"] = {"geneval": 1}
+
 
 def brightness(images, prompts, metadata):
     """Mean pixel value in [0, 1] per image, (B,): the control reward."""
     return images.float().mean(dim=(1, 2, 3))
+
+
+def one_colour_metadata(meta, colour):
+    """GenEval metadata with every included object asked in `colour` (the biased judge's reading of a prompt)."""
+    return {**meta, "include": [{**clause, "color": colour} for clause in meta["include"]]}
+
+
+def biased_geneval(colour):
+    """The world's GenEval reward as a judge that wants every object in `colour` (BIASED), (B,)."""
+    def reward(images, prompts, metadata):
+        return REWARDS["geneval"](images, prompts, [one_colour_metadata(m, colour) for m in metadata])
+    return reward
 
 
 def reward_weights(name, cfg):
@@ -46,10 +66,12 @@ def reward_weights(name, cfg):
 
 
 def rewards_for(name, cfg):
-    """The reward registry teacher `name` is trained with: the control's own for a control, else the world's
-    (or the real backends the *_reward flags choose)."""
+    """The reward registry teacher `name` is trained with: the control's own for a control, the biased judge for
+    a BIASED teacher, else the world's (or the real backends the *_reward flags choose)."""
     if name in CONTROLS:
         return {t: brightness for t in toy_world.TASKS}  # TEACHER_REWARDS["brightness"] = each prompt's "task"
+    if name in BIASED:
+        return {**reward_registry(cfg), "geneval": biased_geneval(BIASED[name])}
     return reward_registry(cfg)
 
 
@@ -69,6 +91,15 @@ def rollout_styles(images, records, rewards_fns):
     web = [styles.web_style(task, images[[i for i, r in enumerate(records) if r["task"] == task]],
                             [r for r in records if r["task"] == task]) for task in {r["task"] for r in records}]
     return {"web": torch.cat(web).mean().item(), "blurred": styles.blurred(images).mean().item()}
+
+
+def routed_pool(pool, teachers):
+    """The distillation's prompt pool {task: records}: `pool`, plus for a routed teacher whose task is no
+    dataset of the pool (the deqa teacher as a fourth expert) the prompts of every task it was trained on
+    (TEACHER_TASKS), retagged with its name so that router.route sends them to it."""
+    extra = {t: [dict(r, task=t) for task in TEACHER_TASKS[t] if task in pool for r in pool[task]]
+             for t in teachers if t not in pool and t in TEACHER_TASKS}
+    return {**pool, **extra}
 
 
 def load_teachers(model, cfg):

@@ -29,7 +29,8 @@ COMMANDS = [line.strip() for block in re.findall(r"```bash\n(.*?)```", TEXT, re.
 TRAIN_REDUCED = ["--grpo_iters", "2", "--prompts_per_iter", "4", "--group_size", "2", "--micro_batch", "8",
                  "--train_timesteps", "1", "--num_steps", "4", "--opd_iters", "1", "--opd_prompts", "3",
                  "--compile", "false", "--device", "cpu", "--eval_at_end", "false", "--snr_batches", "3",
-                 "--sft_samples", "4", "--sft_steps", "2"]
+                 "--sft_samples", "4", "--sft_steps", "2", "--eval_prompts_per_task", "2", "--eval_steps", "2",
+                 "--eval_images_per_prompt", "1"]   # tools.questions evaluates what it trains
 
 
 def reduced(argv, tmp):

@@ -107,3 +107,44 @@ def test_seeds_whose_shared_rows_came_from_other_weights_are_not_merged():
         paper_tables.merged_models({"seed0.json": a, "seed2.json": c})
     with pytest.raises(SystemExit, match="seed3.json has no 'models' record"):
         paper_tables.merged_models({"seed0.json": a, "seed3.json": {"main": {}}})
+
+
+@pytest.mark.slow
+def test_questions_tiny_trains_records_resumes_and_reports(tmp_path, teacher_dir, fast_load, capsys):
+    """tools.questions at toy size: teacher_count's four runs (1-4 routed teachers, deqa as a task of its own) and
+    the biased teacher's, each recorded with its evaluation, log (KL per routed teacher) and weights; a second
+    call trains nothing; the report writes the documented schema, a bar chart per question and the grid."""
+    import shutil
+    from tools import questions, questions_report
+    shutil.copytree(teacher_dir / "geneval", tmp_path / "teachers" / "geneval_red")   # stands in for the biased one
+    for t in ("geneval", "ocr", "pickscore", "deqa"):
+        shutil.copytree(teacher_dir / t, tmp_path / "teachers" / t)
+    argv = ["--teacher_dir", str(tmp_path / "teachers"), "--runs_dir", str(tmp_path / "runs"), "--results_dir",
+            str(tmp_path / "results"), "--opd_iters", "1", "--opd_prompts", "6", "--compile", "false"] + TINY
+    questions.main(argv + ["--question", "teacher_count"])
+    rec = lambda run: json.load(open(tmp_path / "results" / "questions" / "seed0" / f"{run}.json"))
+    assert rec("routes_1")["log"][0].keys() >= {"kl", "kl/geneval"} and "kl/ocr" not in rec("routes_1")["log"][0]
+    four = rec("routes_4")["log"][0]
+    assert {k for k in four if k.startswith("kl/")} <= {"kl/geneval", "kl/ocr", "kl/pickscore", "kl/deqa"}
+    made = json.load(open(tmp_path / "runs" / "questions" / "seed0" / "students" / "routes_4" / "adapter" /
+                          "provenance.json"))
+    assert set(made["built_from"]) >= {"geneval", "ocr", "pickscore", "deqa"}   # deqa routed and merged in
+    questions.main(argv + ["--question", "biased_teacher"])
+    made = json.load(open(tmp_path / "runs" / "questions" / "seed0" / "students" / "biased" / "adapter" /
+                          "provenance.json"))
+    assert made["built_from"]["geneval"]["path"].endswith("geneval_red")
+    assert rec("biased")["sha256/student"] == provenance.weights_sha256(
+        str(tmp_path / "runs" / "questions" / "seed0" / "students" / "biased" / "adapter"))
+    capsys.readouterr()
+    questions.main(argv + ["--question", "teacher_count"])   # everything recorded: nothing trained again
+    assert "student saved" not in capsys.readouterr().out
+    questions_report.main(argv)
+    q = json.load(open(tmp_path / "results" / "questions.json"))["questions"]
+    assert set(q) == set(questions.QUESTIONS) and q["teacher_count"]["command"].startswith("python -m tools.questions")
+    rows = q["teacher_count"]["rows"]
+    assert list(rows) == list(questions.QUESTIONS["teacher_count"])
+    assert set(rows["1 teacher (geneval)"]["paired/avg"]) == {"mean", "se", "ci95", "n"}
+    assert rows["1 teacher (geneval)"]["avg"]["n"] == 1 and "paired/avg" not in rows["3 teachers (main job)"]
+    assert set(q["biased_teacher"]["red_share"]) == {"base", "geneval teacher", "geneval_red"}
+    for png in ("questions_teacher_count.png", "questions_biased_teacher.png", "questions_biased_grid.png"):
+        assert (tmp_path / "results" / png).stat().st_size > 1000

@@ -243,7 +243,8 @@ def test_total_loss_gradient():
     assert torch.allclose(loss, opd_term + mar_term, rtol=1e-4)
     assert torch.allclose(kl, w * (v - v_T).pow(2).flatten(1).sum(1), rtol=1e-4)  # exact summed step KL
     assert torch.allclose(mar, mar_term.detach(), rtol=1e-4)
-    assert torch.allclose(v_s.grad, v_s_ref.grad, rtol=1e-4, atol=1e-9)
+    # relative to the gradient's scale: float32 sums in another order differ by ~1e-7 of it on entries near 0
+    assert torch.allclose(v_s.grad, v_s_ref.grad, rtol=1e-4, atol=1e-6 * v_s_ref.grad.abs().max().item())
 
     # no anchor: the MAR term vanishes and the gradient is the OPD term's alone
     v_s2 = v.clone().requires_grad_(True)
@@ -252,7 +253,7 @@ def test_total_loss_gradient():
     assert mar2.item() == 0.0 and torch.allclose(loss2, opd_term.detach(), rtol=1e-4)
     v_ref2 = v.clone().requires_grad_(True)
     ((w * (v_ref2 - v_T).pow(2).flatten(1).sum(1)).mean() / D).backward()
-    assert torch.allclose(v_s2.grad, v_ref2.grad, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(v_s2.grad, v_ref2.grad, rtol=1e-4, atol=1e-6 * v_ref2.grad.abs().max().item())
 
 
 @pytest.mark.slow

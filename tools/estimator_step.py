@@ -56,7 +56,7 @@ def run(cfg, estimator, steps):
                                            team=list(teachers.values()))
             grads[est] = flat_grad(params)
         g, p_ = grads[estimator], grads["pathwise"]
-        row = dict(estimator=estimator, step=k, kl=kl, grad_norm=g.norm().item(),
+        row = dict(estimator=estimator, step=k, kl=kl["all"], grad_norm=g.norm().item(),
                    cos_with_pathwise=torch.nn.functional.cosine_similarity(g, p_, dim=0).item(),
                    norm_ratio_to_pathwise=(g.norm() / p_.norm()).item())
         print(json.dumps(row), flush=True)

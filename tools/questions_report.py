@@ -1,0 +1,121 @@
+"""
+`python -m tools.questions_report`: results/questions.json and the figures of the paper's open questions, from the
+records tools.questions writes (results/questions/seed<S>/<run>.json, cold_start_cost.json) and tools.paper_tables'
+rows (results/seed<S>.json): each row's scores over seeds, and its difference from the question's first row,
+paired per seed on the same prompts and noise, then over seeds with a t-based 95% interval (metrics.over_seeds).
+Figures: results/questions_<Q>.png (each row − the reference on avg), questions_biased_detection.png (the
+detection signal: the student's own rewards and KL per routed teacher, clean vs biased runs) and
+questions_biased_grid.png (the base, the committed geneval teacher and the biased one on colour prompts).
+"""
+import glob
+import json
+import os
+
+from support import figures, models
+from support.config import parse_args
+from support.metrics import over_seeds, paired_difference, summarise, write_json
+from support.rollouts import sample_images
+from support.teachers import BIASED
+from tools.questions import BIASED_TEACHER, COLD_STARTS, METRICS, QUESTIONS, record_path
+from world import judges, toy_world
+
+def scores_of(cfg, seed, spec, paper):
+    """An evaluation (with per-prompt scores) for a row spec of QUESTIONS, or None if not recorded."""
+    for s in (spec if isinstance(spec, list) else [spec]):
+        kind, what = s.split(":", 1)
+        if kind == "paper" and what in paper:
+            return paper[what]
+        path = record_path(cfg, seed, what)
+        if kind in ("run", "cold") and os.path.isfile(path):
+            return json.load(open(path))["student" if kind == "run" else "cold_start"]
+    return None
+
+
+def report(cfg):
+    """results/questions.json: {"questions": {Q: {"command", "rows": {ROW: {METRIC: {mean, se, ci95, n}}}}}}, each
+    row's scores over seeds and (paired/METRIC) its difference from the question's first row per seed, then
+    over seeds with a t interval; and one figure per question, results/questions_<Q>.png."""
+    seeds = sorted(int(os.path.basename(p)[4:]) for p in glob.glob(os.path.join(cfg.results_dir, "questions", "seed*")))
+    paper_file = lambda s: os.path.join(cfg.results_dir, f"seed{s}.json")
+    paper = {s: json.load(open(paper_file(s)))["main"] if os.path.isfile(paper_file(s)) else {} for s in seeds}
+    out = {}
+    for question, rows in QUESTIONS.items():
+        ref_name = next(iter(rows))
+        table = {}
+        for row, spec in rows.items():
+            per = {s: scores_of(cfg, s, spec, paper[s]) for s in seeds}
+            per = {s: e for s, e in per.items() if e is not None}
+            ref = {s: scores_of(cfg, s, rows[ref_name], paper[s]) for s in per}
+            if not per:
+                continue
+            cells = {m: {k: v[k] for k in ("mean", "se", "ci95", "n")}
+                     for m, v in summarise({row: list(per.values())})[row].items() if m in METRICS}
+            pairs = {s: paired_difference(e, ref[s]) for s, e in per.items() if ref[s] is not None}
+            for m in METRICS if row != ref_name else ():
+                d = over_seeds([pairs[s][m] for s in sorted(pairs)]) if pairs and all(
+                    m in p for p in pairs.values()) else None   # a tiny evaluation may miss a GenEval tag
+                if d:
+                    cells[f"paired/{m}"] = {k: d[k] for k in ("mean", "se", "ci95", "n")}
+            table[row] = {**cells, "seeds": sorted(per)}
+        out[question] = {"command": f"python -m tools.questions --question {question} --seed S  (S = 0, 1, 2)",
+                         "reference": ref_name, "rows": table}
+    costs = os.path.join(cfg.results_dir, "questions", "cold_start_cost.json")
+    if os.path.isfile(costs):   # {kind: {seed: measurement}}: over the seeds measured, as the scores are
+        c = json.load(open(costs))
+        for kind, cells in summarise({k: list(c[k].values()) for k in COLD_STARTS if k in c}).items():
+            out["cold_start_cost"]["rows"].setdefault(f"{kind} (cold start)", {}).update(
+                {f"cost/{m}": {k: v[k] for k in ("mean", "se", "ci95", "n")} for m, v in cells.items()})
+    out["biased_teacher"].update(biased_evidence(cfg))
+    write_json(os.path.join(cfg.results_dir, "questions.json"), {"questions": out})
+    draw(cfg, out, seeds)
+    print(f"wrote {os.path.join(cfg.results_dir, 'questions.json')}")
+
+
+def draw(cfg, out, seeds):
+    """One bar chart per question (each row minus the reference on avg, ± t 95%) and the detection curves of the
+    biased teacher (the student's own geneval reward and its KL to each teacher, clean vs biased runs)."""
+    for question, q in out.items():
+        bars = {row: (c["paired/avg"]["mean"], c["paired/avg"]["ci95"]) for row, c in q["rows"].items()
+                if "paired/avg" in c}
+        if bars:
+            figures.bar_chart(bars, f"{question}: avg, each row − {q['reference']} (paired, ± t 95% over seeds)",
+                              os.path.join(cfg.results_dir, f"questions_{question}.png"), width=720)
+    logs = {f"{name} seed {s}": json.load(open(record_path(cfg, s, name)))["log"]
+            for name in ("default", "biased") for s in seeds if os.path.isfile(record_path(cfg, s, name))}
+    finite = lambda k: any(isinstance(e.get(k), float) and e[k] == e[k] for log in logs.values() for e in log)
+    keys = [k for k in ("reward/geneval", "reward/ocr", "kl/geneval", "kl/ocr") if finite(k)]
+    if keys:
+        figures.training_curves(logs, keys,
+                                os.path.join(cfg.results_dir, "questions_biased_detection.png"), smooth=5)
+
+
+def biased_evidence(cfg, n=48):
+    """What a reader sees of the bias: the share of red objects among those detected in one sample of each of n
+    composition test prompts that ask for colours (none of them red-only), for the base, the committed geneval
+    teacher and the biased one; and results/questions_biased_grid.png, the three on the first 8 of them."""
+    folder = os.path.join(cfg.teacher_dir, BIASED_TEACHER)
+    if not os.path.isdir(folder):
+        return {}
+    model = models.load_world_model(cfg.base, cfg.device)
+    recs = [r for r in toy_world.prompts("geneval", "test") if r["metadata"]["tag"] in ("colors", "color_attr")
+            and any(c.get("color") != "red" for c in r["metadata"]["include"])][:n]
+    samples, shares = {}, {}
+    for name, path in (("base", None), ("geneval teacher", os.path.join(cfg.teacher_dir, "geneval")),
+                       (BIASED_TEACHER, folder)):
+        if path:
+            model.load_adapter(path, name.replace(" ", "_"))
+        model.adapter(path and name.replace(" ", "_"))
+        images = sample_images(model, [r["prompt"] for r in recs], cfg.eval_steps, cfg.guidance_scale, 0)
+        objs = [o for found in judges.detect(images) for o in found]   # the share of red objects among those found
+        samples[name], shares[name] = images[:8], sum(o.colour == BIASED[BIASED_TEACHER] for o in objs) / len(objs)
+    figures.image_grid(samples, [r["prompt"] for r in recs[:8]],
+                       path=os.path.join(cfg.results_dir, "questions_biased_grid.png"))
+    return {"red_share": shares, "prompts": len(recs)}
+
+
+def main(argv=None):
+    report(parse_args(argv, __doc__)[0])
+
+
+if __name__ == "__main__":
+    main()
