@@ -4,10 +4,9 @@ written from results/*.json. A generated table sits between a line `<!-- table N
 `<!-- /table -->`; this rewrites what lies between them with TABLES[NAME](); --check only says which differ
 (exit 1), as tests/test_docs.py does, so a table in the docs can never drift from the results it quotes.
 
-Statistics: a cell over seeds is the mean ± the half-width of its t-based 95% interval with n - 1 degrees of
-freedom (support/metrics.t_ci95; 4.30 se for three seeds); a claim is a paired difference per seed (same
-prompts and noise, metrics.paired_difference), then over seeds (metrics.over_seeds), and its verdict is read
-off that interval: "holds" when it excludes 0 on the claimed side, "reversed" on the other, else "not settled".
+Statistics: a cell over seeds is the mean ± its t-based 95% half-width (n - 1 df, metrics.t_ci95); a claim is a
+paired difference per seed (metrics.paired_difference), then over seeds (metrics.over_seeds); its verdict is
+read off that interval. The open questions' tables are tools/questions_report's.
 """
 import functools
 import glob
@@ -18,6 +17,7 @@ import re
 from support.config import parse_args
 from support.metrics import over_seeds, paired_difference, table_markdown
 from support.provenance import ROOT
+from tools import questions_report
 
 DOCS = ("README.md", os.path.join("results", "RESULTS.md"), os.path.join("exercises", "ANSWERS.md"))
 BLOCK = re.compile(r"(<!-- table (\S+) -->\n)(.*?)(<!-- /table -->)", re.S)
@@ -95,22 +95,10 @@ def base_scores():
 
 
 # ------------------------------------------------------------------------------------ the paper's tables
-def main_table():
-    return table_markdown(results("main.json"))
-
-
 def ood_table():
     table = results("ood.json")
     cats = [k for k in next(iter(table["rows"].values())) if not k.startswith("se/")]
     return table_markdown(table, metrics=tuple(cats))
-
-
-def per_tag():
-    return table_markdown(results("main.json"), metrics=tuple(f"geneval_acc/{t}" for t in TAGS))
-
-
-def styles():
-    return table_markdown(results("main.json"), metrics=("web/geneval", "web/ocr", "web/pickscore", "blurred"))
 
 
 # Claims: (what, row a, row b, metric, sign the claim expects). a - b, paired on the same prompts and noise.
@@ -245,6 +233,15 @@ def _against_hard(name):
     return _rows(["variant − hard default (paired)"] + list(keys), rows)
 
 
+def answer_group_size():
+    """Exercise 7: G = 2 OCR teachers' zero-spread share and their OCR minus the base's, paired (group_size.json)."""
+    runs, base = results(os.path.join("exercises", "group_size.json")), seed_runs()
+    return _rows(["seed", "mean zero_std_frac", "teacher ocr", "base ocr", "teacher − base (paired)"], [(
+        s, f"{sum(r['zero_std_frac']) / len(r['zero_std_frac']):.3f}", f"{r['teacher']['ocr']:.3f}",
+        f"{base[int(s)]['main']['base']['ocr']:.3f}", "{mean:+.3f} ± {se:.3f}".format(**paired_difference(
+            r["teacher"], base[int(s)]["main"]["base"])["ocr"])) for s, r in runs.items()])
+
+
 def main_job():
     j = results("main_job.json")
     metrics = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
@@ -258,10 +255,14 @@ def main_job():
 
 
 TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
-                                  base_scores, main_table, ood_table, per_tag, styles, headline, main_job,
+                                  base_scores, ood_table, headline, main_job,
                                   estimator_step, minutes, answer_seesaw, answer_snr)}
 TABLES.update({"answer_routing": functools.partial(_against_hard, "routing"),
                "answer_noise": functools.partial(_against_hard, "noise")})
+TABLES.update(questions_report.tables(os.path.join(ROOT, "results"), verdict), answer_group_size=answer_group_size,
+              main_table=lambda: table_markdown(results("main.json")), per_tag=lambda: table_markdown(
+                  results("main.json"), metrics=tuple(f"geneval_acc/{t}" for t in TAGS)), styles=lambda: table_markdown(
+                  results("main.json"), metrics=("web/geneval", "web/ocr", "web/pickscore", "blurred")))
 TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()},
               claims=functools.partial(_claims, CLAIMS), ablations=functools.partial(_claims, ABLATIONS))
 

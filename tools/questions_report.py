@@ -113,6 +113,67 @@ def biased_evidence(cfg, n=48):
     return {"red_share": shares, "prompts": len(recs)}
 
 
+# ------------------------------------------------------- the documents' tables (tools/doc_tables renders them)
+D = 8 * 8 * 8   # latent elements of the world's images: `mar` is logged per element, `kl` summed
+
+
+def _cell(c):
+    return f"{c['mean']:+.3f} ± {c['ci95']:.3f}" if c["n"] > 1 else f"{c['mean']:+.3f} (1 seed)"
+
+
+def question_table(question, verdict, questions):
+    """One question's rows: seeds, avg over seeds, each metric's paired difference from the reference row
+    (mean ± t 95% over seeds) and the verdict the avg interval gives (doc_tables.verdict, sign 0)."""
+    q, keys = questions[question], ("avg", "geneval_acc", "ocr", "pickscore", "deqa", "geneval_acc/colors")
+    rows = [(row, len(c["seeds"]), f"{c['avg']['mean']:.3f}",
+             *(_cell(c[f"paired/{k}"]) if f"paired/{k}" in c else "reference" for k in keys),
+             verdict(c["paired/avg"], 0) if "paired/avg" in c else "") for row, c in q["rows"].items()]
+    return _table([f"row (− {q['reference']})", "seeds", "avg"] + [f"Δ {k}" for k in keys] + ["verdict (Δ avg)"], rows)
+
+
+def cost_table(questions):
+    """The cold starts' cost (mean over the seeds measured, one thread) beside their scores and their students'."""
+    r = questions["cold_start_cost"]["rows"]
+    rows = [(k, f"{r[f'{k} (cold start)']['cost/cpu_s']['mean']:.1f}",
+             f"{r[f'{k} (cold start)']['cost/peak_mb_above_models']['mean']:.0f}",
+             f"{r[f'{k} (cold start)']['cost/samples']['mean']:.0f}", r[f"{k} (cold start)"]["cost/cpu_s"]["n"],
+             f"{r[f'{k} (cold start)']['avg']['mean']:.3f}", f"{r[f'{k} → student']['avg']['mean']:.3f}")
+            for k in COLD_STARTS]
+    return _table(["cold start", "CPU s", "peak MB above the models", "images drawn", "seeds", "its avg",
+                   "its student's avg"], rows)
+
+
+def units_table(results_dir):
+    """Exercise 3's units: the logged MAR term (λ·KL_anchor/D) and the step KL to the routed teacher (summed), in
+    nats, over the first and last 5 iterations, mean over the seeds recorded, at λ 0.02 and 0.2."""
+    rows = []
+    for run, lam in (("default", 0.02), ("mar_deqa_0.2", 0.2)):
+        logs = [json.load(open(p))["log"] for p in sorted(glob.glob(os.path.join(results_dir, "questions", "seed*",
+                                                                                  f"{run}.json")))]
+        mean = lambda k, part: sum(sum(e[k] for e in part(log)) / len(part(log)) for log in logs) / len(logs)
+        first, last = (lambda log: log[:5]), (lambda log: log[-5:])
+        rows.append((run, lam, len(logs), f"{mean('mar', first):.4f} → {mean('mar', last):.4f}",
+                     f"{mean('mar', first) * D / lam:.2f} → {mean('mar', last) * D / lam:.2f}",
+                     f"{mean('kl', first):.2f} → {mean('kl', last):.2f}"))
+    return _table(["run", "λ", "seeds", "logged mar", "KL to the anchor (nats)", "KL to the routed teacher (nats)"],
+                  rows)
+
+
+def _table(header, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                      ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def tables(results_dir, verdict):
+    """{table name: renderer} for tools/doc_tables."""
+    questions = lambda: json.load(open(os.path.join(results_dir, "questions.json")))["questions"]
+    out = {f"question_{q}": (lambda q=q: question_table(q, verdict, questions())) for q in QUESTIONS}
+    red = lambda: _table(["model", "share of red objects"], [(m, f"{v:.3f}") for m, v in
+                                                             questions()["biased_teacher"]["red_share"].items()])
+    return {**out, "question_cost": lambda: cost_table(questions()), "question_red_share": red,
+            "answer_mar_units": lambda: units_table(results_dir)}
+
+
 def main(argv=None):
     report(parse_args(argv, __doc__)[0])
 
