@@ -14,7 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from support import rollouts
-from support import config, resolve
+from support import config, hub, resolve
 import flow_matching
 from tools import infer
 from support import models
@@ -197,11 +197,58 @@ def test_sd35_unavailable_hub_teacher_ends_in_advice(monkeypatch):
     assert msg.startswith("adapter geneval: 'jieliu/no-such-teacher' is not a folder here") and "check the id" in msg
 
 
+# --------------------------------------------------------------------------------------- ID@REVISION
+def test_split_revision_pins_hub_ids_and_keeps_local_paths_whole(tmp_path):
+    assert hub.split_revision("org/name@v1.0") == ("org/name", "v1.0")
+    assert hub.split_revision("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    assert hub.split_revision("org/name") == ("org/name", None)
+    local = tmp_path / "run@3"
+    local.mkdir()
+    assert hub.split_revision(str(local)) == (str(local), None)   # a path here wins, '@' and all
+    with pytest.raises(ValueError, match="neither a path here nor ID@REVISION"):
+        hub.split_revision("org/name@")
+
+
+def test_revision_reaches_from_pretrained_and_snapshot_download(sd3_world, tmp_path, monkeypatch):
+    """--model, --lora, --teacher/--mar (adapter_folder) and --pickscore_reward pass ID@REVISION's revision on."""
+    import huggingface_hub
+    import transformers
+    from diffusers import StableDiffusion3Pipeline
+    from support import reward_backends
+    real, asked = StableDiffusion3Pipeline.from_pretrained, []
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda repo, revision=None, **kw:
+                        asked.append((repo, revision)) or real(str(sd3_world / "pipeline"), **kw))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None: asked.append((repo, revision)) or str(sd3_world / "ocr"))
+    local = tmp_path / "pipeline@v1"   # a local folder whose name holds an '@'
+    local.symlink_to(sd3_world / "pipeline")
+    for spec in ("org/sd3@0123abc", str(local)):
+        model = resolve.load_model(config.parse_config(["--model", spec, "--device", "cpu", "--mixed_precision", "no"]))
+    resolve.load_lora(model, "org/teacher@v2", "ocr")
+    resolve.adapter_folder("geneval", "org/teacher")
+    assert asked == [("org/sd3", "0123abc"), (str(local), None), ("org/teacher", "v2"), ("org/teacher", None)]
+    del asked[:]
+
+    def clip(repo, revision=None, **kw):
+        asked.append((repo, revision))
+        raise RuntimeError("no CLIP here")
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", clip)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", clip)
+    with pytest.raises(RuntimeError, match="no CLIP here"):
+        reward_backends.PickScoreReward("yuvalkirstain/PickScore_v1@c3f1")
+    with pytest.raises(RuntimeError, match="no CLIP here"):
+        reward_backends.clip_processor("org/clip@v3", 224)
+    assert asked == [("yuvalkirstain/PickScore_v1", "c3f1"), ("org/clip", "v3")]
+    with pytest.raises(SystemExit, match="^--model: 'org/sd3@' is neither a path here nor ID@REVISION"):
+        resolve.load_model(config.parse_config(["--model", "org/sd3@", "--device", "cpu"]))
+
+
 # ----------------------------------------------------------------------------------------------- infer
 def test_infer_lora_from_hub_id_at_a_resolution(sd3_world, tmp_path, monkeypatch):
     import huggingface_hub
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(sd3_world / "ocr"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None: asked.append(repo) or str(sd3_world / "ocr"))
     common = ["--model", str(sd3_world / "pipeline"), "--prompt", "a cat", "--num_images", "1", "--eval_steps", "2",
               "--device", "cpu", "--resolution", str(2 * IMAGE_SIZE), "--out", str(tmp_path / "grid.png")]
     outs = [infer.main(common + ["--lora", lora]) for lora in ("someone/SD3.5M-teacher", str(sd3_world / "ocr"))]
