@@ -14,7 +14,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from support import rollouts
-from support import config, hub, resolve
+from support import checkpoint, config, hub, resolve
+from eval import main as eval_main
 import flow_matching
 from tools import infer
 from support import models
@@ -195,6 +196,36 @@ def test_sd35_unavailable_hub_teacher_ends_in_advice(monkeypatch):
         resolve.adapter_folder("geneval", "jieliu/no-such-teacher")
     msg = str(e.value)
     assert msg.startswith("adapter geneval: 'jieliu/no-such-teacher' is not a folder here") and "check the id" in msg
+
+
+# ------------------------------------------------------------------------------------------------ eval
+@pytest.mark.slow
+def test_eval_sd3_pipeline_with_loras_on_a_prompt_file_with_rapidocr(sd3_world, tmp_path, monkeypatch, capsys):
+    """`python eval.py --model PIPELINE --lora ROW=PEFT --adapter ROW=EXPORT --eval_prompts ocr=FILE --ocr_reward
+    rapidocr --paired`: RapidOCR reads every image, the sizes are train.py's flags, the same LoRA in its two formats
+    scores the same, and the world-only parts (style shares, --ood) are skipped for an SD3 model."""
+    from support import reward_backends
+    model = models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu")
+    model.load_adapter(str(sd3_world / "ocr"), "ocr")
+    export = checkpoint.export_lora(model, "ocr", str(tmp_path / "export"))
+    read, recognise = [], reward_backends.RapidOCRReward.recognise
+    monkeypatch.setattr(reward_backends.RapidOCRReward, "recognise",
+                        lambda self, image: read.append(image.shape) or recognise(self, image))
+    common = ["--model", str(sd3_world / "pipeline"), "--device", "cpu", "--eval_steps", "2",
+              "--eval_prompts_per_task", "2", "--eval_images_per_prompt", "2"]
+    out = tmp_path / "table.json"
+    eval_main(common + ["--lora", f"peft={sd3_world / 'ocr'}", "--adapter", f"export={export}", "--paired",
+                        "--eval_prompts", f"ocr={sd3_world / 'ocr.txt'}", "--ocr_reward", "rapidocr",
+                        "--out", str(out)])
+    assert read == [(IMAGE_SIZE, IMAGE_SIZE, 3)] * 12   # 3 rows x 2 prompts x 2 images, each read by RapidOCR
+    table = json.loads(out.read_text())
+    assert set(table["rows"]) == {"base", "peft", "export"} and table["meta"]["tasks"] == ["ocr"]
+    assert table["rows"]["peft"] == table["rows"]["export"] and set(table["rows"]["base"]) >= {"ocr", "deqa"}
+    assert table["paired"]["peft"] == table["paired"]["export"] and table["paired"]["peft"][0]["deqa"]["mean"] != 0
+    eval_main(common + ["--tasks", "ocr", "--eval_prompts_per_task", "1", "--eval_images_per_prompt", "1"])
+    assert "web/ocr" not in capsys.readouterr().out   # the world's prompts, but not the world's images
+    with pytest.raises(SystemExit, match="^--ood is the miniature world's out-of-domain set"):
+        eval_main(common + ["--ood"])
 
 
 # --------------------------------------------------------------------------------------- ID@REVISION
