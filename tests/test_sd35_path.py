@@ -282,7 +282,8 @@ def test_infer_lora_from_hub_id_at_a_resolution(sd3_world, tmp_path, monkeypatch
                         lambda repo, revision=None: asked.append(repo) or str(sd3_world / "ocr"))
     common = ["--model", str(sd3_world / "pipeline"), "--prompt", "a cat", "--num_images", "1", "--eval_steps", "2",
               "--device", "cpu", "--resolution", str(2 * IMAGE_SIZE), "--out", str(tmp_path / "grid.png")]
-    outs = [infer.main(common + ["--lora", lora]) for lora in ("someone/SD3.5M-teacher", str(sd3_world / "ocr"))]
+    outs = [infer.main(common + ["--lora", f"ocr={lora}"])["ocr"] for lora in ("someone/SD3.5M-teacher",
+                                                                               str(sd3_world / "ocr"))]
     assert asked == ["someone/SD3.5M-teacher"]
     assert outs[0].shape == (1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE)  # --resolution, not the native size
     assert torch.equal(outs[0], outs[1])  # the hub id resolved to the same adapter as its folder
