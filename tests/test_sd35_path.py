@@ -14,7 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from support import rollouts
-from support import checkpoint, config, hub, resolve
+from support import checkpoint, config, hub, provenance, resolve
 from eval import main as eval_main
 import flow_matching
 from tools import infer
@@ -65,9 +65,21 @@ def test_sd35_pipeline_distill_with_peft_teachers_end_to_end(sd3_world, tmp_path
     assert (run / "checkpoint-2" / "optimizer.pt").exists()
     # the student loads in a fresh diffusers pipeline through load_lora_weights
     from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_world / "pipeline"), dtype=torch.float32)
     pipe.load_lora_weights(str(run / "export"))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    # its model card, beside the PEFT folder and the export: the base, each teacher and the anchor with its sha256
+    for folder in (run / "adapter", run / "export" / "peft"):
+        assert LoraConfig.from_pretrained(str(folder)).base_model_name_or_path == str(sd3_world / "pipeline")
+    for folder in (run / "adapter", run / "export"):
+        card = (folder / "README.md").read_text()
+        assert f"| base | `{sd3_world / 'pipeline'}` | {provenance.weights_sha256(str(sd3_world / 'pipeline'))} |" in card
+        for role, teacher in (("teacher geneval", "geneval"), ("teacher ocr", "ocr"), ("MAR anchor", "deqa")):
+            assert f"| {role} | `{sd3_world / teacher}` | {provenance.weights_sha256(str(sd3_world / teacher))} |" in card
+        assert "| cold start |" in card and "  --opd_iters 2" in card and "Not evaluated." in card
+    resolve.load_lora(models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu"),
+                      str(run / "adapter"), "student")   # the PEFT folder, README and all
 
 
 def test_sd35_pipeline_rejects_teacher_of_another_architecture(sd3_world, tmp_path):
@@ -85,6 +97,18 @@ def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
     argv = _argv(sd3_world, tmp_path / "students") + ["--prompts", f"geneval={bad}"]
     with pytest.raises(SystemExit, match="line 2"):
         train.main(argv)
+
+
+def test_model_card_names_the_hub_base_and_the_scores(tmp_path):
+    from huggingface_hub import ModelCard
+    record = provenance.made_here("Flow-OPD student", 0, 300, {
+        "base": provenance.source("stabilityai/stable-diffusion-3.5-medium@b940f67"),
+        "ocr": provenance.source("jieliu/SD3.5M-FlowGRPO-Text")})
+    provenance.write_model_card([str(tmp_path)], record, "settings: the defaults", {"ocr": 0.8125, "se/ocr": 0.03125})
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium" and card.data.library_name == "diffusers"
+    assert "| teacher ocr | `jieliu/SD3.5M-FlowGRPO-Text` | not hashed (a hub id) |" in card.text
+    assert "| ocr | 0.8125 | 0.031 |" in card.text and "settings: the defaults" in card.text
 
 
 # ------------------------------------------------------------------------------ text encoders, T5 length
