@@ -15,6 +15,7 @@ class ModelUnavailableError(RuntimeError):
 def split_revision(spec):
     """(hub id or path, revision or None) of a model spec: "org/name@REVISION" pins a branch, tag or commit (passed
     as `revision=` to snapshot_download and from_pretrained). A path that exists here is taken whole, '@' and all."""
+    spec = os.fspath(spec)   # a pathlib.Path is a path too
     if "@" not in spec or os.path.exists(spec):
         return spec, None
     name, revision = spec.split("@", 1)   # hub ids hold no '@'; everything after the first is the revision
