@@ -85,7 +85,8 @@ def write_model_card(folders, record, settings, scores=None):
     from huggingface_hub import ModelCard, ModelCardData
     base = record["built_from"]["base"]["path"]
     hub_id = None if os.path.exists(base) else split_revision(base)[0]
-    role = lambda name: {"base": "base", "cold_start": "cold start", "anchor": "MAR anchor"}.get(name, f"teacher {name}")
+    roles = {"base": "base", "cold_start": "cold start", "anchor": "MAR anchor"}
+    role = lambda name: roles.get(name, f"teacher {name}")
     rows = [f"| {role(name)} | `{s['path']}` | {s['sha256'] or 'not hashed (a hub id)'} |"
             for name, s in record["built_from"].items()]
     score_rows = [f"| {k} | {v:.4g} | {scores.get('se/' + k, float('nan')):.2g} |" for k, v in (scores or {}).items()

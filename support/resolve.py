@@ -42,7 +42,7 @@ def load_model(cfg):
 
 
 def adapter_folder(name, spec):
-    """A PEFT adapter folder from a local path, or a hub id (ID@REVISION pins one) downloaded once by huggingface_hub."""
+    """A PEFT adapter folder from a local path, or a hub id (ID@REVISION pins a revision) downloaded once."""
     if os.path.isdir(spec):
         return spec
     from huggingface_hub import snapshot_download

@@ -72,11 +72,12 @@ def test_sd35_pipeline_distill_with_peft_teachers_end_to_end(sd3_world, tmp_path
     # its model card, beside the PEFT folder and the export: the base, each teacher and the anchor with its sha256
     for folder in (run / "adapter", run / "export" / "peft"):
         assert LoraConfig.from_pretrained(str(folder)).base_model_name_or_path == str(sd3_world / "pipeline")
+    row = lambda role, folder: f"| {role} | `{folder}` | {provenance.weights_sha256(str(folder))} |"
     for folder in (run / "adapter", run / "export"):
         card = (folder / "README.md").read_text()
-        assert f"| base | `{sd3_world / 'pipeline'}` | {provenance.weights_sha256(str(sd3_world / 'pipeline'))} |" in card
+        assert row("base", sd3_world / "pipeline") in card
         for role, teacher in (("teacher geneval", "geneval"), ("teacher ocr", "ocr"), ("MAR anchor", "deqa")):
-            assert f"| {role} | `{sd3_world / teacher}` | {provenance.weights_sha256(str(sd3_world / teacher))} |" in card
+            assert row(role, sd3_world / teacher) in card
         assert "| cold start |" in card and "  --opd_iters 2" in card and "Not evaluated." in card
     resolve.load_lora(models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu"),
                       str(run / "adapter"), "student")   # the PEFT folder, README and all
