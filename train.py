@@ -45,8 +45,9 @@ from router import DEFAULT_TASK_WEIGHTS, QUALITY_TASK_WEIGHT, route, target_velo
 from sde_sampler import gaussian_logprob
 from support import checkpoint, distributed
 from support.config import describe, parse_config
+from support.hub import split_revision
 from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars, write_json
-from support.provenance import made_here, source, stamp, this_command, weights_sha256
+from support.provenance import made_here, source, stamp, this_command, weights_sha256, write_model_card
 from support.resolve import eval_settings, load_model, main_protocol, probe_settings, prompt_pool, reward_registry
 from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
                               sample_rollouts, trainable, trained_steps)
@@ -322,10 +323,14 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
     teachers' and anchor's, load_teachers); print its scores beside the cold start's and the teachers'. The
     caller swaps in the EMA weights first, if any."""
     adapter, cold_path = os.path.join(path, "adapter"), os.path.join(cfg.cold_start_dir, cfg.cold_start)
+    lora = model.transformer.peft_config["student"]   # PEFT's fields: adapter_config.json names the base
+    lora.base_model_name_or_path, lora.revision = split_revision(cfg.base)
     model.save_adapter("student", adapter)
-    stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
+    record = stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
         "base": source(cfg.base), "cold_start": source(cold_path), **{n: source(spec) for n, spec in sources.items()}}))
     checkpoint.export_lora(model, "student", os.path.join(path, "export"))
+    cards = [adapter, os.path.join(path, "export")]   # README.md, the model card; with the scores once evaluated
+    write_model_card(cards, record, describe(cfg))
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
           f"{(time.time() - t0) / 60:.1f} min")
     if evaluating:
@@ -340,6 +345,7 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
         rows[name], folders[name] = evaluate_cached(model, "student", adapter, **kw), adapter
         if main_protocol(kw):
             stamp(adapter, scores=scalars(rows[name]), protocol=kw)
+        write_model_card(cards, record, describe(cfg), scalars(rows[name]))
         paired = paired_difference(rows[name], cold)   # same prompts and noise
         for row, scores in rows.items():
             print(format_metrics(row, scores))

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import flow_matching
 from flow_matching import guidance
-from support.hub import ModelUnavailableError, hub_advice
+from support.hub import ModelUnavailableError, hub_advice, split_revision
 from world import model as world_model
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -238,7 +238,6 @@ def check_adapter_fits(transformer, state, source):
                              f"lora_{kind} expects {got} (teacher and student must share one architecture)")
 
 
-
 def build_world_model(cfg=None, seed=0):
     """A fresh, untrained world model (world/model.py's parts behind the T2IModel interface)."""
     return T2IModel(*world_model.build(cfg, seed))
@@ -253,7 +252,7 @@ def load_world_model(path, device="cpu"):
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_device=None, max_sequence_length=128):
     """The world model (a folder without model_index.json; always fp32) or an SD3 pipeline (a folder with
-    model_index.json, or a hub id "org/name") in `dtype`; text_encoder_device and max_sequence_length: load_sd3.
+    model_index.json, or a hub id "org/name[@REV]") in `dtype`; text_encoder_device and max_sequence_length: load_sd3.
     A folder that is neither raises FileNotFoundError; an SD3 model that cannot be fetched or read raises
     ModelUnavailableError, whose message says what to do (hub_advice)."""
     local = os.path.isdir(name_or_path)
@@ -273,8 +272,9 @@ def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_dev
     CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, in
     fp32 (bf16 matmuls are slow on many CPUs), and their embeddings are moved to `device` (SD3Encoder)."""
     from diffusers import StableDiffusion3Pipeline
+    repo, revision = split_revision(name_or_path)   # "org/name@REV" pins a branch, tag or commit (support/hub.py)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype)
+        pipe = StableDiffusion3Pipeline.from_pretrained(repo, revision=revision, dtype=dtype)
     except OSError as e:  # hub errors (gated, not found, offline) and unreadable folders are all OSErrors
         raise ModelUnavailableError(hub_advice(name_or_path, e)) from e
     text_encoder_device = text_encoder_device or device

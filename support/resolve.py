@@ -11,7 +11,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from rewards import REWARDS
 from support import models, prompts, reward_backends
 from support.config import Config
-from support.hub import ModelUnavailableError, hub_advice
+from support.hub import ModelUnavailableError, hub_advice, split_revision
 from world import toy_world
 
 
@@ -31,7 +31,7 @@ def load_model(cfg):
     try:
         model = models.load_model(cfg.base, cfg.device, precision(cfg), cfg.text_encoder_device or None,
                                   cfg.max_sequence_length)
-    except (FileNotFoundError, ModelUnavailableError) as e:  # a missing folder; a gated or absent hub id
+    except (FileNotFoundError, ModelUnavailableError, ValueError) as e:  # no such folder; a gated or absent hub id
         raise SystemExit(f"--model: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
@@ -42,12 +42,13 @@ def load_model(cfg):
 
 
 def adapter_folder(name, spec):
-    """A PEFT adapter folder from a local path, or a hub id downloaded once by huggingface_hub."""
+    """A PEFT adapter folder from a local path, or a hub id (ID@REVISION pins a revision) downloaded once."""
     if os.path.isdir(spec):
         return spec
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(spec)
+        repo, revision = split_revision(spec)
+        return snapshot_download(repo, revision=revision)
     except (OSError, ValueError) as e:  # hub errors (gated, not found, offline) are OSErrors; a malformed id ValueError
         raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded: "
                          f"{hub_advice(spec, e)}") from None

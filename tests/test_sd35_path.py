@@ -14,7 +14,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from support import rollouts
-from support import config, resolve
+from support import checkpoint, config, hub, provenance, resolve
+from eval import main as eval_main
 import flow_matching
 from tools import infer
 from support import models
@@ -64,9 +65,22 @@ def test_sd35_pipeline_distill_with_peft_teachers_end_to_end(sd3_world, tmp_path
     assert (run / "checkpoint-2" / "optimizer.pt").exists()
     # the student loads in a fresh diffusers pipeline through load_lora_weights
     from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_world / "pipeline"), dtype=torch.float32)
     pipe.load_lora_weights(str(run / "export"))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    # its model card, beside the PEFT folder and the export: the base, each teacher and the anchor with its sha256
+    for folder in (run / "adapter", run / "export" / "peft"):
+        assert LoraConfig.from_pretrained(str(folder)).base_model_name_or_path == str(sd3_world / "pipeline")
+    row = lambda role, folder: f"| {role} | `{folder}` | {provenance.weights_sha256(str(folder))} |"
+    for folder in (run / "adapter", run / "export"):
+        card = (folder / "README.md").read_text()
+        assert row("base", sd3_world / "pipeline") in card
+        for role, teacher in (("teacher geneval", "geneval"), ("teacher ocr", "ocr"), ("MAR anchor", "deqa")):
+            assert row(role, sd3_world / teacher) in card
+        assert "| cold start |" in card and "  --opd_iters 2" in card and "Not evaluated." in card
+    resolve.load_lora(models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu"),
+                      str(run / "adapter"), "student")   # the PEFT folder, README and all
 
 
 def test_sd35_pipeline_rejects_teacher_of_another_architecture(sd3_world, tmp_path):
@@ -84,6 +98,18 @@ def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
     argv = _argv(sd3_world, tmp_path / "students") + ["--prompts", f"geneval={bad}"]
     with pytest.raises(SystemExit, match="line 2"):
         train.main(argv)
+
+
+def test_model_card_names_the_hub_base_and_the_scores(tmp_path):
+    from huggingface_hub import ModelCard
+    record = provenance.made_here("Flow-OPD student", 0, 300, {
+        "base": provenance.source("stabilityai/stable-diffusion-3.5-medium@b940f67"),
+        "ocr": provenance.source("jieliu/SD3.5M-FlowGRPO-Text")})
+    provenance.write_model_card([str(tmp_path)], record, "settings: the defaults", {"ocr": 0.8125, "se/ocr": 0.03125})
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium" and card.data.library_name == "diffusers"
+    assert "| teacher ocr | `jieliu/SD3.5M-FlowGRPO-Text` | not hashed (a hub id) |" in card.text
+    assert "| ocr | 0.8125 | 0.031 |" in card.text and "settings: the defaults" in card.text
 
 
 # ------------------------------------------------------------------------------ text encoders, T5 length
@@ -197,14 +223,92 @@ def test_sd35_unavailable_hub_teacher_ends_in_advice(monkeypatch):
     assert msg.startswith("adapter geneval: 'jieliu/no-such-teacher' is not a folder here") and "check the id" in msg
 
 
+# ------------------------------------------------------------------------------------------------ eval
+@pytest.mark.slow
+def test_eval_sd3_pipeline_with_loras_on_a_prompt_file_with_rapidocr(sd3_world, tmp_path, monkeypatch, capsys):
+    """`python eval.py --model PIPELINE --lora ROW=PEFT --adapter ROW=EXPORT --eval_prompts ocr=FILE --ocr_reward
+    rapidocr --paired`: RapidOCR reads every image, the sizes are train.py's flags, the same LoRA in its two formats
+    scores the same, and the world-only parts (style shares, --ood) are skipped for an SD3 model."""
+    from support import reward_backends
+    model = models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu")
+    model.load_adapter(str(sd3_world / "ocr"), "ocr")
+    export = checkpoint.export_lora(model, "ocr", str(tmp_path / "export"))
+    read, recognise = [], reward_backends.RapidOCRReward.recognise
+    monkeypatch.setattr(reward_backends.RapidOCRReward, "recognise",
+                        lambda self, image: read.append(image.shape) or recognise(self, image))
+    common = ["--model", str(sd3_world / "pipeline"), "--device", "cpu", "--eval_steps", "2",
+              "--eval_prompts_per_task", "2", "--eval_images_per_prompt", "2"]
+    out = tmp_path / "table.json"
+    eval_main(common + ["--lora", f"peft={sd3_world / 'ocr'}", "--adapter", f"export={export}", "--paired",
+                        "--eval_prompts", f"ocr={sd3_world / 'ocr.txt'}", "--ocr_reward", "rapidocr",
+                        "--out", str(out)])
+    assert read == [(IMAGE_SIZE, IMAGE_SIZE, 3)] * 12   # 3 rows x 2 prompts x 2 images, each read by RapidOCR
+    table = json.loads(out.read_text())
+    assert set(table["rows"]) == {"base", "peft", "export"} and table["meta"]["tasks"] == ["ocr"]
+    assert table["rows"]["peft"] == table["rows"]["export"] and set(table["rows"]["base"]) >= {"ocr", "deqa"}
+    assert table["paired"]["peft"] == table["paired"]["export"] and table["paired"]["peft"][0]["deqa"]["mean"] != 0
+    eval_main(common + ["--tasks", "ocr", "--eval_prompts_per_task", "1", "--eval_images_per_prompt", "1"])
+    assert "web/ocr" not in capsys.readouterr().out   # the world's prompts, but not the world's images
+    with pytest.raises(SystemExit, match="^--ood is the miniature world's out-of-domain set"):
+        eval_main(common + ["--ood"])
+
+
+# --------------------------------------------------------------------------------------- ID@REVISION
+def test_split_revision_pins_hub_ids_and_keeps_local_paths_whole(tmp_path):
+    assert hub.split_revision("org/name@v1.0") == ("org/name", "v1.0")
+    assert hub.split_revision("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    assert hub.split_revision("org/name") == ("org/name", None)
+    local = tmp_path / "run@3"
+    local.mkdir()
+    assert hub.split_revision(str(local)) == (str(local), None)   # a path here wins, '@' and all
+    with pytest.raises(ValueError, match="neither a path here nor ID@REVISION"):
+        hub.split_revision("org/name@")
+
+
+def test_revision_reaches_from_pretrained_and_snapshot_download(sd3_world, tmp_path, monkeypatch):
+    """--model, --lora, --teacher/--mar (adapter_folder) and --pickscore_reward pass ID@REVISION's revision on."""
+    import huggingface_hub
+    import transformers
+    from diffusers import StableDiffusion3Pipeline
+    from support import reward_backends
+    real, asked = StableDiffusion3Pipeline.from_pretrained, []
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda repo, revision=None, **kw:
+                        asked.append((repo, revision)) or real(str(sd3_world / "pipeline"), **kw))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None: asked.append((repo, revision)) or str(sd3_world / "ocr"))
+    local = tmp_path / "pipeline@v1"   # a local folder whose name holds an '@'
+    local.symlink_to(sd3_world / "pipeline")
+    for spec in ("org/sd3@0123abc", str(local)):
+        model = resolve.load_model(config.parse_config(["--model", spec, "--device", "cpu", "--mixed_precision", "no"]))
+    resolve.load_lora(model, "org/teacher@v2", "ocr")
+    resolve.adapter_folder("geneval", "org/teacher")
+    assert asked == [("org/sd3", "0123abc"), (str(local), None), ("org/teacher", "v2"), ("org/teacher", None)]
+    del asked[:]
+
+    def clip(repo, revision=None, **kw):
+        asked.append((repo, revision))
+        raise RuntimeError("no CLIP here")
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", clip)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", clip)
+    with pytest.raises(RuntimeError, match="no CLIP here"):
+        reward_backends.PickScoreReward("yuvalkirstain/PickScore_v1@c3f1")
+    with pytest.raises(RuntimeError, match="no CLIP here"):
+        reward_backends.clip_processor("org/clip@v3", 224)
+    assert asked == [("yuvalkirstain/PickScore_v1", "c3f1"), ("org/clip", "v3")]
+    with pytest.raises(SystemExit, match="^--model: 'org/sd3@' is neither a path here nor ID@REVISION"):
+        resolve.load_model(config.parse_config(["--model", "org/sd3@", "--device", "cpu"]))
+
+
 # ----------------------------------------------------------------------------------------------- infer
 def test_infer_lora_from_hub_id_at_a_resolution(sd3_world, tmp_path, monkeypatch):
     import huggingface_hub
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(sd3_world / "ocr"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None: asked.append(repo) or str(sd3_world / "ocr"))
     common = ["--model", str(sd3_world / "pipeline"), "--prompt", "a cat", "--num_images", "1", "--eval_steps", "2",
               "--device", "cpu", "--resolution", str(2 * IMAGE_SIZE), "--out", str(tmp_path / "grid.png")]
-    outs = [infer.main(common + ["--lora", lora]) for lora in ("someone/SD3.5M-teacher", str(sd3_world / "ocr"))]
+    outs = [infer.main(common + ["--lora", f"ocr={lora}"])["ocr"] for lora in ("someone/SD3.5M-teacher",
+                                                                               str(sd3_world / "ocr"))]
     assert asked == ["someone/SD3.5M-teacher"]
     assert outs[0].shape == (1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE)  # --resolution, not the native size
     assert torch.equal(outs[0], outs[1])  # the hub id resolved to the same adapter as its folder
