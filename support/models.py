@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import flow_matching
 from flow_matching import guidance
+from support.adapters import check_adapter_fits
 from support.hub import ModelUnavailableError, hub_advice
 from world import model as world_model
 
@@ -202,8 +203,9 @@ class T2IModel(nn.Module):
             raise FileNotFoundError(f"no adapter at {path!r} (expected adapter_model.safetensors and "
                                     f"adapter_config.json in PEFT format)")
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
-        check_adapter_fits(self.transformer, state, path)
-        self.add_adapter(LoraConfig.from_pretrained(path), name)
+        config = LoraConfig.from_pretrained(path)
+        check_adapter_fits(self.transformer, state, weights, config)
+        self.add_adapter(config, name)
         set_peft_model_state_dict(self.transformer, state, adapter_name=name)
 
     def save(self, path, dtype=torch.float16):
@@ -217,26 +219,6 @@ class T2IModel(nn.Module):
         copy.deepcopy(self.encoder).to("cpu", dtype).save(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-
-
-def check_adapter_fits(transformer, state, source):
-    """Teacher and student must share an architecture (paper §6): every LoRA factor must name a linear
-    layer of this transformer with matching in/out features. Raise an error naming the first mismatch."""
-    modules = dict(transformer.named_modules())
-    for key, w in state.items():
-        path, kind = key.rsplit(".lora_", 1)
-        layer = modules.get(path)
-        if layer is None:
-            raise ValueError(f"adapter {source!r} does not fit this model: it has weights for {path!r}, which "
-                             f"this transformer lacks (was it trained on another base model?)")
-        base = getattr(layer, "base_layer", layer)
-        want = base.in_features if kind.startswith("A") else base.out_features
-        got = w.shape[1] if kind.startswith("A") else w.shape[0]
-        if want != got:
-            raise ValueError(f"adapter {source!r} does not fit this model: {path} has "
-                             f"{'in' if kind.startswith('A') else 'out'}_features={want}, the adapter's "
-                             f"lora_{kind} expects {got} (teacher and student must share one architecture)")
-
 
 
 def build_world_model(cfg=None, seed=0):

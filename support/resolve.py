@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, set_peft_model_state_dict
 
 from rewards import REWARDS
-from support import models, prompts, reward_backends
+from support import adapters, models, prompts, reward_backends
 from support.config import Config
 from support.hub import ModelUnavailableError, hub_advice
 from world import toy_world
@@ -114,7 +114,6 @@ def load_diffusers_lora(model, path, name):
         raise ValueError(f"{path!r} has LoRA weights outside the transformer (e.g. {others[0]!r}); only "
                          "transformer LoRAs are supported")
     state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in raw.items()}
-    models.check_adapter_fits(model.transformer, state, path)
     if metadata:  # the LoraConfig that export_lora (and diffusers' own trainers) store
         config = LoraConfig(**{k.removeprefix(DIFFUSERS_PREFIX): v for k, v in metadata.items()})
     else:  # none stored: rank from the factors and alpha = r, diffusers' own assumption for such files
@@ -123,6 +122,7 @@ def load_diffusers_lora(model, path, name):
             raise ValueError(f"{path!r} stores no LoRA config and has mixed ranks {sorted(ranks)}")
         r = ranks.pop()
         config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted({k.rsplit(".lora_", 1)[0] for k in state}))
+    adapters.check_adapter_fits(model.transformer, state, path, config)
     model.add_adapter(config, name)
     set_peft_model_state_dict(model.transformer, state, adapter_name=name)
 

@@ -8,6 +8,7 @@ text encoders' device, the scheduler's time grid, and the advice given when a hu
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -76,6 +77,38 @@ def test_sd35_pipeline_rejects_teacher_of_another_architecture(sd3_world, tmp_pa
         train.main(argv)
     msg = str(e.value)
     assert msg.startswith("teacher ocr:") and "does not fit this model" in msg, msg
+
+
+def _damaged_copy(src, dst, drop=(), add=None):
+    """A copy of a PEFT teacher folder whose weights file lacks the keys `drop` and has the tensors `add`."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    weights = os.path.join(dst, "adapter_model.safetensors")
+    state = {k: v for k, v in load_file(weights).items() if k not in drop}
+    save_file({**state, **(add or {})}, weights)
+    return str(dst), weights
+
+
+@pytest.mark.parametrize("damage", ["missing_B", "missing_A", "foreign_key"])
+def test_sd35_teacher_with_a_missing_or_foreign_lora_factor_is_refused(sd3_world, tmp_path, damage):
+    """PEFT would load a teacher lacking one block's lora_B with B = 0 on that layer (the teacher silently off
+    there); the check names the layer and the file instead."""
+    layer = "base_model.model.transformer_blocks.1.attn.to_q"
+    kind = {"missing_B": "lora_B", "missing_A": "lora_A"}.get(damage)
+    drop = [f"{layer}.{kind}.weight"] if kind else []
+    add = {"base_model.model.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(4, 16)} \
+        if damage == "foreign_key" else None
+    folder, weights = _damaged_copy(sd3_world / "ocr", tmp_path / "ocr", drop, add)
+    argv = _argv(sd3_world, tmp_path / "students") + ["--teacher", f"ocr={folder}"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("teacher ocr:") and repr(weights) in msg and "\n" not in msg, msg
+    if kind:
+        assert f"lacks {kind} of transformer_blocks.1.attn.to_q, a layer its config targets" in msg, msg
+    else:
+        assert "'transformer_blocks.7.attn.to_q', which this transformer lacks" in msg, msg
+    assert not (tmp_path / "students").exists()   # refused before anything was built
 
 
 def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
