@@ -46,21 +46,21 @@ from sde_sampler import gaussian_logprob
 from support import checkpoint, distributed
 from support.config import describe, parse_config
 from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars, write_json
-from support.provenance import made_here, source, stamp, this_command, weights_sha256
+from support.provenance import made_here, run_sources, source, stamp, this_command, weights_sha256
 from support.resolve import eval_settings, load_model, main_protocol, probe_settings, prompt_pool, reward_registry
-from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
-                              sample_rollouts, trainable, trained_steps)
+from support.rollouts import (amp, draw_records, loss_scaler, micro_batch_conds, micro_steps, optimizer_step,
+                              policy_step_mean, sample_rollouts, scaled, trainable, trained_steps)
 from support.teachers import (TEACHER_TASKS, load_teachers, new_grpo_lora, reward_weights, rewards_for,
                               rollout_styles)
 
 
 # ------------------------------------------------------------------ stage 1: the Flow-GRPO teachers (§4)
 
-def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
+def grpo_gradient(model, name, cfg, pool, rewards_fns, gen, scaler=None):
     """One GRPO iteration up to the optimizer step: sample G SDE trajectories per prompt, reward them,
     group-normalise, and accumulate the clipped policy gradient of adapter `name` over the trained steps
-    into .grad. Returns (rewards (N,), per-micro-step GRPOLoss list, style shares of the rollouts: {"web",
-    "blurred"} on the world's prompts (world/styles.py), else {})."""
+    into .grad (through the fp16 loss scaler, if any). Returns (rewards (N,), per-micro-step GRPOLoss list,
+    style shares of the rollouts: {"web", "blurred"} on the world's prompts (world/styles.py), else {})."""
     prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen, cfg.balance_tags)
     records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
     steps = trained_steps(cfg, gen, cfg.sde_window)
@@ -80,7 +80,7 @@ def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
                     model.adapter(name)
         logp = gaussian_logprob(mb.x_next, mean, mb.std)
         out = grpo_loss(logp, mb.logp, adv[mb.rows], cfg.clip_range, cfg.beta, mean, ref_mean, mb.std)
-        (out.loss * mb.scale).backward()
+        scaled(out.loss * mb.scale, scaler).backward()
         stats.append(out)
     return rewards, stats, rollout_styles(images, records, rewards_fns)
 
@@ -90,11 +90,11 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
     pool: {task: train records}; rewards_fns: the reward registry. run_dir: where --checkpoint_every writes
     checkpoint-N/ and from where --resume_from_checkpoint latest continues (a fresh start if it holds none)."""
     params = new_grpo_lora(model, name, cfg)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    opt, scaler = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4), loss_scaler(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # rank > 0: other prompts and noise (distributed.py)
-    start = 0
+    start, record = 0, run_sources(cfg.base, model.schedule())   # what each checkpoint records and a resume checks
     if run_dir and cfg.resume_from_checkpoint and checkpoint.latest_checkpoint(run_dir):
-        start = checkpoint.resume_training(cfg, run_dir, model, opt, None, gen, rank, adapter=name)
+        start = checkpoint.resume_training(cfg, run_dir, model, opt, None, gen, rank, name, record, scaler)
     n = cfg.prompts_per_iter * cfg.group_size
     k = cfg.sde_window or min(cfg.train_timesteps, cfg.num_steps - 1)
     if rank == 0:
@@ -108,11 +108,11 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
         log_probe(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
     bar = tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0)
     for it in bar:
-        rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns, gen)
-        optimizer_step(params, opt)
+        rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns, gen, scaler)
+        optimizer_step(params, opt, scaler=scaler)
         bar.set_postfix(reward=f"{rewards.mean().item():.3f}")
         if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-            checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, adapter=name)
+            checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, name, record, scaler)
         metrics = distributed.mean_over_processes(
             dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
                  clipfrac=float(np.mean([s.clipfrac.item() for s in stats])),
@@ -183,11 +183,13 @@ def stage_distill(cfg):
         stamp(cold_path, scores=scalars(cold), protocol=kw)
     model.adapter("student")
     params = trainable(model, "student")
-    opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
+    opt, scaler = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4), loss_scaler(cfg)
     ema = checkpoint.EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     loss_fn = torch.compile(flow_opd_loss) if cfg.compile else flow_opd_loss  # the velocity-discrepancy core
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own prompts and noise
-    start = checkpoint.resume_training(cfg, run_dir, model, opt, ema, gen, rank) if cfg.resume_from_checkpoint else 0
+    record = run_sources(cfg.base, model.schedule(), sources)   # what each checkpoint records and a resume checks
+    start = checkpoint.resume_training(cfg, run_dir, model, opt, ema, gen, rank, sources=record, scaler=scaler) \
+        if cfg.resume_from_checkpoint else 0
     log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl"), fresh=start == 0) if rank == 0 else None
     per_iter = cfg.opd_prompts * cfg.opd_group * world  # images the student samples per iteration
     probe = {**kw, **probe_settings(cfg)}  # --eval_every: the avg-vs-images curve (kw: --eval_prompts, rewards)
@@ -204,8 +206,8 @@ def stage_distill(cfg):
         drawn = sorted(draw_records(pool, weights, cfg.opd_prompts, gen, cfg.balance_tags), key=lambda r: r["task"])
         records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
-                                        anchor, cfg, loss_fn, gen, team=list(teachers.values()))
-        optimizer_step(params, opt, ema)
+                                        anchor, cfg, loss_fn, gen, list(teachers.values()), scaler)
+        optimizer_step(params, opt, ema, scaler)
         metrics = {"kl": kl, "mar": mar}
         if cfg.log_rewards:
             rewards = combined_reward(images, records, {"task": 1.0}, rewards_fns)
@@ -214,7 +216,7 @@ def stage_distill(cfg):
         metrics = distributed.mean_over_processes(metrics)
         done = it + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            checkpoint.save_training_state(cfg, run_dir, done, model, opt, ema, gen, rank)
+            checkpoint.save_training_state(cfg, run_dir, done, model, opt, ema, gen, rank, "student", record, scaler)
         if rank > 0:
             continue
         log(stage="distill", iter=it, **metrics)
@@ -237,7 +239,7 @@ def make_student(model, cfg, teachers, sources):
     cold start is never reused for other teachers, retrained ones, or another model."""
     path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
     names = list(teachers.values())
-    built_from = {"base": source(cfg.base), **{n: source(sources[n]) for n in names}}
+    built_from = {"base": source(cfg.base), **{n: sources[n] for n in names}}
     made = os.path.join(path, "provenance.json")
     record = json.load(open(made)) if os.path.isfile(made) else {}
     same = lambda a: {n: s["sha256"] or s["path"] for n, s in a.items()}   # by weights; a hub id by its name
@@ -266,12 +268,12 @@ def make_student(model, cfg, teachers, sources):
     return path
 
 
-def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
+def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None, scaler=None):
     """One Flow-OPD iteration up to the optimizer step (§2.10's loop): the student samples SDE trajectories;
     at each trained step, the routed teacher and the MAR anchor give their velocities at the student's own
     states (adapter switches on the one backbone, no grad), then the student's forward and the total loss
     L = L_OPD + λ·MAR (loss_fn: opd_loss.flow_opd_loss, maybe compiled) are backpropagated.
-    team: every teacher adapter (soft routing mixes them all; default: those routed).
+    team: every teacher adapter (soft routing mixes them all; default: those routed); scaler: rollouts.loss_scaler's.
     Returns the decoded images and the mean step KL and MAR terms."""
     team = team or sorted(set(routed))
     model.adapter("student")
@@ -291,7 +293,7 @@ def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
         loss, kl, mar = loss_fn(x_t=mb.x_t, x_next=mb.x_next, t=mb.t, t_next=mb.t_next, std=mb.std,
                                 old_logp=mb.logp, v_student=v_s, v_teacher=v_T, v_anchor=v_A,
                                 noise_level=cfg.noise_level, estimator=cfg.estimator, mar_lambda=cfg.mar_lambda)
-        (loss * mb.scale).backward()
+        scaled(loss * mb.scale, scaler).backward()
         kls.append(kl)
         mars.append(mar)
     return images, torch.cat(kls).mean().item(), torch.stack(mars).mean().item()
@@ -319,7 +321,7 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
     adapter, cold_path = os.path.join(path, "adapter"), os.path.join(cfg.cold_start_dir, cfg.cold_start)
     model.save_adapter("student", adapter)
     stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
-        "base": source(cfg.base), "cold_start": source(cold_path), **{n: source(spec) for n, spec in sources.items()}}))
+        "base": source(cfg.base), "cold_start": source(cold_path), **sources}))
     checkpoint.export_lora(model, "student", os.path.join(path, "export"))
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
           f"{(time.time() - t0) / 60:.1f} min")
@@ -329,7 +331,7 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
             folder = os.path.join(cfg.teacher_dir, teacher)
             rows[f"teacher/{teacher}"] = evaluate(model, teacher, **kw) if cfg.teacher else \
                 evaluate_cached(model, teacher, folder, **kw)
-            folders[f"teacher/{teacher}"] = sources[teacher]
+            folders[f"teacher/{teacher}"] = sources[teacher]["path"]
         # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
         name = f"flow_opd/{os.path.basename(path)}"
         rows[name], folders[name] = evaluate_cached(model, "student", adapter, **kw), adapter

@@ -95,6 +95,12 @@ class T2IModel(nn.Module):
         scheduler.set_timesteps(num_steps)
         return scheduler.sigmas.float()
 
+    def schedule(self):
+        """What the time grid depends on besides T, as checkpoints record it (provenance.run_sources): the shift
+        and, for SD3, the scheduler's num_train_timesteps (None for the world model, which has no scheduler)."""
+        steps = self.scheduler and self.scheduler.config.num_train_timesteps
+        return {"shift": self.shift, "num_train_timesteps": steps}
+
     def encode_prompts(self, prompts):
         return self.encoder(list(prompts))
 
@@ -249,19 +255,29 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_dev
                     max_sequence_length=max_sequence_length)
 
 
+def text_encoder_dtype(dtype, device):
+    """SD3's frozen text encoders' dtype beside a transformer in `dtype`: fp32 on the CPU (bf16 matmuls are slow
+    on many CPUs), bf16 for an fp16 transformer (T5-XXL's activations overflow fp16's range), else `dtype`."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_device=None, max_sequence_length=128):
     """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface.
     text_encoder_device: where the three frozen text encoders live (default: `device`). SD3.5-M's CLIP-L,
-    CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, in
-    fp32 (bf16 matmuls are slow on many CPUs), and their embeddings are moved to `device` (SD3Encoder)."""
+    CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, and
+    their embeddings are moved to `device` (SD3Encoder); their dtype: text_encoder_dtype."""
     from diffusers import StableDiffusion3Pipeline
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype)
+    text_encoder_device = text_encoder_device or device
+    text_dtype = text_encoder_dtype(dtype, text_encoder_device)
+    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    try:  # each text encoder read straight into its own dtype (no detour through the transformer's)
+        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype={"default": dtype, **{
+            name: text_dtype for name in encoders}})
     except OSError as e:  # hub errors (gated, not found, offline) and unreadable folders are all OSErrors
         raise ModelUnavailableError(hub_advice(name_or_path, e)) from e
-    text_encoder_device = text_encoder_device or device
-    text_dtype = torch.float32 if torch.device(text_encoder_device).type == "cpu" else dtype
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for name in encoders:
         if getattr(pipe, name) is not None:
             getattr(pipe, name).to(text_encoder_device, text_dtype)
     pipe.transformer.to(device)

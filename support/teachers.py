@@ -8,6 +8,7 @@ import os
 import torch
 
 from support import models
+from support.provenance import weights_sha256
 from support.resolve import adapter_folder, named_paths, reward_registry
 from support.rollouts import trainable
 from rewards import REWARDS
@@ -73,7 +74,8 @@ def rollout_styles(images, records, rewards_fns):
 
 def load_teachers(model, cfg):
     """Load the routed teachers and the MAR anchor as adapters on the one backbone. Returns ({task: teacher
-    adapter}, the anchor adapter or None for the base, {adapter: folder or hub id}). --teacher NAME=PATH_OR_ID
+    adapter}, the anchor adapter or None for the base, {adapter: {"path": folder or hub id, "sha256": of the
+    weights loaded}}). --teacher NAME=PATH_OR_ID
     gives them (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are
     used, and a missing one is an error naming the command that trains it. --mar is deqa, base, none, or a
     PATH_OR_ID."""
@@ -96,9 +98,12 @@ def load_teachers(model, cfg):
     unrouted = [n for n in sources if n not in cfg.routes and n not in ("deqa", "anchor")]
     if unrouted:
         raise SystemExit(f"teachers {unrouted} have no route: name teachers by task ({cfg.routes}) or set --routes")
+    loaded = {}
     for name, spec in sources.items():
         try:
-            model.load_adapter(adapter_folder(name, spec), name)
+            folder = adapter_folder(name, spec)
+            model.load_adapter(folder, name)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"teacher {name}: {e}") from None
-    return {n: n for n in sources if n in cfg.routes}, anchor, sources
+        loaded[name] = {"path": spec, "sha256": weights_sha256(folder)}   # a hub id's too: its downloaded files
+    return {n: n for n in sources if n in cfg.routes}, anchor, loaded

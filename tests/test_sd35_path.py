@@ -18,7 +18,7 @@ from support import rollouts
 from support import config, resolve
 import flow_matching
 from tools import infer
-from support import models
+from support import models, provenance
 import train
 from world import toy_world
 from tiny_sd3 import CLIP_MAX_LENGTH, IMAGE_SIZE, save_random_loras, save_tiny_sd3_pipeline
@@ -63,6 +63,22 @@ def test_sd35_pipeline_distill_with_peft_teachers_end_to_end(sd3_world, tmp_path
     rows = [json.loads(line) for line in open(run / "train_log.jsonl")]
     assert [r["iter"] for r in rows] == [0, 1] and all(r["kl"] > 0 and r["mar"] > 0 for r in rows)
     assert (run / "checkpoint-2" / "optimizer.pt").exists()
+    made_from = json.load(open(run / "checkpoint-2" / "state.json"))["sources"]   # the teachers, anchor and base
+    assert made_from["ocr"] == {"path": str(sd3_world / "ocr"), "sha256": provenance.weights_sha256(str(sd3_world / "ocr"))}
+    assert made_from["anchor"]["path"] == str(sd3_world / "deqa") and made_from["anchor"]["sha256"]
+    assert made_from["base"]["scheduler"] == {"shift": 3.0, "num_train_timesteps": 1000}
+    more = ["--resume_from_checkpoint", "latest", "--opd_iters", "3"]
+    with pytest.raises(SystemExit) as e:   # another teacher set: refused, naming the teacher that changed
+        train.main(_argv(sd3_world, students, more + ["--teacher", f"ocr={sd3_world / 'geneval'}"]))
+    assert "was made with other models: ocr: " in str(e.value) and "geneval (sha256" in str(e.value), str(e.value)
+    shifted = tmp_path / "shifted"   # the same weights, a scheduler with another shift
+    shutil.copytree(sd3_world / "pipeline", shifted)
+    conf = json.load(open(shifted / "scheduler" / "scheduler_config.json"))
+    json.dump({**conf, "shift": 2.0}, open(shifted / "scheduler" / "scheduler_config.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(sd3_world, students, more + ["--model", str(shifted)]))
+    msg = str(e.value)
+    assert "other models: base: " in msg and "'shift': 3.0" in msg and "'shift': 2.0" in msg and "ocr" not in msg, msg
     # the student loads in a fresh diffusers pipeline through load_lora_weights
     from diffusers import StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_world / "pipeline"), dtype=torch.float32)
@@ -144,6 +160,27 @@ def test_sd35_text_encoders_on_cpu_in_fp32_beside_a_bf16_transformer(sd3_world):
     assert empty.shape == fresh.shape and empty_pooled.shape == fresh_pooled.shape
     torch.testing.assert_close(empty, fresh, rtol=1e-5, atol=1e-6)
     assert model.encode_prompts([""])[0].data_ptr() == empty.data_ptr()  # the cached tensor, not a new encoding
+
+
+def test_sd35_fp16_keeps_text_encoders_out_of_fp16_and_trains_with_a_loss_scaler(sd3_world, tmp_path, monkeypatch):
+    assert models.text_encoder_dtype(torch.float16, "cuda") == torch.bfloat16   # T5 overflows fp16
+    assert models.text_encoder_dtype(torch.float16, "cpu") == torch.float32
+    assert models.text_encoder_dtype(torch.bfloat16, "cuda:1") == torch.bfloat16
+    assert models.text_encoder_dtype(torch.float32, "cuda") == torch.float32
+    model = resolve.load_model(config.parse_config(["--model", str(sd3_world / "pipeline"), "--device", "cpu",
+                                                    "--mixed_precision", "fp16"]))
+    pipe = model.encoder.pipe
+    assert model.transformer.dtype == torch.float16
+    assert all(enc.dtype == torch.float32 for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+    steps = []   # the distillation loop steps through the scaler
+    real = rollouts.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda *a: steps.append(a[3]) or real(*a))
+    train.main(_argv(sd3_world, tmp_path / "students", ["--mixed_precision", "fp16", "--opd_iters", "1"]))
+    assert len(steps) == 1 and isinstance(steps[0], torch.amp.GradScaler) and steps[0].get_scale() == 2.0 ** 16
+    state = json.load(open(tmp_path / "students" / "merge" / "checkpoint-1" / "state.json"))
+    assert state["scaler"]["scale"] == 2.0 ** 16   # saved for an exact resume
+    rows = [json.loads(line) for line in open(tmp_path / "students" / "merge" / "train_log.jsonl")]
+    assert rows[0]["kl"] > 0 and torch.isfinite(torch.tensor(rows[0]["kl"]))
 
 
 # ------------------------------------------------------------------------------------------ time grid

@@ -19,7 +19,7 @@ from opd_loss import flow_opd_loss, kl_weight
 from router import target_velocity
 from safetensors.torch import load_file
 from sde_sampler import gaussian_logprob, sde_step
-from support import models, provenance, rollouts, teachers
+from support import checkpoint, models, provenance, rollouts, teachers
 from support.config import Config
 from support.resolve import eval_settings, main_protocol, prompt_pool
 from world import toy_world
@@ -397,3 +397,33 @@ def test_a_cold_start_is_rebuilt_when_a_teacher_is_retrained(tmp_path, teacher_d
     assert "rebuilding it" in capsys.readouterr().out
     made = json.load(open(tmp_path / "cold" / "merge" / "provenance.json"))
     assert made["built_from"]["ocr"]["sha256"] == provenance.weights_sha256(str(tmp_path / "teachers" / "ocr"))
+
+
+# ------------------------------------------------------------------------------------- fp16 loss scaling
+def _fp16_step(scaler, loss_weight, ema=False):
+    """One optimizer step of an fp32 LoRA-like parameter whose loss is backpropagated through fp16 activations
+    (as a LoRA on an fp16 transformer): d loss / d p = 2 * loss_weight per element, flowing through fp16."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt, avg = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0), checkpoint.EMA([p], decay=0.5)
+    y = p.half() * torch.full((4,), 2.0, dtype=torch.float16)           # fp16 activations
+    rollouts.scaled(y.float().sum() * loss_weight, scaler).backward()
+    grad = p.grad.clone()
+    rollouts.optimizer_step([p], opt, avg if ema else None, scaler)
+    return p.detach(), grad, avg.shadow[0]
+
+
+def test_fp16_loss_scaler_keeps_a_gradient_that_would_underflow():
+    assert rollouts.loss_scaler(Config(device="cpu")) is None        # the world on the CPU: no AMP, no scaler
+    assert rollouts.loss_scaler(Config(device="cpu", mixed_precision="bf16")) is None
+    scaler = rollouts.loss_scaler(Config(device="cpu", mixed_precision="fp16"))
+    assert scaler.get_scale() == 2.0 ** 16
+    # 1e-8 per activation is below fp16's smallest subnormal (6e-8): without a scaler the gradient is exactly 0
+    p, grad, _ = _fp16_step(None, 1e-8)
+    assert torch.equal(grad, torch.zeros(4)) and torch.equal(p, torch.ones(4))   # silently not trained
+    p, grad, _ = _fp16_step(scaler, 1e-8)
+    assert torch.allclose(grad / scaler.get_scale(), torch.full((4,), 2e-8), rtol=2e-3)   # the true gradient
+    want = 1 - 0.1 * 2e-8 / (2e-8 + 1e-8)   # Adam's first step: lr * g / (|g| + eps), eps = 1e-8
+    assert torch.allclose(p, torch.full((4,), want), rtol=1e-4)
+    # an overflowing step is skipped, the EMA with it, and the scale halves
+    p, _, shadow = _fp16_step(scaler, 1e30, ema=True)
+    assert torch.equal(p, torch.ones(4)) and torch.equal(shadow, torch.ones(4)) and scaler.get_scale() == 2.0 ** 15
