@@ -50,8 +50,8 @@ from support.provenance import made_here, run_sources, source, stamp, this_comma
 from support.resolve import eval_settings, load_model, main_protocol, probe_settings, prompt_pool, reward_registry
 from support.rollouts import (amp, draw_records, loss_scaler, micro_batch_conds, micro_steps, optimizer_step,
                               policy_step_mean, sample_rollouts, scaled, trainable, trained_steps)
-from support.teachers import (TEACHER_TASKS, load_teachers, new_grpo_lora, reward_weights, rewards_for,
-                              rollout_styles)
+from support.teachers import (TEACHER_TASKS, guidance_scales, load_teachers, new_grpo_lora, reward_weights,
+                              rewards_for, rollout_styles)
 
 
 # ------------------------------------------------------------------ stage 1: the Flow-GRPO teachers (§4)
@@ -275,14 +275,14 @@ def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None, 
     L = L_OPD + λ·MAR (loss_fn: opd_loss.flow_opd_loss, maybe compiled) are backpropagated.
     team: every teacher adapter (soft routing mixes them all; default: those routed); scaler: rollouts.loss_scaler's.
     Returns the decoded images and the mean step KL and MAR terms."""
-    team = team or sorted(set(routed))
+    team, scales = team or sorted(set(routed)), guidance_scales(cfg)   # --teacher_guidance: per-teacher CFG
     model.adapter("student")
     traj, images = sample_rollouts(model, records, cfg, gen)
     steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
     kls, mars = [], []
     for mb in micro_steps(traj, steps, micro_batch_conds(model, records, cfg), cfg.micro_batch):
         with torch.no_grad(), amp(cfg):
-            v_T = target_velocity(model, mb.x_t, mb.t, mb.conds, routed[mb.rows], team, cfg.soft_routing)
+            v_T = target_velocity(model, mb.x_t, mb.t, mb.conds, routed[mb.rows], team, cfg.soft_routing, scales)
             v_A = None
             if cfg.mar_anchor != "none":
                 model.adapter(anchor)  # None = the base, adapters disabled

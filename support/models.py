@@ -11,8 +11,8 @@ Two backends share the `T2IModel` interface (encode prompts, velocity, decode la
 Teachers, student and MAR anchor are LoRA adapters on the one transformer (diffusers' PEFT integration),
 saved and loaded in PEFT's format, the format of the published Flow-GRPO teachers.
 
-Time convention: t = sigma in [0, 1], t = 1 is noise; SD3 transformers take timestep = 1000 * t.
-Self-check: python -m support.models
+Time convention: t = sigma in [0, 1], t = 1 is noise; SD3 transformers take timestep = 1000 * t. Self-check:
+python -m support.models
 """
 import copy
 import os
@@ -77,12 +77,16 @@ class T2IModel(nn.Module):
     def latent_shape(self):
         return (self.transformer.config.in_channels, self.latent_side, self.latent_side)
 
-    def set_resolution(self, pixels):
-        """Sample at `pixels` x `pixels` (the paper trains SD3.5-M at 512): latent side = pixels / 2^(blocks-1)."""
+    def latent_shape_at(self, pixels=0):
+        """The latents of `pixels` x `pixels` images (0: the current resolution), side pixels / 2^(blocks-1)."""
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if pixels % (factor * self.transformer.config.patch_size):
             raise ValueError(f"resolution {pixels} must be a multiple of {factor * self.transformer.config.patch_size}")
-        self.latent_side = pixels // factor
+        return (self.latent_shape[0], pixels // factor, pixels // factor) if pixels else self.latent_shape
+
+    def set_resolution(self, pixels):
+        """Sample at `pixels` x `pixels` (the paper trains SD3.5-M at 512)."""
+        self.latent_side = self.latent_shape_at(pixels)[1]
 
     def time_grid(self, num_steps, shift=None):
         """(T+1,) float32 sigmas from 1 to 0 that this model samples on (shift: self.shift unless given).
@@ -258,9 +262,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_dev
 def text_encoder_dtype(dtype, device):
     """SD3's frozen text encoders' dtype beside a transformer in `dtype`: fp32 on the CPU (bf16 matmuls are slow
     on many CPUs), bf16 for an fp16 transformer (T5-XXL's activations overflow fp16's range), else `dtype`."""
-    if torch.device(device).type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if dtype == torch.float16 else dtype
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_device=None, max_sequence_length=128):

@@ -27,12 +27,18 @@ def precision(cfg):
 
 def load_model(cfg):
     """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16, its text encoders
-    on --text_encoder_device), at --resolution, with gradient checkpointing if asked."""
+    on --text_encoder_device), at --resolution (--train_resolution checked too), with gradient checkpointing
+    if asked."""
     try:
         model = models.load_model(cfg.base, cfg.device, precision(cfg), cfg.text_encoder_device or None,
                                   cfg.max_sequence_length)
     except (FileNotFoundError, ModelUnavailableError) as e:  # a missing folder; a gated or absent hub id
         raise SystemExit(f"--model: {e}") from None
+    for flag, pixels in (("resolution", cfg.resolution), ("train_resolution", cfg.train_resolution)):
+        try:
+            model.latent_shape_at(pixels)   # checked before anything is sampled
+        except ValueError as e:
+            raise SystemExit(f"--{flag}: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
     model.decode_batch = cfg.decode_batch

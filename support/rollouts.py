@@ -67,10 +67,12 @@ def micro_batch_conds(model, records, cfg):
 
 @torch.no_grad()
 def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
-    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
-    share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
+    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images, at
+    --train_resolution (0: the model's, --resolution, which evaluation samples at). share > 1: each run of
+    `share` consecutive records starts from the same initial noise x1."""
     sigmas = model.time_grid(cfg.num_steps).to(cfg.device)  # SD3.5: its scheduler's grid, as Flow-GRPO
-    x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
+    shape = model.latent_shape_at(cfg.train_resolution)
+    x1_all = torch.randn(len(records) // share, *shape, generator=gen).repeat_interleave(share, 0)
     trajs = []
     for i in range(0, len(records), cfg.micro_batch):
         prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]

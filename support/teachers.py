@@ -72,6 +72,13 @@ def rollout_styles(images, records, rewards_fns):
     return {"web": torch.cat(web).mean().item(), "blurred": styles.blurred(images).mean().item()}
 
 
+def guidance_scales(cfg):
+    """{routed teacher: its own CFG scale} from --teacher_guidance NAME=SCALE (Config checked the form): those
+    teachers' velocities are guided at that scale; the others, the anchor, the student and its rollouts at
+    --guidance_scale. Empty by default, so nothing changes."""
+    return {name: float(scale) for name, scale in named_paths(cfg.teacher_guidance).items()}
+
+
 def load_teachers(model, cfg):
     """Load the routed teachers and the MAR anchor as adapters on the one backbone. Returns ({task: teacher
     adapter}, the anchor adapter or None for the base, {adapter: {"path": folder or hub id, "sha256": of the
@@ -95,6 +102,10 @@ def load_teachers(model, cfg):
     elif anchor == "deqa" and "deqa" not in sources:
         raise SystemExit("--mar deqa needs a deqa teacher: add --teacher deqa=PATH_OR_ID, or pass "
                          "--mar PATH_OR_ID (e.g. the published DeQA teacher), --mar base or --mar none")
+    unguided = sorted(set(guidance_scales(cfg)) - {n for n in sources if n in cfg.routes})
+    if unguided:
+        raise SystemExit(f"--teacher_guidance {' '.join(unguided)}: not a routed teacher (those: "
+                         f"{' '.join(n for n in sources if n in cfg.routes)}); anchor, student: --guidance_scale")
     unrouted = [n for n in sources if n not in cfg.routes and n not in ("deqa", "anchor")]
     if unrouted:
         raise SystemExit(f"teachers {unrouted} have no route: name teachers by task ({cfg.routes}) or set --routes")

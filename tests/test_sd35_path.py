@@ -135,6 +135,55 @@ def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
         train.main(argv)
 
 
+def _record_passes(monkeypatch):
+    """[(active adapter, guidance scale, samples, transformer batch sizes)] of every T2IModel.velocity call."""
+    from diffusers import SD3Transformer2DModel
+    calls, batches = [], []
+    forward, velocity = SD3Transformer2DModel.forward, models.T2IModel.velocity
+    monkeypatch.setattr(SD3Transformer2DModel, "forward",
+                        lambda self, *a, **kw: batches.append(kw["hidden_states"].shape[0]) or forward(self, *a, **kw))
+
+    def recorded(self, x, t, cond, uncond=None, guidance_scale=1.0):
+        n = len(batches)
+        v = velocity(self, x, t, cond, uncond, guidance_scale)
+        calls.append((self._active, guidance_scale, x.shape[0], batches[n:]))
+        return v
+    monkeypatch.setattr(models.T2IModel, "velocity", recorded)
+    return calls
+
+
+def test_sd35_per_teacher_guidance_and_no_cfg_training(sd3_world, tmp_path, monkeypatch):
+    """--guidance_scale 1: rollouts, student and anchor run one conditional pass (no unconditional one);
+    --teacher_guidance geneval=4.5: that teacher alone is guided, with its CFG pair in one batch of 2m."""
+    calls = _record_passes(monkeypatch)
+    train.main(_argv(sd3_world, tmp_path / "a", ["--opd_iters", "1"]))   # the default: CFG 4.5 everywhere
+    assert {c[0] for c in calls} >= {"student", "anchor"}
+    assert all(scale == 4.5 and batches == [2 * n] for _, scale, n, batches in calls)
+    calls.clear()
+    train.main(_argv(sd3_world, tmp_path / "b", ["--opd_iters", "1", "--opd_prompts", "4", "--guidance_scale", "1",
+                                                  "--teacher_guidance", "geneval=4.5"]))
+    by = lambda who: [(scale, n, batches) for active, scale, n, batches in calls if active == who]  # noqa: E731
+    assert by("geneval") and all(scale == 4.5 and batches == [2 * n] for scale, n, batches in by("geneval"))
+    for who in ("student", "anchor", "ocr"):   # one pass each: no unconditional forward at scale 1
+        assert by(who) and all(scale == 1 and batches == [n] for scale, n, batches in by(who)), who
+    with pytest.raises(SystemExit, match=r"--teacher_guidance pickscore: not a routed teacher \(those: geneval ocr\)"):
+        train.main(_argv(sd3_world, tmp_path / "c", ["--teacher_guidance", "pickscore=2"]))
+
+
+def test_sd35_train_resolution_below_the_evaluation_resolution(sd3_world, tmp_path, monkeypatch):
+    seen, real = [], train.sample_rollouts   # (model, (trajectories, images)) of each iteration's rollouts
+    monkeypatch.setattr(train, "sample_rollouts", lambda model, *a, **kw: seen.append((model, real(model, *a, **kw)))
+                        or seen[-1][1])
+    train.main(_argv(sd3_world, tmp_path, ["--opd_iters", "1", "--train_resolution", str(IMAGE_SIZE // 2)]))
+    model, (traj, images) = seen[0]
+    assert images.shape[-2:] == (IMAGE_SIZE // 2, IMAGE_SIZE // 2)        # rollouts at --train_resolution
+    assert traj.x_t.shape[-2:] == (IMAGE_SIZE // 4, IMAGE_SIZE // 4)      # latents: 2x smaller (VAE factor 2)
+    assert model.latent_shape[1] == IMAGE_SIZE // 2   # the latents of --resolution: what evaluation samples
+    assert rollouts.sample_images(model, ["a cat"], steps=2).shape[-1] == IMAGE_SIZE
+    with pytest.raises(SystemExit, match="--train_resolution: resolution 6 must be a multiple of 4"):
+        train.main(_argv(sd3_world, tmp_path, ["--train_resolution", "6"]))
+
+
 # ------------------------------------------------------------------------------ text encoders, T5 length
 def test_sd35_t5_sequence_length_follows_flag(sd3_world):
     pipe = str(sd3_world / "pipeline")

@@ -332,6 +332,20 @@ def test_torchrun_ddp_distill_two_gloo_processes(tmp_path, teacher_dir):
     assert (students / "merge" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_distill_world_with_per_teacher_guidance_and_without_cfg(tmp_path, teacher_dir, fast_load):
+    """The world runs of issue 22's measurement: --teacher_guidance geneval=1.0, and --guidance_scale 1 (no CFG)."""
+    common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(tmp_path / "s"),
+              "--cold_start_dir", str(tmp_path / "cold"), "--opd_iters", "2", "--opd_prompts", "3", "--compile",
+              "false", "--eval_at_end", "false"] + TINY
+    for name, flags in (("own", ["--teacher_guidance", "geneval=1.0"]), ("nocfg", ["--guidance_scale", "1"]),
+                        ("default", [])):
+        train.main(common + flags + ["--name", name])
+    rows = {n: _jsonl(tmp_path / "s" / n / "train_log.jsonl") for n in ("own", "nocfg", "default")}
+    assert all(len(r) == 2 and all(x["kl"] > 0 for x in r) for r in rows.values())
+    assert rows["own"] != rows["default"] and rows["nocfg"] != rows["default"]   # the flags change the targets
+
+
 def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir):
     model, names = _load_base(), ["geneval", "ocr", "pickscore"]
     for n in names:
@@ -357,6 +371,12 @@ def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir
         want = (1 - eps) * per[n][b] + eps / 3 * sum(per[k][b] for k in names)
         assert close(soft[b], want)
     assert (soft - hard).abs().max() > 1e-2 * hard.abs().max()  # the teachers differ: mixing changes the target
+    # --teacher_guidance ocr=1: the ocr teacher's samples unguided, the geneval teacher's as before
+    own = target_velocity(model, x, t, conds, routed, names, scales={"ocr": 1.0})
+    model.adapter("ocr")
+    plain = model.velocity(x, t, conds[0], conds[1], 1.0)
+    assert close(own[0], hard[0]) and close(own[1], plain[1]) and close(own[2], plain[2])
+    assert (own[1:] - hard[1:]).abs().max() > 1e-2 * hard.abs().max()   # guidance matters on these teachers
 
 
 def test_sde_window_lies_in_its_range():
