@@ -47,6 +47,7 @@ from support import checkpoint, distributed
 from support.config import describe, parse_config
 from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars, write_json
 from support.provenance import made_here, run_sources, source, stamp, this_command, weights_sha256
+from support.report import log_grid, tensorboard_log
 from support.resolve import eval_settings, load_model, main_protocol, probe_settings, prompt_pool, reward_registry
 from support.rollouts import (amp, draw_records, loss_scaler, micro_batch_conds, micro_steps, optimizer_step,
                               policy_step_mean, sample_rollouts, scaled, trainable, trained_steps)
@@ -105,7 +106,7 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
     # --eval_every: a probe evaluation on the world's test prompts (a --prompts run has no such set)
     probing, probe = cfg.eval_every and rank == 0 and not cfg.prompts, probe_settings(cfg)
     if probing and start == 0:
-        log_probe(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
+        probe_now(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
     bar = tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0)
     for it in bar:
         rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns, gen, scaler)
@@ -121,8 +122,15 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
             log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
                 ratio_max=max(s.ratio_max.item() for s in stats))
         if probing and (it + 1) % cfg.eval_every == 0:
-            log_probe(model, name, probe, log, stage=f"{name}_eval", iter=it + 1,
+            probe_now(model, name, probe, log, stage=f"{name}_eval", iter=it + 1,
                       images=(it + 1) * n * distributed.world_size())
+
+
+def probe_now(model, adapter, probe, log, **fields):
+    """--eval_every: log_probe's scores of `adapter` (fields: stage, iter, images), and with --report_to
+    tensorboard its image grid (support/report.py)."""
+    log_probe(model, adapter, probe, log, **fields)
+    log_grid(log, model, probe, fields["stage"], fields["iter"])
 
 
 def stage_teachers(cfg, names=None):
@@ -135,6 +143,7 @@ def stage_teachers(cfg, names=None):
     rank, world, device = distributed.init(cfg.device)
     cfg = dataclasses.replace(cfg, device=device)
     log = jsonl_logger(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
+    log = tensorboard_log(log, cfg, os.path.join(cfg.teacher_dir, "tensorboard")) if rank == 0 else log
     pool = prompt_pool(cfg.prompts, "train")
     for name in names or cfg.teachers:
         path = os.path.join(cfg.teacher_dir, name)
@@ -191,6 +200,7 @@ def stage_distill(cfg):
     start = checkpoint.resume_training(cfg, run_dir, model, opt, ema, gen, rank, sources=record, scaler=scaler) \
         if cfg.resume_from_checkpoint else 0
     log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl"), fresh=start == 0) if rank == 0 else None
+    log = tensorboard_log(log, cfg, os.path.join(run_dir, "tensorboard"))   # --report_to; None stays None
     per_iter = cfg.opd_prompts * cfg.opd_group * world  # images the student samples per iteration
     probe = {**kw, **probe_settings(cfg)}  # --eval_every: the avg-vs-images curve (kw: --eval_prompts, rewards)
     weights = {t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers}
@@ -200,7 +210,7 @@ def stage_distill(cfg):
               f"{cfg.opd_prompts} prompts x {cfg.opd_group} per iteration x {world} processes, "
               f"iterations {start}..{cfg.opd_iters}")
     if cfg.eval_every and start == 0 and rank == 0:
-        log_probe(model, "student", probe, log, stage="distill_eval", iter=0, images=0)
+        probe_now(model, "student", probe, log, stage="distill_eval", iter=0, images=0)
     bar = tqdm(range(start, cfg.opd_iters), desc="distill", disable=rank != 0)
     for it in bar:
         drawn = sorted(draw_records(pool, weights, cfg.opd_prompts, gen, cfg.balance_tags), key=lambda r: r["task"])
@@ -222,7 +232,7 @@ def stage_distill(cfg):
         log(stage="distill", iter=it, **metrics)
         bar.set_postfix(kl=f"{metrics['kl']:.3g}", mar=f"{metrics['mar']:.3g}")  # the step KL and MAR terms
         if cfg.eval_every and done % cfg.eval_every == 0:
-            log_probe(model, "student", probe, log, stage="distill_eval", iter=done, images=done * per_iter)
+            probe_now(model, "student", probe, log, stage="distill_eval", iter=done, images=done * per_iter)
     if world > 1:
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
               flush=True)

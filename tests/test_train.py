@@ -447,3 +447,70 @@ def test_fp16_loss_scaler_keeps_a_gradient_that_would_underflow():
     # an overflowing step is skipped, the EMA with it, and the scale halves
     p, _, shadow = _fp16_step(scaler, 1e30, ema=True)
     assert torch.equal(p, torch.ones(4)) and torch.equal(shadow, torch.ones(4)) and scaler.get_scale() == 2.0 ** 15
+
+
+# ------------------------------------------------------------------------------------ --report_to tensorboard
+class _Writer:
+    """A stand-in for torch.utils.tensorboard.SummaryWriter that keeps what it is given."""
+    made = []
+
+    def __init__(self, folder):
+        self.folder, self.scalars, self.images = folder, {}, {}
+        _Writer.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_images(self, tag, images, step):
+        self.images.setdefault(tag, []).append((step, tuple(images.shape), images.min().item(), images.max().item()))
+
+    def flush(self):
+        pass
+
+
+def test_report_to_tensorboard_without_tensorboard_says_so_and_keeps_the_json_log(tmp_path, monkeypatch, capsys):
+    from support import report
+    log = lambda **kw: None   # noqa: E731
+    assert report.tensorboard_log(log, Config(), str(tmp_path)) is log   # the default: nothing imported
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
+    assert report.tensorboard_log(log, Config(report_to="tensorboard"), str(tmp_path)) is log
+    assert capsys.readouterr().out == ("--report_to tensorboard: tensorboard is not installed (pip install "
+                                       "tensorboard); logging to the JSON-lines log only\n")
+    assert report.tensorboard_log(None, Config(report_to="tensorboard"), str(tmp_path)) is None   # rank > 0
+    report.log_grid(log, None, {}, "distill_eval", 0)   # no TensorBoard log: no grid, nothing sampled
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_scalars_and_probe_grids(tmp_path, teacher_dir, fast_load, monkeypatch):
+    """The scalars and the probe grids go to TensorBoard; the JSON-lines log is the same as without it."""
+    import types
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Writer))
+    _Writer.made.clear()
+    common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(tmp_path / "s"),
+              "--cold_start_dir", str(tmp_path / "cold"), "--opd_iters", "2", "--opd_prompts", "2", "--compile",
+              "false", "--eval_at_end", "false", "--eval_every", "2", "--probe_prompts_per_task", "1"] + TINY
+    train.main(common + ["--name", "tb", "--report_to", "tensorboard"])
+    train.main(common + ["--name", "plain"])
+    assert _jsonl(tmp_path / "s" / "tb" / "train_log.jsonl") == _jsonl(tmp_path / "s" / "plain" / "train_log.jsonl")
+    (writer,) = _Writer.made
+    assert writer.folder == str(tmp_path / "s" / "tb" / "tensorboard")
+    rows = [r for r in _jsonl(tmp_path / "s" / "tb" / "train_log.jsonl") if r["stage"] == "distill"]
+    assert writer.scalars["distill/kl"] == [(r["iter"], r["kl"]) for r in rows] and len(rows) == 2
+    assert [step for step, _ in writer.scalars["distill_eval/eval/avg"]] == [0, 2]
+    grids = writer.images["distill_eval/probe"]
+    assert [g[0] for g in grids] == [0, 2] and all(g[1][:2] == (len(toy_world.TASKS), 3) for g in grids)
+    assert all(0 <= g[2] <= g[3] <= 1 for g in grids) and grids[0][2] < grids[0][3]   # images, not blanks
+
+
+def test_report_to_tensorboard_with_the_real_package(tmp_path):
+    """Where tensorboard is installed (it is not a requirement): the event file holds the scalars and the grid."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from support import report
+    log = report.tensorboard_log(lambda **kw: None, Config(report_to="tensorboard"), str(tmp_path))
+    log(stage="distill", iter=3, kl=0.5, mar=0.25)
+    report.log_grid(log, _load_base(), {"steps": 2, "guidance_scale": 4.5, "seed": 0, "batch_size": 4}, "probe", 3)
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 4})
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("distill/kl")] == [(3, 0.5)]
+    assert events.Tags()["images"] == ["probe/probe"]
