@@ -79,7 +79,7 @@ class T2IModel(nn.Module):
 
     def latent_shape_at(self, pixels=0):
         """The latents of `pixels` x `pixels` images (0: the current resolution), side pixels / 2^(blocks-1)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if pixels else 1   # 0: no VAE needed
         if pixels % (factor * self.transformer.config.patch_size):
             raise ValueError(f"resolution {pixels} must be a multiple of {factor * self.transformer.config.patch_size}")
         return (self.latent_shape[0], pixels // factor, pixels // factor) if pixels else self.latent_shape
