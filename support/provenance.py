@@ -3,7 +3,8 @@ Provenance: every model folder we ship carries provenance.json, {"what", "comman
 "iterations", "commit", "weights_sha256", "built_from": {name: {"path", "sha256"}}, "scores"}: how it was made,
 from which weights, and its scores under the main evaluation protocol. `weights_sha256` is also the key of the
 evaluation caches (eval.evaluate_cached), so a cached score never outlives its weights. A trained student also
-gets a Hugging Face model card, README.md, made from the same record (write_model_card).
+gets a Hugging Face model card, README.md, made from the same record (write_model_card). A training run's
+checkpoints record its sources (run_sources), and a resume from other ones is refused (changed_sources).
 """
 import hashlib
 import json
@@ -102,3 +103,21 @@ def write_model_card(folders, record, settings, scores=None):
     card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))
     for folder in folders:
         card.save(os.path.join(folder, "README.md"))
+def run_sources(base, scheduler, teachers=None):
+    """What a training run is made from, as its checkpoints record it: {"base": {"path", "sha256", "scheduler"},
+    teacher or anchor name: {"path", "sha256"}}; scheduler: the base's T2IModel.schedule(); teachers:
+    support.teachers.load_teachers' sources. A LoRA adapter records no scheduler, so the base's is the one
+    that can change under a run: a copy of the pipeline with another shift trains on another time grid."""
+    return {"base": {**source(base), "scheduler": scheduler}, **(teachers or {})}
+
+
+def changed_sources(saved, now):
+    """'name: then -> now' for each model of run_sources that differs (by sha256, by path when there is none,
+    and the base's scheduler); [] when the same."""
+    def key(s):
+        return None if s is None else (s.get("sha256") or s.get("path"), s.get("scheduler"))
+    def shown(s):
+        return "absent" if s is None else f"{s['path']} (sha256 {str(s.get('sha256'))[:12]}" + (
+            f", scheduler {s['scheduler']})" if "scheduler" in s else ")")
+    return [f"{n}: {shown(saved.get(n))} -> {shown(now.get(n))}" for n in sorted(saved.keys() | now.keys())
+            if key(saved.get(n)) != key(now.get(n))]

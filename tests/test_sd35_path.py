@@ -8,6 +8,7 @@ text encoders' device, the scheduler's time grid, and the advice given when a hu
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -63,6 +64,22 @@ def test_sd35_pipeline_distill_with_peft_teachers_end_to_end(sd3_world, tmp_path
     rows = [json.loads(line) for line in open(run / "train_log.jsonl")]
     assert [r["iter"] for r in rows] == [0, 1] and all(r["kl"] > 0 and r["mar"] > 0 for r in rows)
     assert (run / "checkpoint-2" / "optimizer.pt").exists()
+    made_from = json.load(open(run / "checkpoint-2" / "state.json"))["sources"]   # the teachers, anchor and base
+    assert made_from["ocr"] == {"path": str(sd3_world / "ocr"), "sha256": provenance.weights_sha256(str(sd3_world / "ocr"))}
+    assert made_from["anchor"]["path"] == str(sd3_world / "deqa") and made_from["anchor"]["sha256"]
+    assert made_from["base"]["scheduler"] == {"shift": 3.0, "num_train_timesteps": 1000}
+    more = ["--resume_from_checkpoint", "latest", "--opd_iters", "3"]
+    with pytest.raises(SystemExit) as e:   # another teacher set: refused, naming the teacher that changed
+        train.main(_argv(sd3_world, students, more + ["--teacher", f"ocr={sd3_world / 'geneval'}"]))
+    assert "was made with other models: ocr: " in str(e.value) and "geneval (sha256" in str(e.value), str(e.value)
+    shifted = tmp_path / "shifted"   # the same weights, a scheduler with another shift
+    shutil.copytree(sd3_world / "pipeline", shifted)
+    conf = json.load(open(shifted / "scheduler" / "scheduler_config.json"))
+    json.dump({**conf, "shift": 2.0}, open(shifted / "scheduler" / "scheduler_config.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(sd3_world, students, more + ["--model", str(shifted)]))
+    msg = str(e.value)
+    assert "other models: base: " in msg and "'shift': 3.0" in msg and "'shift': 2.0" in msg and "ocr" not in msg, msg
     # the student loads in a fresh diffusers pipeline through load_lora_weights
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
@@ -92,6 +109,38 @@ def test_sd35_pipeline_rejects_teacher_of_another_architecture(sd3_world, tmp_pa
     assert msg.startswith("teacher ocr:") and "does not fit this model" in msg, msg
 
 
+def _damaged_copy(src, dst, drop=(), add=None):
+    """A copy of a PEFT teacher folder whose weights file lacks the keys `drop` and has the tensors `add`."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    weights = os.path.join(dst, "adapter_model.safetensors")
+    state = {k: v for k, v in load_file(weights).items() if k not in drop}
+    save_file({**state, **(add or {})}, weights)
+    return str(dst), weights
+
+
+@pytest.mark.parametrize("damage", ["missing_B", "missing_A", "foreign_key"])
+def test_sd35_teacher_with_a_missing_or_foreign_lora_factor_is_refused(sd3_world, tmp_path, damage):
+    """PEFT would load a teacher lacking one block's lora_B with B = 0 on that layer (the teacher silently off
+    there); the check names the layer and the file instead."""
+    layer = "base_model.model.transformer_blocks.1.attn.to_q"
+    kind = {"missing_B": "lora_B", "missing_A": "lora_A"}.get(damage)
+    drop = [f"{layer}.{kind}.weight"] if kind else []
+    add = {"base_model.model.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(4, 16)} \
+        if damage == "foreign_key" else None
+    folder, weights = _damaged_copy(sd3_world / "ocr", tmp_path / "ocr", drop, add)
+    argv = _argv(sd3_world, tmp_path / "students") + ["--teacher", f"ocr={folder}"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("teacher ocr:") and repr(weights) in msg and "\n" not in msg, msg
+    if kind:
+        assert f"lacks {kind} of transformer_blocks.1.attn.to_q, a layer its config targets" in msg, msg
+    else:
+        assert "'transformer_blocks.7.attn.to_q', which this transformer lacks" in msg, msg
+    assert not (tmp_path / "students").exists()   # refused before anything was built
+
+
 def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a photo of a circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]}\n{oops\n')
@@ -110,6 +159,53 @@ def test_model_card_names_the_hub_base_and_the_scores(tmp_path):
     assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium" and card.data.library_name == "diffusers"
     assert "| teacher ocr | `jieliu/SD3.5M-FlowGRPO-Text` | not hashed (a hub id) |" in card.text
     assert "| ocr | 0.8125 | 0.031 |" in card.text and "settings: the defaults" in card.text
+def _record_passes(monkeypatch):
+    """[(active adapter, guidance scale, samples, transformer batch sizes)] of every T2IModel.velocity call."""
+    from diffusers import SD3Transformer2DModel
+    calls, batches = [], []
+    forward, velocity = SD3Transformer2DModel.forward, models.T2IModel.velocity
+    monkeypatch.setattr(SD3Transformer2DModel, "forward",
+                        lambda self, *a, **kw: batches.append(kw["hidden_states"].shape[0]) or forward(self, *a, **kw))
+
+    def recorded(self, x, t, cond, uncond=None, guidance_scale=1.0):
+        n = len(batches)
+        v = velocity(self, x, t, cond, uncond, guidance_scale)
+        calls.append((self._active, guidance_scale, x.shape[0], batches[n:]))
+        return v
+    monkeypatch.setattr(models.T2IModel, "velocity", recorded)
+    return calls
+
+
+def test_sd35_per_teacher_guidance_and_no_cfg_training(sd3_world, tmp_path, monkeypatch):
+    """--guidance_scale 1: rollouts, student and anchor run one conditional pass (no unconditional one);
+    --teacher_guidance geneval=4.5: that teacher alone is guided, with its CFG pair in one batch of 2m."""
+    calls = _record_passes(monkeypatch)
+    train.main(_argv(sd3_world, tmp_path / "a", ["--opd_iters", "1"]))   # the default: CFG 4.5 everywhere
+    assert {c[0] for c in calls} >= {"student", "anchor"}
+    assert all(scale == 4.5 and batches == [2 * n] for _, scale, n, batches in calls)
+    calls.clear()
+    train.main(_argv(sd3_world, tmp_path / "b", ["--opd_iters", "1", "--opd_prompts", "4", "--guidance_scale", "1",
+                                                  "--teacher_guidance", "geneval=4.5"]))
+    by = lambda who: [(scale, n, batches) for active, scale, n, batches in calls if active == who]  # noqa: E731
+    assert by("geneval") and all(scale == 4.5 and batches == [2 * n] for scale, n, batches in by("geneval"))
+    for who in ("student", "anchor", "ocr"):   # one pass each: no unconditional forward at scale 1
+        assert by(who) and all(scale == 1 and batches == [n] for scale, n, batches in by(who)), who
+    with pytest.raises(SystemExit, match=r"--teacher_guidance pickscore: not a routed teacher \(those: geneval ocr\)"):
+        train.main(_argv(sd3_world, tmp_path / "c", ["--teacher_guidance", "pickscore=2"]))
+
+
+def test_sd35_train_resolution_below_the_evaluation_resolution(sd3_world, tmp_path, monkeypatch):
+    seen, real = [], train.sample_rollouts   # (model, (trajectories, images)) of each iteration's rollouts
+    monkeypatch.setattr(train, "sample_rollouts", lambda model, *a, **kw: seen.append((model, real(model, *a, **kw)))
+                        or seen[-1][1])
+    train.main(_argv(sd3_world, tmp_path, ["--opd_iters", "1", "--train_resolution", str(IMAGE_SIZE // 2)]))
+    model, (traj, images) = seen[0]
+    assert images.shape[-2:] == (IMAGE_SIZE // 2, IMAGE_SIZE // 2)        # rollouts at --train_resolution
+    assert traj.x_t.shape[-2:] == (IMAGE_SIZE // 4, IMAGE_SIZE // 4)      # latents: 2x smaller (VAE factor 2)
+    assert model.latent_shape[1] == IMAGE_SIZE // 2   # the latents of --resolution: what evaluation samples
+    assert rollouts.sample_images(model, ["a cat"], steps=2).shape[-1] == IMAGE_SIZE
+    with pytest.raises(SystemExit, match="--train_resolution: resolution 6 must be a multiple of 4"):
+        train.main(_argv(sd3_world, tmp_path, ["--train_resolution", "6"]))
 
 
 # ------------------------------------------------------------------------------ text encoders, T5 length
@@ -137,6 +233,27 @@ def test_sd35_text_encoders_on_cpu_in_fp32_beside_a_bf16_transformer(sd3_world):
     assert empty.shape == fresh.shape and empty_pooled.shape == fresh_pooled.shape
     torch.testing.assert_close(empty, fresh, rtol=1e-5, atol=1e-6)
     assert model.encode_prompts([""])[0].data_ptr() == empty.data_ptr()  # the cached tensor, not a new encoding
+
+
+def test_sd35_fp16_keeps_text_encoders_out_of_fp16_and_trains_with_a_loss_scaler(sd3_world, tmp_path, monkeypatch):
+    assert models.text_encoder_dtype(torch.float16, "cuda") == torch.bfloat16   # T5 overflows fp16
+    assert models.text_encoder_dtype(torch.float16, "cpu") == torch.float32
+    assert models.text_encoder_dtype(torch.bfloat16, "cuda:1") == torch.bfloat16
+    assert models.text_encoder_dtype(torch.float32, "cuda") == torch.float32
+    model = resolve.load_model(config.parse_config(["--model", str(sd3_world / "pipeline"), "--device", "cpu",
+                                                    "--mixed_precision", "fp16"]))
+    pipe = model.encoder.pipe
+    assert model.transformer.dtype == torch.float16
+    assert all(enc.dtype == torch.float32 for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+    steps = []   # the distillation loop steps through the scaler
+    real = rollouts.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda *a: steps.append(a[3]) or real(*a))
+    train.main(_argv(sd3_world, tmp_path / "students", ["--mixed_precision", "fp16", "--opd_iters", "1"]))
+    assert len(steps) == 1 and isinstance(steps[0], torch.amp.GradScaler) and steps[0].get_scale() == 2.0 ** 16
+    state = json.load(open(tmp_path / "students" / "merge" / "checkpoint-1" / "state.json"))
+    assert state["scaler"]["scale"] == 2.0 ** 16   # saved for an exact resume
+    rows = [json.loads(line) for line in open(tmp_path / "students" / "merge" / "train_log.jsonl")]
+    assert rows[0]["kl"] > 0 and torch.isfinite(torch.tensor(rows[0]["kl"]))
 
 
 # ------------------------------------------------------------------------------------------ time grid
