@@ -283,8 +283,7 @@ def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_dev
     for name in encoders:
         if getattr(pipe, name) is not None:
             getattr(pipe, name).to(text_encoder_device, text_dtype)
-    pipe.transformer.to(device)
-    pipe.vae.to(device)
+    pipe.transformer.to(device), pipe.vae.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe, max_sequence_length, out_device=device))
     model.shift = pipe.scheduler.config.get("shift", 1.0)  # SD3.5 samples on a shifted grid (3.0)
