@@ -26,16 +26,18 @@ tags; deqa and avg: the tasks) is sum_g w_g * mean_g with se = sqrt(sum_g w_g^2 
 are sampling errors over prompts and noise for one trained model, not over training seeds.
 Paired differences (`paired_difference`): model A minus model B on the same prompts and noise, the same
 statistics applied to the per-prompt differences; much tighter than two separate se's when the models are
-correlated (`python eval.py --adapter ROW=PATH --paired`).
+correlated (`python eval.py --lora ROW=PATH --paired`).
 Sizes. prompts_per_task (0 = all), images_per_prompt, batch_size (images per sampling call) and the model's
 decode_batch (VAE micro-batch, support/models.T2IModel.decode) bound memory on every path; images are kept as uint8 on
 the host and turned into floats per chunk of SCORE_CHUNK for the rewards.
 
-Tables: `python eval.py --adapter ROW=PATH ... --seeds 0 1 2 --out results/NAME.json` writes
+Tables: `python eval.py --lora ROW=PATH ... --seeds 0 1 2 --out results/NAME.json` writes
 {"rows": {ROW: {METRIC: {"mean", "std", "n"}}}, "meta"}; `--eval_prompts TASK=FILE` evaluates prompt files
 (support/prompts.py formats), `--ood` the out-of-domain composition set (world/compbench.py, per category).
 Any model train.py loads (`--model`: a world folder, an SD3 pipeline folder or hub id), with the real-image
 rewards of the `--*_reward` flags; every flag but this file's own is train.py's (`python eval.py --help`).
+--lora (alias --adapter) takes a PEFT folder, a diffusers LoRA or a hub id. An SD3 model has no world styles
+(web/<task>, blurred are not scored) and no OOD set (--ood is refused with what to pass instead).
 `python -m tools.paper_tables` builds the paper's tables with these functions (results/main.json, ood.json).
 
 Self-check: python eval.py --model checkpoints/base --eval_prompts_per_task 12 --eval_images_per_prompt 2
@@ -97,10 +99,16 @@ def geneval_score_and_accuracy(fn, images, prompts, meta):
     return fn(images, prompts, meta), None
 
 
-def score_task(task, images, records, rewards=REWARDS):
+def in_world(model):
+    """Whether `model` is the miniature world's, whose style shares and OOD set apply: an SD3 pipeline carries
+    its scheduler (models.load_sd3), the world model none."""
+    return getattr(model, "scheduler", None) is None
+
+
+def score_task(task, images, records, rewards=REWARDS, world=True):
     """{metric: (B,) per image} for uint8 images made for one task's records: the task's reward, deqa (raw
-    1-5), for geneval the accuracy (`geneval_acc`) and on the world the style shares (`web`, `blurred`); scored
-    SCORE_CHUNK images at a time."""
+    1-5), for geneval the accuracy (`geneval_acc`) and, for a world model (`world`) on the world's prompts and
+    rewards, the style shares (`web`, `blurred`); scored SCORE_CHUNK images at a time."""
     out = {}
     for i in range(0, len(records), SCORE_CHUNK):
         x, recs = to_float(images[i:i + SCORE_CHUNK]), records[i:i + SCORE_CHUNK]
@@ -112,7 +120,7 @@ def score_task(task, images, records, rewards=REWARDS):
                 part["geneval_acc"] = acc
         else:
             part[task] = rewards[task](x, prompts, meta)
-        if rewards is REWARDS and task in toy_world.TASKS:   # the world's styles, a diagnostic (world/styles.py)
+        if world and rewards is REWARDS and task in toy_world.TASKS:   # the world's styles (world/styles.py)
             part["web"], part["blurred"] = styles.web_style(task, x, recs), styles.blurred(x)
         for k, v in part.items():
             out.setdefault(k, []).append(v.float())
@@ -133,7 +141,7 @@ def evaluate(model, adapter=None, prompts_per_task=0, images_per_prompt=1, steps
         chosen = [recs[i] for i in index for _ in range(images_per_prompt)]
         ids = [(i, j) for i in index for j in range(images_per_prompt)]
         images = sample_uint8(model, [r["prompt"] for r in chosen], ids, steps, guidance_scale, seed, batch_size)
-        scores = score_task(task, images, chosen, rewards)
+        scores = score_task(task, images, chosen, rewards, in_world(model))
         per_prompt[task] = {"index": index, "tag": [(recs[i].get("metadata") or {}).get("tag") for i in index],
                             **{k: v.reshape(len(index), images_per_prompt).double().nanmean(1).tolist()
                                for k, v in scores.items()}}
@@ -223,9 +231,9 @@ def _cached_weights(key):
 
 def eval_flags(group):
     """eval.py's own flags; the model, sizes, steps and guidance are Config's (support/config.py)."""
-    group.add_argument("--adapter", action="append", default=[], metavar="ROW=PATH",
+    group.add_argument("--lora", "--adapter", dest="lora", action="append", default=[], metavar="ROW=PATH_OR_ID",
                        help="a LoRA to evaluate as row ROW (repeatable): a PEFT folder, a diffusers LoRA or a hub id "
-                            "(resolve.load_lora); the base is always row 'base'")
+                            "(ID@REVISION pins one; resolve.load_lora); the base is always row 'base'")
     group.add_argument("--other_model", action="append", default=[], metavar="ROW=PATH",
                        help="another full world model to evaluate as row ROW, paired with --model like an adapter")
     group.add_argument("--seeds", type=int, nargs="+", default=None, help="noise seeds (default: --seed)")
@@ -241,8 +249,11 @@ def main(argv=None):
     if args.paired and args.ood:
         raise SystemExit("--paired compares per-prompt scores of evaluate(); --ood has none: drop one of them")
     model = load_model(cfg)
+    if args.ood and not in_world(model):
+        raise SystemExit("--ood is the miniature world's out-of-domain set (world/compbench.py, scored by its shape "
+                         "detector); an SD3 model has none: drop --ood and pass --eval_prompts TASK=FILE")
     rows = {"base": (model, None)}   # row -> (model, adapter)
-    for row, path in named_paths(args.adapter).items():
+    for row, path in named_paths(args.lora).items():
         load_lora(model, path, row)
         rows[row] = (model, row)
     for row, path in named_paths(args.other_model).items():

@@ -83,24 +83,28 @@ def mix_velocities(velocities: Dict[str, torch.Tensor], weights) -> torch.Tensor
 
 
 
-def target_velocity(model, x_t, t, conds, routed: Sequence[str], team: Sequence[str], soft_routing: float = 0.0):
+def target_velocity(model, x_t, t, conds, routed: Sequence[str], team: Sequence[str], soft_routing: float = 0.0,
+                    scales: Optional[Dict[str, float]] = None):
     """v_target (B, C, h, w) at the student's states x_t (B, C, h, w), t (B,); conds = (cond, uncond,
     guidance_scale) as model.velocity takes them. Hard routing (soft_routing = 0): each sample's own teacher
     `routed[b]`, each teacher run once on its own samples. Soft routing (soft_routing = eps > 0; the paper's
     open question): every teacher of `team` on every sample, mixed with alpha_k = (1 - eps) 1[k routed] + eps/K.
-    Switches the model's active adapter; the caller re-activates the student."""
+    scales: {teacher: its own CFG scale} in place of conds' (--teacher_guidance; scale 1 runs no unconditional
+    pass). Switches the model's active adapter; the caller re-activates the student."""
+    (c, pc), (u, pu), scale = conds
+    scales = scales or {}
     if soft_routing:
         vel = {}
         for teacher in team:
             model.adapter(teacher)
-            vel[teacher] = model.velocity(x_t, t, *conds).float()
+            vel[teacher] = model.velocity(x_t, t, (c, pc), (u, pu), scales.get(teacher, scale)).float()
         alpha = (1 - soft_routing) * one_hot_weights(routed, team) + soft_routing / len(team)  # (B, K)
         return mix_velocities(vel, alpha.to(x_t.device))
     v_T = torch.empty_like(x_t)
-    (c, pc), (u, pu), scale = conds
     for teacher, sub in groups_by_teacher(routed).items():
         model.adapter(teacher)
-        v_T[sub] = model.velocity(x_t[sub], t[sub], (c[sub], pc[sub]), (u[sub], pu[sub]), scale).to(v_T.dtype)
+        v_T[sub] = model.velocity(x_t[sub], t[sub], (c[sub], pc[sub]), (u[sub], pu[sub]),
+                                  scales.get(teacher, scale)).to(v_T.dtype)
     return v_T
 
 

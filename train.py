@@ -45,22 +45,24 @@ from router import DEFAULT_TASK_WEIGHTS, QUALITY_TASK_WEIGHT, route, target_velo
 from sde_sampler import gaussian_logprob
 from support import checkpoint, distributed
 from support.config import describe, parse_config
+from support.hub import split_revision
 from support.metrics import format_metrics, format_paired, jsonl_logger, paired_difference, scalars, write_json
-from support.provenance import made_here, source, stamp, this_command, weights_sha256
+from support.provenance import made_here, run_sources, source, stamp, this_command, weights_sha256, write_model_card
+from support.report import log_grid, tensorboard_log
 from support.resolve import eval_settings, load_model, main_protocol, probe_settings, prompt_pool, reward_registry
-from support.rollouts import (amp, draw_records, micro_batch_conds, micro_steps, optimizer_step, policy_step_mean,
-                              sample_rollouts, trainable, trained_steps)
-from support.teachers import (TEACHER_TASKS, load_teachers, new_grpo_lora, reward_weights, rewards_for,
-                              rollout_styles, routed_pool)
+from support.rollouts import (amp, draw_records, loss_scaler, micro_batch_conds, micro_steps, optimizer_step,
+                              policy_step_mean, sample_rollouts, scaled, trainable, trained_steps)
+from support.teachers import (TEACHER_TASKS, guidance_scales, load_teachers, new_grpo_lora, reward_weights,
+                              rewards_for, rollout_styles, routed_pool)
 
 
 # ------------------------------------------------------------------ stage 1: the Flow-GRPO teachers (§4)
 
-def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
+def grpo_gradient(model, name, cfg, pool, rewards_fns, gen, scaler=None):
     """One GRPO iteration up to the optimizer step: sample G SDE trajectories per prompt, reward them,
     group-normalise, and accumulate the clipped policy gradient of adapter `name` over the trained steps
-    into .grad. Returns (rewards (N,), per-micro-step GRPOLoss list, style shares of the rollouts: {"web",
-    "blurred"} on the world's prompts (world/styles.py), else {})."""
+    into .grad (through the fp16 loss scaler, if any). Returns (rewards (N,), per-micro-step GRPOLoss list,
+    style shares of the rollouts: {"web", "blurred"} on the world's prompts (world/styles.py), else {})."""
     prompts_rec = draw_records(pool, TEACHER_TASKS[name], cfg.prompts_per_iter, gen, cfg.balance_tags)
     records = [r for r in prompts_rec for _ in range(cfg.group_size)]  # groups are contiguous
     steps = trained_steps(cfg, gen, cfg.sde_window)
@@ -80,7 +82,7 @@ def grpo_gradient(model, name, cfg, pool, rewards_fns, gen):
                     model.adapter(name)
         logp = gaussian_logprob(mb.x_next, mean, mb.std)
         out = grpo_loss(logp, mb.logp, adv[mb.rows], cfg.clip_range, cfg.beta, mean, ref_mean, mb.std)
-        (out.loss * mb.scale).backward()
+        scaled(out.loss * mb.scale, scaler).backward()
         stats.append(out)
     return rewards, stats, rollout_styles(images, records, rewards_fns)
 
@@ -90,11 +92,11 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
     pool: {task: train records}; rewards_fns: the reward registry. run_dir: where --checkpoint_every writes
     checkpoint-N/ and from where --resume_from_checkpoint latest continues (a fresh start if it holds none)."""
     params = new_grpo_lora(model, name, cfg)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    opt, scaler = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4), loss_scaler(cfg)
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # rank > 0: other prompts and noise (distributed.py)
-    start = 0
+    start, record = 0, run_sources(cfg.base, model.schedule())   # what each checkpoint records and a resume checks
     if run_dir and cfg.resume_from_checkpoint and checkpoint.latest_checkpoint(run_dir):
-        start = checkpoint.resume_training(cfg, run_dir, model, opt, None, gen, rank, adapter=name)
+        start = checkpoint.resume_training(cfg, run_dir, model, opt, None, gen, rank, name, record, scaler)
     n = cfg.prompts_per_iter * cfg.group_size
     k = cfg.sde_window or min(cfg.train_timesteps, cfg.num_steps - 1)
     if rank == 0:
@@ -105,14 +107,14 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
     # --eval_every: a probe evaluation on the world's test prompts (a --prompts run has no such set)
     probing, probe = cfg.eval_every and rank == 0 and not cfg.prompts, probe_settings(cfg)
     if probing and start == 0:
-        log_probe(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
+        probe_now(model, name, probe, log, stage=f"{name}_eval", iter=0, images=0)
     bar = tqdm(range(start, cfg.grpo_iters), desc=name, disable=rank != 0)
     for it in bar:
-        rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns, gen)
-        optimizer_step(params, opt)
+        rewards, stats, shares = grpo_gradient(model, name, cfg, pool, rewards_fns, gen, scaler)
+        optimizer_step(params, opt, scaler=scaler)
         bar.set_postfix(reward=f"{rewards.mean().item():.3f}")
         if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-            checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, adapter=name)
+            checkpoint.save_training_state(cfg, run_dir, it + 1, model, opt, None, gen, rank, name, record, scaler)
         metrics = distributed.mean_over_processes(
             dict(reward=rewards.mean().item(), zero_std_frac=zero_std_fraction(rewards, cfg.group_size).item(),
                  clipfrac=float(np.mean([s.clipfrac.item() for s in stats])),
@@ -121,8 +123,15 @@ def train_grpo(model, name, cfg, log, pool, rewards_fns, rank=0, run_dir=None):
             log(stage=name, iter=it, **metrics, ratio_min=min(s.ratio_min.item() for s in stats),
                 ratio_max=max(s.ratio_max.item() for s in stats))
         if probing and (it + 1) % cfg.eval_every == 0:
-            log_probe(model, name, probe, log, stage=f"{name}_eval", iter=it + 1,
+            probe_now(model, name, probe, log, stage=f"{name}_eval", iter=it + 1,
                       images=(it + 1) * n * distributed.world_size())
+
+
+def probe_now(model, adapter, probe, log, **fields):
+    """--eval_every: log_probe's scores of `adapter` (fields: stage, iter, images), and with --report_to
+    tensorboard its image grid (support/report.py)."""
+    log_probe(model, adapter, probe, log, **fields)
+    log_grid(log, model, probe, fields["stage"], fields["iter"])
 
 
 def stage_teachers(cfg, names=None):
@@ -135,6 +144,7 @@ def stage_teachers(cfg, names=None):
     rank, world, device = distributed.init(cfg.device)
     cfg = dataclasses.replace(cfg, device=device)
     log = jsonl_logger(os.path.join(cfg.teacher_dir, "train_log.jsonl"))
+    log = tensorboard_log(log, cfg, os.path.join(cfg.teacher_dir, "tensorboard")) if rank == 0 else log
     pool = prompt_pool(cfg.prompts, "train")
     for name in names or cfg.teachers:
         path = os.path.join(cfg.teacher_dir, name)
@@ -183,12 +193,15 @@ def stage_distill(cfg):
         stamp(cold_path, scores=scalars(cold), protocol=kw)
     model.adapter("student")
     params = trainable(model, "student")
-    opt = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4)
+    opt, scaler = torch.optim.AdamW(params, lr=cfg.opd_lr, weight_decay=1e-4), loss_scaler(cfg)
     ema = checkpoint.EMA(params, cfg.ema_decay) if cfg.ema_decay else None
     loss_fn = torch.compile(flow_opd_loss) if cfg.compile else flow_opd_loss  # the velocity-discrepancy core
     gen = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own prompts and noise
-    start = checkpoint.resume_training(cfg, run_dir, model, opt, ema, gen, rank) if cfg.resume_from_checkpoint else 0
+    record = run_sources(cfg.base, model.schedule(), sources)   # what each checkpoint records and a resume checks
+    start = checkpoint.resume_training(cfg, run_dir, model, opt, ema, gen, rank, sources=record, scaler=scaler) \
+        if cfg.resume_from_checkpoint else 0
     log = jsonl_logger(os.path.join(run_dir, "train_log.jsonl"), fresh=start == 0) if rank == 0 else None
+    log = tensorboard_log(log, cfg, os.path.join(run_dir, "tensorboard"))   # --report_to; None stays None
     per_iter = cfg.opd_prompts * cfg.opd_group * world  # images the student samples per iteration
     probe = {**kw, **probe_settings(cfg)}  # --eval_every: the avg-vs-images curve (kw: --eval_prompts, rewards)
     weights = {**{t: w for t, w in DEFAULT_TASK_WEIGHTS.items() if t in teachers},   # this order: sample_tasks'
@@ -199,14 +212,14 @@ def stage_distill(cfg):
               f"{cfg.opd_prompts} prompts x {cfg.opd_group} per iteration x {world} processes, "
               f"iterations {start}..{cfg.opd_iters}")
     if cfg.eval_every and start == 0 and rank == 0:
-        log_probe(model, "student", probe, log, stage="distill_eval", iter=0, images=0)
+        probe_now(model, "student", probe, log, stage="distill_eval", iter=0, images=0)
     bar = tqdm(range(start, cfg.opd_iters), desc="distill", disable=rank != 0)
     for it in bar:
         drawn = sorted(draw_records(pool, weights, cfg.opd_prompts, gen, cfg.balance_tags), key=lambda r: r["task"])
         records = [r for r in drawn for _ in range(cfg.opd_group)]  # sorted: micro-batches share a teacher
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
-                                        anchor, cfg, loss_fn, gen, team=list(teachers.values()))
-        optimizer_step(params, opt, ema)
+                                        anchor, cfg, loss_fn, gen, list(teachers.values()), scaler)
+        optimizer_step(params, opt, ema, scaler)
         metrics = {"kl": kl.pop("all"), **{f"kl/{t}": v for t, v in kl.items()}, "mar": mar}
         if cfg.log_rewards:
             rewards = combined_reward(images, records, {"task": 1.0}, rewards_fns)
@@ -215,13 +228,13 @@ def stage_distill(cfg):
         metrics = distributed.mean_over_processes(metrics)
         done = it + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-            checkpoint.save_training_state(cfg, run_dir, done, model, opt, ema, gen, rank)
+            checkpoint.save_training_state(cfg, run_dir, done, model, opt, ema, gen, rank, "student", record, scaler)
         if rank > 0:
             continue
         log(stage="distill", iter=it, **metrics)
         bar.set_postfix(kl=f"{metrics['kl']:.3g}", mar=f"{metrics['mar']:.3g}")  # the step KL and MAR terms
         if cfg.eval_every and done % cfg.eval_every == 0:
-            log_probe(model, "student", probe, log, stage="distill_eval", iter=done, images=done * per_iter)
+            probe_now(model, "student", probe, log, stage="distill_eval", iter=done, images=done * per_iter)
     if world > 1:
         print(f"rank {rank}: max parameter spread across processes {distributed.max_parameter_spread(params):.3g}",
               flush=True)
@@ -238,7 +251,7 @@ def make_student(model, cfg, teachers, sources):
     cold start is never reused for other teachers, retrained ones, or another model."""
     path = os.path.join(cfg.cold_start_dir, cfg.cold_start)
     names = list(teachers.values())
-    built_from = {"base": source(cfg.base), **{n: source(sources[n]) for n in names}}
+    built_from = {"base": source(cfg.base), **{n: sources[n] for n in names}}
     made = os.path.join(path, "provenance.json")
     record = json.load(open(made)) if os.path.isfile(made) else {}
     same = lambda a: {n: s["sha256"] or s["path"] for n, s in a.items()}   # by weights; a hub id by its name
@@ -267,22 +280,22 @@ def make_student(model, cfg, teachers, sources):
     return path
 
 
-def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
+def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None, scaler=None):
     """One Flow-OPD iteration up to the optimizer step (§2.10's loop): the student samples SDE trajectories;
     at each trained step, the routed teacher and the MAR anchor give their velocities at the student's own
     states (adapter switches on the one backbone, no grad), then the student's forward and the total loss
     L = L_OPD + λ·MAR (loss_fn: opd_loss.flow_opd_loss, maybe compiled) are backpropagated.
-    team: every teacher adapter (soft routing mixes them all; default: those routed).
+    team: every teacher adapter (soft routing mixes them all; default: those routed); scaler: rollouts.loss_scaler's.
     Returns the decoded images, the mean step KL ({"all": over every sample, TEACHER: over the samples routed
     to it}, the signal that tells a teacher behaving unlike the others) and the mean MAR term."""
-    team = team or sorted(set(routed))
+    team, scales = team or sorted(set(routed)), guidance_scales(cfg)   # --teacher_guidance: per-teacher CFG
     model.adapter("student")
     traj, images = sample_rollouts(model, records, cfg, gen)
     steps = trained_steps(cfg, gen, window=0)  # every step is SDE here: the teacher supervises each one
     kls, mars, by = [], [], []
     for mb in micro_steps(traj, steps, micro_batch_conds(model, records, cfg), cfg.micro_batch):
         with torch.no_grad(), amp(cfg):
-            v_T = target_velocity(model, mb.x_t, mb.t, mb.conds, routed[mb.rows], team, cfg.soft_routing)
+            v_T = target_velocity(model, mb.x_t, mb.t, mb.conds, routed[mb.rows], team, cfg.soft_routing, scales)
             v_A = None
             if cfg.mar_anchor != "none":
                 model.adapter(anchor)  # None = the base, adapters disabled
@@ -293,7 +306,7 @@ def opd_iteration(model, records, routed, anchor, cfg, loss_fn, gen, team=None):
         loss, kl, mar = loss_fn(x_t=mb.x_t, x_next=mb.x_next, t=mb.t, t_next=mb.t_next, std=mb.std,
                                 old_logp=mb.logp, v_student=v_s, v_teacher=v_T, v_anchor=v_A,
                                 noise_level=cfg.noise_level, estimator=cfg.estimator, mar_lambda=cfg.mar_lambda)
-        (loss * mb.scale).backward()
+        scaled(loss * mb.scale, scaler).backward()
         kls.append(kl)
         mars.append(mar)
         by.extend(routed[mb.rows])   # the teacher of each KL entry
@@ -322,10 +335,14 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
     teachers' and anchor's, load_teachers); print its scores beside the cold start's and the teachers'. The
     caller swaps in the EMA weights first, if any."""
     adapter, cold_path = os.path.join(path, "adapter"), os.path.join(cfg.cold_start_dir, cfg.cold_start)
+    lora = model.transformer.peft_config["student"]   # PEFT's fields: adapter_config.json names the base
+    lora.base_model_name_or_path, lora.revision = split_revision(cfg.base)
     model.save_adapter("student", adapter)
-    stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
-        "base": source(cfg.base), "cold_start": source(cold_path), **{n: source(spec) for n, spec in sources.items()}}))
+    record = stamp(adapter, **made_here("Flow-OPD student", cfg.seed, cfg.opd_iters, {
+        "base": source(cfg.base), "cold_start": source(cold_path), **sources}))
     checkpoint.export_lora(model, "student", os.path.join(path, "export"))
+    cards = [adapter, os.path.join(path, "export")]   # README.md, the model card; with the scores once evaluated
+    write_model_card(cards, record, describe(cfg))
     print(f"student saved to {path}/adapter (PEFT) and {path}/export (diffusers LoRA) after "
           f"{(time.time() - t0) / 60:.1f} min")
     if evaluating:
@@ -334,12 +351,13 @@ def finish_student(cfg, model, path, teachers, sources, cold, kw, evaluating, t0
             folder = os.path.join(cfg.teacher_dir, teacher)
             rows[f"teacher/{teacher}"] = evaluate(model, teacher, **kw) if cfg.teacher else \
                 evaluate_cached(model, teacher, folder, **kw)
-            folders[f"teacher/{teacher}"] = sources[teacher]
+            folders[f"teacher/{teacher}"] = sources[teacher]["path"]
         # cached beside the saved adapter, so any two runs can later be compared paired (metrics.paired_difference)
         name = f"flow_opd/{os.path.basename(path)}"
         rows[name], folders[name] = evaluate_cached(model, "student", adapter, **kw), adapter
         if main_protocol(kw):
             stamp(adapter, scores=scalars(rows[name]), protocol=kw)
+        write_model_card(cards, record, describe(cfg), scalars(rows[name]))
         paired = paired_difference(rows[name], cold)   # same prompts and noise
         for row, scores in rows.items():
             print(format_metrics(row, scores))

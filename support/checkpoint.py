@@ -8,11 +8,13 @@ A checkpoint is one folder, run_dir/checkpoint-{step}/:
     adapter_model.safetensors, adapter_config.json   the trained LoRA in PEFT format (as models.save_adapter)
     optimizer.pt                                     optimizer.state_dict()
     ema.safetensors                                  EMA.state_dict(), when an EMA is kept
-    state.json                                       {"step", "adapter", "config"}
+    state.json                                       {"step", "adapter", "config", "sources", "scaler"}
     rng.pt                                           torch CPU/CUDA, numpy, python `random`, named torch.Generators
 It is written into run_dir/.checkpoint-{step}.tmp, fsynced, then renamed: a crash never leaves a half checkpoint
 under the final name, and names starting with "." are never taken for checkpoints. Only rank 0 should save.
 .pt files are read with torch.load(weights_only=True), so loading a checkpoint runs no pickled code.
+A resume is refused in one line when the checkpoint cannot be read (naming the newest readable one) or was made
+from other models ("sources": provenance.run_sources).
 
 Export (`export_lora`) writes the LoRA both in PEFT format and in diffusers' SD3 LoRA format (the file that
 `StableDiffusion3Pipeline.load_lora_weights` reads); infer.load_lora reads either back into a T2IModel.
@@ -20,6 +22,7 @@ Export (`export_lora`) writes the LoRA both in PEFT format and in diffusers' SD3
 import dataclasses
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,9 +30,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from support import distributed
+from support.provenance import changed_sources
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
@@ -100,14 +105,9 @@ def set_rng_state(state, generators=None, source="rng.pt"):
 # ---------------------------------------------------------------------------------------------- save, find
 def list_checkpoints(run_dir):
     """[(step, path)] of the complete checkpoints in run_dir, oldest first; temp folders are not listed."""
-    if not os.path.isdir(run_dir):
-        return []
-    found = []
-    for name in os.listdir(run_dir):
-        m = CHECKPOINT.fullmatch(name)
-        if m and os.path.isdir(os.path.join(run_dir, name)):
-            found.append((int(m.group(1)), os.path.join(run_dir, name)))
-    return sorted(found)
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in names
+                  if (m := CHECKPOINT.fullmatch(name)) and os.path.isdir(os.path.join(run_dir, name)))
 
 
 def latest_checkpoint(run_dir):
@@ -131,8 +131,9 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step, model, adapter, optimizer, config, ema=None, generators=None, keep=None):
-    """Write run_dir/checkpoint-{step} atomically; with `keep`, delete all but the newest `keep`. Returns its path."""
+def save_checkpoint(run_dir, step, model, adapter, optimizer, config, ema=None, generators=None, keep=None, extra=None):
+    """Write run_dir/checkpoint-{step} atomically; with `keep`, delete all but the newest `keep`; `extra`: more
+    JSON fields of state.json (load_checkpoint returns them). Returns its path."""
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None (keep all), got {keep}")
     os.makedirs(run_dir, exist_ok=True)
@@ -147,7 +148,7 @@ def save_checkpoint(run_dir, step, model, adapter, optimizer, config, ema=None, 
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()},
                       os.path.join(tmp, "ema.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "adapter": adapter, "config": config}, f, indent=1)
+            json.dump({"step": step, "adapter": adapter, "config": config, **(extra or {})}, f, indent=1)
         torch.save(rng_state(generators), os.path.join(tmp, "rng.pt"))
         _fsync_tree(tmp)
     except BaseException:
@@ -206,7 +207,8 @@ def _load_into_adapter(model, adapter, path):
 
 
 def load_checkpoint(path, model, adapter, optimizer, ema=None, generators=None):
-    """Restore everything save_checkpoint wrote, in place. Returns {"step", "config"}."""
+    """Restore everything save_checkpoint wrote, in place. Returns state.json's fields but "adapter" ({"step",
+    "config"} and any `extra`)."""
     if not os.path.isfile(os.path.join(path, "state.json")):
         raise FileNotFoundError(f"no checkpoint at {path!r} (expected state.json, adapter_model.safetensors, "
                                 f"adapter_config.json, optimizer.pt, rng.pt)")
@@ -220,27 +222,63 @@ def load_checkpoint(path, model, adapter, optimizer, ema=None, generators=None):
         ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
     set_rng_state(rng, generators, source=os.path.join(path, "rng.pt"))
-    return {"step": state["step"], "config": state["config"]}
+    return {k: v for k, v in state.items() if k != "adapter"}
 
 
-# ---------------------------------------------------------------------------------------------- export
-def save_training_state(cfg, run_dir, step, model, opt, ema, gen, rank, adapter="student"):
-    """checkpoint-<step>/ of a training stage: the trained adapter, optimizer, EMA, RNG states (every
-    process's sampling generator) and config, written atomically by rank 0."""
+# what json, safetensors and torch.load raise on a missing, truncated or garbled file
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+READERS = {".json": lambda f: json.load(open(f)), ".safetensors": load_file,
+           ".pt": lambda f: torch.load(f, map_location="cpu", weights_only=True)}
+
+
+def unreadable(path):
+    """Why the checkpoint folder `path` cannot be read, in a few words, or None: every file is parsed as
+    load_checkpoint will, so a resume never stops halfway through restoring a checkpoint."""
+    for name in ("state.json", "adapter_config.json", "adapter_model.safetensors", "ema.safetensors", "optimizer.pt",
+                 "rng.pt"):
+        file = os.path.join(path, name)
+        try:
+            if name != "ema.safetensors" or os.path.exists(file):   # ema: only where an EMA was kept
+                content = READERS[os.path.splitext(name)[1]](file)
+                int(content["step"]) if name == "state.json" else None
+        except UNREADABLE as e:
+            return f"{name}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- a stage's
+def save_training_state(cfg, run_dir, step, model, opt, ema, gen, rank, adapter="student", sources=None, scaler=None):
+    """checkpoint-<step>/ of a training stage, written atomically by rank 0: the trained adapter, optimizer, EMA,
+    RNG states (every process's sampling generator), config, sources (run_sources), the fp16 loss scaler."""
     states = distributed.gather_objects(gen.get_state())
     if rank == 0:
         gens = {f"sampling_rank{r}": torch.Generator().set_state(s) for r, s in enumerate(states)}
+        extra = {"sources": sources, **({"scaler": scaler.state_dict()} if scaler is not None else {})}
         save_checkpoint(run_dir, step, model, adapter, opt, dataclasses.asdict(cfg), ema, gens,
-                        keep=cfg.checkpoints_total_limit or None)
+                        keep=cfg.checkpoints_total_limit or None, extra=extra)
 
 
-def resume_training(cfg, run_dir, model, opt, ema, gen, rank, adapter="student"):
-    """Restore a checkpoint (--resume_from_checkpoint latest|PATH); returns the iteration to continue from."""
+def resume_training(cfg, run_dir, model, opt, ema, gen, rank, adapter="student", sources=None, scaler=None):
+    """Restore a checkpoint (--resume_from_checkpoint latest|PATH); returns the iteration to continue from. Refused
+    when unreadable or made from other `sources` (run_sources; a checkpoint saved without them is not checked)."""
     try:
         path = resolve_resume(cfg.resume_from_checkpoint, run_dir)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
+    problem = unreadable(path)
+    if problem:
+        readable = next((p for _, p in reversed(list_checkpoints(run_dir)) if p != path and not unreadable(p)), None)
+        raise SystemExit(f"--resume_from_checkpoint: {path} is unreadable ({problem}); " + (
+            f"the newest readable checkpoint is {readable}: pass --resume_from_checkpoint {readable}" if readable
+            else f"{run_dir} holds no readable checkpoint: start afresh without --resume_from_checkpoint"))
+    saved = json.load(open(os.path.join(path, "state.json"))).get("sources") or {}
+    changed = changed_sources(saved, sources) if saved and sources else []
+    if changed:
+        raise SystemExit(f"--resume_from_checkpoint: {path} was made with other models: {'; '.join(changed)}. "
+                         f"Resume with the same --model/--teacher/--mar, or start a new run (--name)")
     state = load_checkpoint(path, model, adapter, opt, ema, {f"sampling_rank{rank}": gen})
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if rank == 0:
         print(f"resumed from {path} at iteration {state['step']}")
     return state["step"]

@@ -1,13 +1,12 @@
 """
-The one configuration of every stage and tool: a dataclass whose fields are all `--name value` flags, each
-with its help, its default and the values it accepts (`python train.py --help`). A leaf: it imports no module
-of the project. Defaults are the miniature world's; where the paper (Flow-OPD §4) or the released code uses
-another value, the help gives it. Time convention throughout: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO).
-Lists take several values and repeated flags add more; booleans take true/false; --model and --mar are aliases
-(diffusers' and the paper's names). `--preset sd35m_paper` fills in the paper's SD3.5-Medium settings (PRESETS,
-each with its source) under the flags given; describe(cfg) lists what differs from the defaults (train.py
-prints it). Values are checked when parsed, before any model loads: a bad one ends the command with one line
-naming the flag and what it accepts.
+The one configuration of every stage and tool: a dataclass whose fields are all `--name value` flags, each with its
+help, its default and the values it accepts (`python train.py --help`). A leaf: it imports no project module.
+Defaults are the miniature world's; where the paper (Flow-OPD §4) or the released code uses another value, the help
+gives it. Time convention throughout: t = sigma in [0, 1], t = 1 is noise (SD3 / Flow-GRPO). Lists take several
+values and repeated flags add more; booleans take true/false; --model and --mar are aliases (diffusers' and the
+paper's names). `--preset sd35m_paper` fills in the paper's SD3.5-Medium settings (PRESETS, each with its source)
+under the flags given; describe(cfg) lists what differs from the defaults (train.py prints it). Values are checked
+when parsed, before any model loads: a bad one ends the command with one line naming the flag and what it accepts.
 """
 import argparse
 import dataclasses
@@ -38,14 +37,15 @@ class Config:
     base: str = opt("checkpoints/base", "the base model: a world model folder, or an SD3 pipeline folder or hub id")
     eval_at_end: bool = opt(True, "score the trained models on the test prompts when the stage ends")
     preset: str = opt("", "sd35m_paper: the paper's SD3.5-M settings; flags given win", choices=("", "sd35m_paper"))
-    mixed_precision: str = opt("bf16" if CUDA else "no", "autocast of the model forwards on CUDA (bf16, fp16 or no)",
-                               choices=("no", "bf16", "fp16"))
+    mixed_precision: str = opt("bf16" if CUDA else "no", "autocast of the model forwards on CUDA: bf16, no, or fp16 "
+                               "(a loss scaler; SD3's text encoders in bf16)", choices=("no", "bf16", "fp16"))
+    report_to: str = opt("none", "tensorboard: scalars, grids in RUN/tensorboard", choices=("none", "tensorboard"))
     compile: bool = opt(CUDA, "torch.compile the velocity-discrepancy core (opd_loss.flow_opd_loss)")
     gradient_checkpointing: bool = opt(False, "recompute the transformer's activations in backward (memory)")
     # --- sampling (§2.4) ---
     num_steps: int = opt(10, "T: SDE steps of a training rollout (paper 10)", low=2)
     eval_steps: int = opt(40, "ODE steps of an evaluation sample (paper 40)", low=1)
-    guidance_scale: float = opt(4.5, "classifier-free guidance scale (released code 4.5; the paper is silent)", low=0)
+    guidance_scale: float = opt(4.5, "CFG scale (released code 4.5; the paper is silent); 1: no CFG, one pass", low=0)
     noise_level: float = opt(0.7, "a in sigma_t = a sqrt(t / (1 - t)) (paper 0.7)", low=0)
     # --- evaluation (eval.py and the end of every stage); GenEval scores all its prompts x 4 images ---
     eval_prompts_per_task: int = opt(30, "test prompts per task, stratified by sub-task (GenEval tag); 0 = all", low=0)
@@ -84,7 +84,7 @@ class Config:
     sde_window: int = opt(2, "Flow-GRPO-Fast: SDE (and training) on this many early steps; 0: every step", low=0)
     sde_window_range: float = opt(0.2, "the window starts in this first fraction (0, 1] of the steps (flow_grpo 0.5)")
     shared_noise: bool = opt(True, "a group's G samples start from one x1 (they branch at the SDE window)")
-    lora_targets: str = opt("attention", "attention (Flow-GRPO's q/k/v/out projections) or wide (+ MLPs, adaLN)",
+    lora_targets: str = opt("attention", "attention (q/k/v/out, Flow-GRPO's) or wide (+ MLPs, adaLN)",
                             choices=("attention", "wide"))
     lr: float = opt(5e-4, "AdamW learning rate of the GRPO LoRA (released GRPO-Mix 1e-4)", low=0)
     clip_range: float = opt(1e-4, "PPO epsilon (Flow-GRPO's default)", low=0)
@@ -101,19 +101,18 @@ class Config:
     sft_steps: int = opt(200, "sft cold start: flow-matching steps on them", low=1)
     mar_anchor: str = opt("deqa", "the MAR anchor: deqa (paper), base (released), none, or a PEFT PATH_OR_ID")
     mar_lambda: float = opt(0.02, "lambda of MAR (paper 0.02; released 0.04)", low=0)
-    estimator: str = opt("pathwise", "the OPD gradient estimator (opd_loss.py)",
-                         choices=("pathwise", "logratio", "released"))
+    estimator: str = opt("pathwise", "the OPD estimator (opd_loss.py)", choices=("pathwise", "logratio", "released"))
     opd_iters: int = opt(40, "distillation iterations, one optimizer step each", low=1)
     opd_prompts: int = opt(16, "prompts per distillation iteration", low=1)
     opd_group: int = opt(1, "samples per prompt (OPD needs no group baseline)", low=1)
     opd_lr: float = opt(1e-3, "AdamW learning rate of the student LoRA (released 1e-4)", low=0)
-    soft_routing: float = opt(0.0, "eps > 0: every teacher mixed, (1 - eps) own + eps / K each (router.py)",
-                              low=0, high=1)
+    soft_routing: float = opt(0.0, "eps > 0: all teachers mixed, (1-eps) own + eps/K each (router)", low=0, high=1)
     ema_decay: float = opt(0.0, "EMA of the student LoRA, used for the saved student (0 = off)", low=0, high=1)
     log_rewards: bool = opt(True, "score the student's training samples every iteration (logs only)")
     student_dir: str = opt("checkpoints/students", "where students are saved, one folder per --name")
     cold_start_dir: str = opt("checkpoints/cold_start", "where cold starts are saved and reused")
     name: str = opt("", "the student's name (default: <cold_start>, or <cold_start>_no_mar)")
+    teacher_guidance: list[str] = opt([], "NAME=SCALE: a routed teacher's own CFG scale (default: --guidance_scale)")
     # --- the paper's tables (python -m tools.paper_tables) ---
     runs_dir: str = opt("runs", "seed-dependent outputs: runs/seed<S>/{grpo_mix, cold_start, students}")
     results_dir: str = opt("results", "tables (seed<S>.json, main.json, ood.json), grids and curves")
@@ -123,6 +122,7 @@ class Config:
     prompts: list[str] = opt([], "TASK=FILE training prompts (support/prompts.py formats; default: the world's)")
     eval_prompts: list[str] = opt([], "TASK=FILE test prompts (default: the world's test split)")
     resolution: int = opt(0, "pixels (paper: 512 on SD3.5-M); 0 = the model's native size", low=0)
+    train_resolution: int = opt(0, "pixels of the training rollouts (0 = --resolution, which evaluation uses)", low=0)
     text_encoder_device: str = opt("", "SD3's text encoders: empty = --device; cpu frees ~11 GB of GPU memory")
     max_sequence_length: int = opt(128, "T5 tokens of SD3's prompts (flow_grpo 128; diffusers 256)", low=1, high=512)
     ocr_reward: str = opt("world", "world, or rapidocr (support/reward_backends.py)", choices=("world", "rapidocr"))
@@ -140,10 +140,11 @@ class Config:
             if (m["low"] is not None and value < m["low"]) or (m["high"] is not None and value > m["high"]):
                 span = f"in [{m['low']}, {m['high']}]" if m["high"] is not None else f">= {m['low']}"
                 raise ValueError(f"--{f.name} {value}: must be {span}")
-        for flag in ("teacher", "prompts", "eval_prompts"):
-            for spec in getattr(self, flag):
-                if "=" not in spec:
-                    raise ValueError(f"--{flag} expects NAME=PATH entries, got {spec!r}")
+        for flag, value in (("teacher", "PATH"), ("prompts", "PATH"), ("eval_prompts", "PATH"),
+                            ("teacher_guidance", "SCALE")):
+            for spec in getattr(self, flag):   # a SCALE is a number >= 0
+                if "=" not in spec or value == "SCALE" and not spec.partition("=")[2].replace(".", "", 1).isdigit():
+                    raise ValueError(f"--{flag} expects NAME={value} entries, got {spec!r}")
         if self.text_encoder_device not in ("", "cpu") and not self.text_encoder_device.startswith("cuda"):
             raise ValueError(f"--text_encoder_device {self.text_encoder_device!r}: cpu or cuda[:N] (or empty)")
 
@@ -181,7 +182,7 @@ PRESETS = {"sd35m_paper": {
 # --help shows the flags in these groups: those of every stage first, then those only one stage or tool reads.
 GROUPS = {
     "the run": ("stage", "device", "seed", "base", "eval_at_end", "preset", "mixed_precision", "compile",
-                "gradient_checkpointing"),
+                "gradient_checkpointing", "report_to"),
     "sampling (§2.4)": ("num_steps", "eval_steps", "guidance_scale", "noise_level"),
     "evaluation (eval.py and the end of every stage)": (
         "eval_prompts_per_task", "eval_images_per_prompt", "eval_batch", "decode_batch", "eval_every",
@@ -194,10 +195,10 @@ GROUPS = {
     "Flow-OPD (--stage distill)": (
         "routes", "cold_start", "sft_samples", "sft_steps", "mar_anchor", "mar_lambda", "estimator", "opd_iters",
         "opd_prompts", "opd_group", "opd_lr", "soft_routing", "ema_decay", "log_rewards", "student_dir",
-        "cold_start_dir", "name"),
+        "cold_start_dir", "name", "teacher_guidance"),
     "SD3.5-Medium and real-image rewards (README)": (
-        "teacher", "prompts", "eval_prompts", "resolution", "text_encoder_device", "max_sequence_length",
-        "ocr_reward", "pickscore_reward", "geneval_reward", "deqa_reward"),
+        "teacher", "prompts", "eval_prompts", "resolution", "train_resolution", "text_encoder_device",
+        "max_sequence_length", "ocr_reward", "pickscore_reward", "geneval_reward", "deqa_reward"),
     "pretraining the world's base (python -m tools.pretrain_world)": (
         "ae_steps", "ae_decoder_only", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_dataset",
         "caption_noise", "cfg_dropout", "snapshots", "init_from", "step_offset"),

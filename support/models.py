@@ -11,8 +11,8 @@ Two backends share the `T2IModel` interface (encode prompts, velocity, decode la
 Teachers, student and MAR anchor are LoRA adapters on the one transformer (diffusers' PEFT integration),
 saved and loaded in PEFT's format, the format of the published Flow-GRPO teachers.
 
-Time convention: t = sigma in [0, 1], t = 1 is noise; SD3 transformers take timestep = 1000 * t.
-Self-check: python -m support.models
+Time convention: t = sigma in [0, 1], t = 1 is noise; SD3 transformers take timestep = 1000 * t. Self-check:
+python -m support.models
 """
 import copy
 import os
@@ -23,7 +23,8 @@ import torch.nn as nn
 
 import flow_matching
 from flow_matching import guidance
-from support.hub import ModelUnavailableError, hub_advice
+from support.adapters import check_adapter_fits
+from support.hub import ModelUnavailableError, hub_advice, split_revision
 from world import model as world_model
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -76,12 +77,16 @@ class T2IModel(nn.Module):
     def latent_shape(self):
         return (self.transformer.config.in_channels, self.latent_side, self.latent_side)
 
-    def set_resolution(self, pixels):
-        """Sample at `pixels` x `pixels` (the paper trains SD3.5-M at 512): latent side = pixels / 2^(blocks-1)."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+    def latent_shape_at(self, pixels=0):
+        """The latents of `pixels` x `pixels` images (0: the current resolution), side pixels / 2^(blocks-1)."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if pixels else 1   # 0: no VAE needed
         if pixels % (factor * self.transformer.config.patch_size):
             raise ValueError(f"resolution {pixels} must be a multiple of {factor * self.transformer.config.patch_size}")
-        self.latent_side = pixels // factor
+        return (self.latent_shape[0], pixels // factor, pixels // factor) if pixels else self.latent_shape
+
+    def set_resolution(self, pixels):
+        """Sample at `pixels` x `pixels` (the paper trains SD3.5-M at 512)."""
+        self.latent_side = self.latent_shape_at(pixels)[1]
 
     def time_grid(self, num_steps, shift=None):
         """(T+1,) float32 sigmas from 1 to 0 that this model samples on (shift: self.shift unless given).
@@ -93,6 +98,12 @@ class T2IModel(nn.Module):
         scheduler = type(self.scheduler).from_config(self.scheduler.config, shift=shift)  # a copy: set_timesteps mutates
         scheduler.set_timesteps(num_steps)
         return scheduler.sigmas.float()
+
+    def schedule(self):
+        """What the time grid depends on besides T, as checkpoints record it (provenance.run_sources): the shift
+        and, for SD3, the scheduler's num_train_timesteps (None for the world model, which has no scheduler)."""
+        steps = self.scheduler and self.scheduler.config.num_train_timesteps
+        return {"shift": self.shift, "num_train_timesteps": steps}
 
     def encode_prompts(self, prompts):
         return self.encoder(list(prompts))
@@ -202,8 +213,9 @@ class T2IModel(nn.Module):
             raise FileNotFoundError(f"no adapter at {path!r} (expected adapter_model.safetensors and "
                                     f"adapter_config.json in PEFT format)")
         state = {k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}
-        check_adapter_fits(self.transformer, state, path)
-        self.add_adapter(LoraConfig.from_pretrained(path), name)
+        config = LoraConfig.from_pretrained(path)
+        check_adapter_fits(self.transformer, state, weights, config)
+        self.add_adapter(config, name)
         set_peft_model_state_dict(self.transformer, state, adapter_name=name)
 
     def save(self, path, dtype=torch.float16):
@@ -217,26 +229,6 @@ class T2IModel(nn.Module):
         copy.deepcopy(self.encoder).to("cpu", dtype).save(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-
-
-def check_adapter_fits(transformer, state, source):
-    """Teacher and student must share an architecture (paper §6): every LoRA factor must name a linear
-    layer of this transformer with matching in/out features. Raise an error naming the first mismatch."""
-    modules = dict(transformer.named_modules())
-    for key, w in state.items():
-        path, kind = key.rsplit(".lora_", 1)
-        layer = modules.get(path)
-        if layer is None:
-            raise ValueError(f"adapter {source!r} does not fit this model: it has weights for {path!r}, which "
-                             f"this transformer lacks (was it trained on another base model?)")
-        base = getattr(layer, "base_layer", layer)
-        want = base.in_features if kind.startswith("A") else base.out_features
-        got = w.shape[1] if kind.startswith("A") else w.shape[0]
-        if want != got:
-            raise ValueError(f"adapter {source!r} does not fit this model: {path} has "
-                             f"{'in' if kind.startswith('A') else 'out'}_features={want}, the adapter's "
-                             f"lora_{kind} expects {got} (teacher and student must share one architecture)")
-
 
 
 def build_world_model(cfg=None, seed=0):
@@ -253,7 +245,7 @@ def load_world_model(path, device="cpu"):
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_device=None, max_sequence_length=128):
     """The world model (a folder without model_index.json; always fp32) or an SD3 pipeline (a folder with
-    model_index.json, or a hub id "org/name") in `dtype`; text_encoder_device and max_sequence_length: load_sd3.
+    model_index.json, or a hub id "org/name[@REV]") in `dtype`; text_encoder_device and max_sequence_length: load_sd3.
     A folder that is neither raises FileNotFoundError; an SD3 model that cannot be fetched or read raises
     ModelUnavailableError, whose message says what to do (hub_advice)."""
     local = os.path.isdir(name_or_path)
@@ -267,23 +259,31 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32, text_encoder_dev
                     max_sequence_length=max_sequence_length)
 
 
+def text_encoder_dtype(dtype, device):
+    """SD3's frozen text encoders' dtype beside a transformer in `dtype`: fp32 on the CPU (bf16 matmuls are slow
+    on many CPUs), bf16 for an fp16 transformer (T5-XXL's activations overflow fp16's range), else `dtype`."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16 if dtype == torch.float16 else dtype
+
+
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_device=None, max_sequence_length=128):
     """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface.
     text_encoder_device: where the three frozen text encoders live (default: `device`). SD3.5-M's CLIP-L,
-    CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, in
-    fp32 (bf16 matmuls are slow on many CPUs), and their embeddings are moved to `device` (SD3Encoder)."""
+    CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, and
+    their embeddings are moved to `device` (SD3Encoder); their dtype: text_encoder_dtype."""
     from diffusers import StableDiffusion3Pipeline
-    try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(name_or_path, dtype=dtype)
+    repo, revision = split_revision(name_or_path)   # "org/name@REV" pins a branch, tag or commit (support/hub.py)
+    text_encoder_device = text_encoder_device or device
+    text_dtype = text_encoder_dtype(dtype, text_encoder_device)
+    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    try:  # each text encoder read straight into its own dtype (no detour through the transformer's)
+        pipe = StableDiffusion3Pipeline.from_pretrained(repo, revision=revision, dtype={"default": dtype, **{
+            name: text_dtype for name in encoders}})
     except OSError as e:  # hub errors (gated, not found, offline) and unreadable folders are all OSErrors
         raise ModelUnavailableError(hub_advice(name_or_path, e)) from e
-    text_encoder_device = text_encoder_device or device
-    text_dtype = torch.float32 if torch.device(text_encoder_device).type == "cpu" else dtype
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+    for name in encoders:
         if getattr(pipe, name) is not None:
             getattr(pipe, name).to(text_encoder_device, text_dtype)
-    pipe.transformer.to(device)
-    pipe.vae.to(device)
+    pipe.transformer.to(device), pipe.vae.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe, max_sequence_length, out_device=device))
     model.shift = pipe.scheduler.config.get("shift", 1.0)  # SD3.5 samples on a shifted grid (3.0)

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, set_peft_model_state_dict
 
 from rewards import REWARDS
-from support import models, prompts, reward_backends
+from support import adapters, models, prompts, reward_backends
 from support.config import Config
-from support.hub import ModelUnavailableError, hub_advice
+from support.hub import ModelUnavailableError, hub_advice, split_revision
 from world import toy_world
 
 
@@ -27,12 +27,18 @@ def precision(cfg):
 
 def load_model(cfg):
     """models.load_model for --model (an SD3 pipeline in bf16 when mixed_precision is bf16, its text encoders
-    on --text_encoder_device), at --resolution, with gradient checkpointing if asked."""
+    on --text_encoder_device), at --resolution (--train_resolution checked too), with gradient checkpointing
+    if asked."""
     try:
         model = models.load_model(cfg.base, cfg.device, precision(cfg), cfg.text_encoder_device or None,
                                   cfg.max_sequence_length)
-    except (FileNotFoundError, ModelUnavailableError) as e:  # a missing folder; a gated or absent hub id
+    except (FileNotFoundError, ModelUnavailableError, ValueError) as e:  # no such folder; a gated or absent hub id
         raise SystemExit(f"--model: {e}") from None
+    for flag, pixels in (("resolution", cfg.resolution), ("train_resolution", cfg.train_resolution)):
+        try:
+            model.latent_shape_at(pixels)   # checked before anything is sampled
+        except ValueError as e:
+            raise SystemExit(f"--{flag}: {e}") from None
     if cfg.resolution:
         model.set_resolution(cfg.resolution)
     model.decode_batch = cfg.decode_batch
@@ -42,12 +48,13 @@ def load_model(cfg):
 
 
 def adapter_folder(name, spec):
-    """A PEFT adapter folder from a local path, or a hub id downloaded once by huggingface_hub."""
+    """A PEFT adapter folder from a local path, or a hub id (ID@REVISION pins a revision) downloaded once."""
     if os.path.isdir(spec):
         return spec
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(spec)
+        repo, revision = split_revision(spec)
+        return snapshot_download(repo, revision=revision)
     except (OSError, ValueError) as e:  # hub errors (gated, not found, offline) are OSErrors; a malformed id ValueError
         raise SystemExit(f"adapter {name}: {spec!r} is not a folder here and could not be downloaded: "
                          f"{hub_advice(spec, e)}") from None
@@ -114,7 +121,6 @@ def load_diffusers_lora(model, path, name):
         raise ValueError(f"{path!r} has LoRA weights outside the transformer (e.g. {others[0]!r}); only "
                          "transformer LoRAs are supported")
     state = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in raw.items()}
-    models.check_adapter_fits(model.transformer, state, path)
     if metadata:  # the LoraConfig that export_lora (and diffusers' own trainers) store
         config = LoraConfig(**{k.removeprefix(DIFFUSERS_PREFIX): v for k, v in metadata.items()})
     else:  # none stored: rank from the factors and alpha = r, diffusers' own assumption for such files
@@ -123,6 +129,7 @@ def load_diffusers_lora(model, path, name):
             raise ValueError(f"{path!r} stores no LoRA config and has mixed ranks {sorted(ranks)}")
         r = ranks.pop()
         config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted({k.rsplit(".lora_", 1)[0] for k in state}))
+    adapters.check_adapter_fits(model.transformer, state, path, config)
     model.add_adapter(config, name)
     set_peft_model_state_dict(model.transformer, state, adapter_name=name)
 

@@ -34,6 +34,7 @@ import os
 import torch
 
 import rewards
+from support.hub import split_revision
 from support.reward_servers import DEQA_URL_ENV, GENEVAL_URL_ENV, SERVER, DeQAServerReward, GenEvalServerReward
 from support.rollouts import to_uint8
 
@@ -97,9 +98,10 @@ class PickScoreReward:
         device, dtype: where the CLIP runs (the training GPU in bf16, not Flow-GRPO's fp32: the towers' outputs
         are compared in fp32, so the score moves by ~1e-3 of its value)."""
         transformers = _require("transformers", "transformers")
+        repo, revision = split_revision(model_path)   # ID@REVISION pins a hub checkpoint (support/hub.py)
         if processor_path is None:
-            processor_path = PICKSCORE_PROCESSOR if model_path == PICKSCORE_MODEL else model_path
-        self.model = transformers.CLIPModel.from_pretrained(model_path).eval().to(device, dtype)
+            processor_path = PICKSCORE_PROCESSOR if repo == PICKSCORE_MODEL else model_path
+        self.model = transformers.CLIPModel.from_pretrained(repo, revision=revision).eval().to(device, dtype)
         self.processor = clip_processor(processor_path, self.model.config.vision_config.image_size)
         self.device, self.dtype = device, dtype
 
@@ -124,7 +126,8 @@ def clip_processor(path, image_size):
     is also CLIP-H's preprocessor_config that Flow-GRPO loads for PickScore."""
     from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPProcessor
     if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in PROCESSOR_CONFIGS):
-        return AutoProcessor.from_pretrained(path)
+        repo, revision = split_revision(path)
+        return AutoProcessor.from_pretrained(repo, revision=revision)
     has = lambda *names: all(os.path.isfile(os.path.join(path, n)) for n in names)
     if not (has("tokenizer.json") or has("vocab.json", "merges.txt")):  # transformers 5 would build an empty one
         raise FileNotFoundError(

@@ -67,10 +67,12 @@ def micro_batch_conds(model, records, cfg):
 
 @torch.no_grad()
 def sample_rollouts(model, records, cfg, gen, sde_steps=None, share=1):
-    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images.
-    share > 1: each run of `share` consecutive records starts from the same initial noise x1."""
+    """SDE trajectories of the active adapter for `records` (in micro-batches) and their decoded images, at
+    --train_resolution (0: the model's, --resolution, which evaluation samples at). share > 1: each run of
+    `share` consecutive records starts from the same initial noise x1."""
     sigmas = model.time_grid(cfg.num_steps).to(cfg.device)  # SD3.5: its scheduler's grid, as Flow-GRPO
-    x1_all = torch.randn(len(records) // share, *model.latent_shape, generator=gen).repeat_interleave(share, 0)
+    shape = model.latent_shape_at(cfg.train_resolution)
+    x1_all = torch.randn(len(records) // share, *shape, generator=gen).repeat_interleave(share, 0)
     trajs = []
     for i in range(0, len(records), cfg.micro_batch):
         prompts = [r["prompt"] for r in records[i:i + cfg.micro_batch]]
@@ -136,13 +138,36 @@ def trainable(model, name):
     return params
 
 
-def optimizer_step(params, opt, ema=None):
-    """Average the LoRA gradients over processes (torchrun), clip, step, and update the EMA."""
+def loss_scaler(cfg):
+    """--mixed_precision fp16: a torch.amp.GradScaler for the trained LoRA; else None (bf16 and fp32 need none).
+    An fp16 backward flushes gradients below 6e-8 to zero, and a LoRA's, each a small share of a mean loss over
+    many samples and steps, can vanish silently; the scaler multiplies the loss (2^16 at first) before backward,
+    divides the fp32 gradients back before clipping, and skips a step whose gradients overflowed."""
+    return torch.amp.GradScaler(torch.device(cfg.device).type) if cfg.mixed_precision == "fp16" else None
+
+
+def scaled(loss, scaler=None):
+    """The loss to backpropagate: times the fp16 loss scale (loss_scaler), or as it is without a scaler."""
+    return loss if scaler is None else scaler.scale(loss)
+
+
+def optimizer_step(params, opt, ema=None, scaler=None):
+    """Average the LoRA gradients over processes (torchrun), clip, step, and update the EMA. With an fp16 loss
+    scaler the gradients are unscaled before clipping, and a step they overflowed is skipped, the EMA's too."""
     distributed.average_gradients(params)
+    if scaler is not None:
+        scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    stepped = True
+    if scaler is None:
+        opt.step()
+    else:
+        scale = scaler.get_scale()
+        scaler.step(opt)   # skipped when unscale_ found an inf or nan
+        scaler.update()    # which halves the scale
+        stepped = scaler.get_scale() >= scale
     opt.zero_grad(set_to_none=True)
-    if ema is not None:
+    if ema is not None and stepped:
         ema.update()
 
 

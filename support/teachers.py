@@ -8,6 +8,7 @@ import os
 import torch
 
 from support import models
+from support.provenance import weights_sha256
 from support.resolve import adapter_folder, named_paths, reward_registry
 from support.rollouts import trainable
 from rewards import REWARDS
@@ -100,11 +101,17 @@ def routed_pool(pool, teachers):
     extra = {t: [dict(r, task=t) for task in TEACHER_TASKS[t] if task in pool for r in pool[task]]
              for t in teachers if t not in pool and t in TEACHER_TASKS}
     return {**pool, **extra}
+def guidance_scales(cfg):
+    """{routed teacher: its own CFG scale} from --teacher_guidance NAME=SCALE (Config checked the form): those
+    teachers' velocities are guided at that scale; the others, the anchor, the student and its rollouts at
+    --guidance_scale. Empty by default, so nothing changes."""
+    return {name: float(scale) for name, scale in named_paths(cfg.teacher_guidance).items()}
 
 
 def load_teachers(model, cfg):
     """Load the routed teachers and the MAR anchor as adapters on the one backbone. Returns ({task: teacher
-    adapter}, the anchor adapter or None for the base, {adapter: folder or hub id}). --teacher NAME=PATH_OR_ID
+    adapter}, the anchor adapter or None for the base, {adapter: {"path": folder or hub id, "sha256": of the
+    weights loaded}}). --teacher NAME=PATH_OR_ID
     gives them (SD3: the published PEFT teachers); without it the world's teachers in cfg.teacher_dir are
     used, and a missing one is an error naming the command that trains it. --mar is deqa, base, none, or a
     PATH_OR_ID."""
@@ -124,12 +131,19 @@ def load_teachers(model, cfg):
     elif anchor == "deqa" and "deqa" not in sources:
         raise SystemExit("--mar deqa needs a deqa teacher: add --teacher deqa=PATH_OR_ID, or pass "
                          "--mar PATH_OR_ID (e.g. the published DeQA teacher), --mar base or --mar none")
+    unguided = sorted(set(guidance_scales(cfg)) - {n for n in sources if n in cfg.routes})
+    if unguided:
+        raise SystemExit(f"--teacher_guidance {' '.join(unguided)}: not a routed teacher (those: "
+                         f"{' '.join(n for n in sources if n in cfg.routes)}); anchor, student: --guidance_scale")
     unrouted = [n for n in sources if n not in cfg.routes and n not in ("deqa", "anchor")]
     if unrouted:
         raise SystemExit(f"teachers {unrouted} have no route: name teachers by task ({cfg.routes}) or set --routes")
+    loaded = {}
     for name, spec in sources.items():
         try:
-            model.load_adapter(adapter_folder(name, spec), name)
+            folder = adapter_folder(name, spec)
+            model.load_adapter(folder, name)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"teacher {name}: {e}") from None
-    return {n: n for n in sources if n in cfg.routes}, anchor, sources
+        loaded[name] = {"path": spec, "sha256": weights_sha256(folder)}   # a hub id's too: its downloaded files
+    return {n: n for n in sources if n in cfg.routes}, anchor, loaded

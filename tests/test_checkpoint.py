@@ -256,3 +256,62 @@ def test_fresh_log_keeps_the_previous_run_and_appending_continues_it(tmp_path):
     assert len(kept) == 1 and re.fullmatch(r"train_log-\d{8}-\d{6}\.jsonl", kept[0].name)
     assert [json.loads(s)["iter"] for s in kept[0].read_text().splitlines()] == [0, 1]
     assert [json.loads(s)["kl"] for s in path.read_text().splitlines()] == [2.0]
+
+
+# ------------------------------------------------------------------------------ unreadable, other sources
+@pytest.mark.parametrize("damage", ["truncated_adapter", "broken_state", "truncated_optimizer"])
+def test_resume_names_an_unreadable_checkpoint_and_the_newest_readable_one(tmp_path, damage):
+    from support.checkpoint import resume_training
+    from support.config import Config
+    model, opt, _, gen = _fresh()
+    run = str(tmp_path)
+    for step in (1, 2, 3):
+        save_checkpoint(run, step, model, "student", opt, CONFIG, generators={"sampling_rank0": gen})
+    file, keep = {"truncated_adapter": ("adapter_model.safetensors", 0.5), "broken_state": ("state.json", 0.3),
+                  "truncated_optimizer": ("optimizer.pt", 0.5)}[damage]
+    for step in (3, 2):   # the two newest both damaged: checkpoint-1 is the newest readable one
+        path = os.path.join(run, f"checkpoint-{step}", file)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:int(len(data) * keep)])
+    cfg = Config(resume_from_checkpoint="latest", device="cpu")
+    with pytest.raises(SystemExit) as e:
+        resume_training(cfg, run, model, opt, None, gen, rank=0)
+    msg = str(e.value)
+    assert msg.startswith(f"--resume_from_checkpoint: {os.path.join(run, 'checkpoint-3')} is unreadable ({file}:"), msg
+    assert msg.endswith(f"pass --resume_from_checkpoint {os.path.join(run, 'checkpoint-1')}") and "\n" not in msg, msg
+    assert resume_training(Config(resume_from_checkpoint=os.path.join(run, "checkpoint-1"), device="cpu"), run,
+                           model, opt, None, gen, rank=0) == 1   # the one it names resumes
+    shutil.rmtree(os.path.join(run, "checkpoint-1"))
+    with pytest.raises(SystemExit, match=re.escape(f"{run} holds no readable checkpoint")):
+        resume_training(cfg, run, model, opt, None, gen, rank=0)
+
+
+def test_resume_refuses_other_sources_naming_what_changed(tmp_path):
+    from support.checkpoint import resume_training
+    from support.config import Config
+    from support.provenance import changed_sources, run_sources
+    model, opt, _, gen = _fresh()
+    (tmp_path / "ocr").mkdir()
+    (tmp_path / "ocr" / "adapter_model.safetensors").write_bytes(b"ocr teacher")
+    teachers = {"ocr": {"path": str(tmp_path / "ocr"), "sha256": "a" * 64}, "anchor": {"path": "org/deqa", "sha256": None}}
+    sources = run_sources(str(tmp_path / "base"), model.schedule(), teachers)
+    assert sources["base"] == {"path": str(tmp_path / "base"), "sha256": None,
+                               "scheduler": {"shift": 1.0, "num_train_timesteps": None}}   # the world model's grid
+    run = str(tmp_path / "run")
+    save_checkpoint(run, 1, model, "student", opt, CONFIG, generators={"sampling_rank0": gen}, extra={"sources": sources})
+    assert json.load(open(os.path.join(run, "checkpoint-1", "state.json")))["sources"] == sources
+    cfg = Config(resume_from_checkpoint="latest", device="cpu")
+    assert resume_training(cfg, run, model, opt, None, gen, 0, sources=sources) == 1   # the same models
+    other = {**sources, "ocr": {**teachers["ocr"], "sha256": "b" * 64}, "base": {
+        **sources["base"], "scheduler": {"shift": 3.0, "num_train_timesteps": None}}}
+    with pytest.raises(SystemExit) as e:
+        resume_training(cfg, run, model, opt, None, gen, 0, sources=other)
+    msg = str(e.value)
+    assert "was made with other models: base: " in msg and "'shift': 1.0" in msg and "'shift': 3.0" in msg, msg
+    assert f"ocr: {tmp_path / 'ocr'} (sha256 aaaaaaaaaaaa) -> {tmp_path / 'ocr'} (sha256 bbbbbbbbbbbb)" in msg, msg
+    assert "anchor" not in msg and "\n" not in msg
+    # a hub id without weights here is compared by its name; a teacher added or dropped is named too
+    assert changed_sources(sources, {**sources, "anchor": {"path": "org/other", "sha256": None}}) == [
+        "anchor: org/deqa (sha256 None) -> org/other (sha256 None)"]
+    assert changed_sources(sources, {k: v for k, v in sources.items() if k != "ocr"}) == [
+        f"ocr: {tmp_path / 'ocr'} (sha256 aaaaaaaaaaaa) -> absent"]

@@ -136,15 +136,16 @@ def printed_by(command):
 def test_answer_1_kl_identity_error_and_equal_policies():
     """Exercise 1: `python opd_loss.py` prints the two KL rows (gaussian_kl of the two steps and
     kl_weight·‖Δv‖²), their max relative error and the KL of equal policies. The answer says the rows agree
-    in every printed digit, quotes the error (5.0e-6, float32's cancellation of the two means' x_t terms)
+    in every printed digit, quotes the error (about 5e-6, float32's cancellation of the two means' x_t terms)
     and says equal policies give exactly 0."""
     out = printed_by(commands(1)[0])
     rows = re.findall(r"^(?:gaussian_kl|w\(t\)·‖Δv‖²)\s+(tensor\(\[.*?\]\))", out, re.M)
     rel = float(re.search(r"max rel err (\S+)", out).group(1))
     equal = ast.literal_eval(re.search(r"KL of equal policies: (\[.*?\])", out).group(1))
-    (error,) = quoted(1, r"two rows agree in every printed digit, with a maximum relative error of (\S+) in float32")
+    (error,) = quoted(1, r"two rows agree in every printed digit, with a maximum relative error of about (\S+) in")
     assert len(rows) == 2 and rows[0] == rows[1], rows
-    assert agrees(rel, error), f"the self-check prints max rel err {rel:.3g}, the answer quotes {error}"
+    # float32 rounding: its size is the claim, its last digits depend on the CPU's kernels (within 2x here)
+    assert float(error) / 2 <= rel <= 2 * float(error), f"the self-check prints max rel err {rel:.3g}, the answer quotes {error}"
     assert quoted(1, r"(equal policies give exactly 0)") and equal == [0.0] * len(equal), equal
 
 

@@ -8,13 +8,15 @@ text encoders' device, the scheduler's time grid, and the advice given when a hu
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from support import rollouts
-from support import config, resolve
+from support import checkpoint, config, hub, provenance, resolve
+from eval import main as eval_main
 import flow_matching
 from tools import infer
 from support import models
@@ -62,11 +64,40 @@ def test_sd35_pipeline_distill_with_peft_teachers_end_to_end(sd3_world, tmp_path
     rows = [json.loads(line) for line in open(run / "train_log.jsonl")]
     assert [r["iter"] for r in rows] == [0, 1] and all(r["kl"] > 0 and r["mar"] > 0 for r in rows)
     assert (run / "checkpoint-2" / "optimizer.pt").exists()
+    made_from = json.load(open(run / "checkpoint-2" / "state.json"))["sources"]   # the teachers, anchor and base
+    assert made_from["ocr"] == {"path": str(sd3_world / "ocr"), "sha256": provenance.weights_sha256(str(sd3_world / "ocr"))}
+    assert made_from["anchor"]["path"] == str(sd3_world / "deqa") and made_from["anchor"]["sha256"]
+    assert made_from["base"]["scheduler"] == {"shift": 3.0, "num_train_timesteps": 1000}
+    more = ["--resume_from_checkpoint", "latest", "--opd_iters", "3"]
+    with pytest.raises(SystemExit) as e:   # another teacher set: refused, naming the teacher that changed
+        train.main(_argv(sd3_world, students, more + ["--teacher", f"ocr={sd3_world / 'geneval'}"]))
+    assert "was made with other models: ocr: " in str(e.value) and "geneval (sha256" in str(e.value), str(e.value)
+    shifted = tmp_path / "shifted"   # the same weights, a scheduler with another shift
+    shutil.copytree(sd3_world / "pipeline", shifted)
+    conf = json.load(open(shifted / "scheduler" / "scheduler_config.json"))
+    json.dump({**conf, "shift": 2.0}, open(shifted / "scheduler" / "scheduler_config.json", "w"))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(sd3_world, students, more + ["--model", str(shifted)]))
+    msg = str(e.value)
+    assert "other models: base: " in msg and "'shift': 3.0" in msg and "'shift': 2.0" in msg and "ocr" not in msg, msg
     # the student loads in a fresh diffusers pipeline through load_lora_weights
     from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_world / "pipeline"), dtype=torch.float32)
     pipe.load_lora_weights(str(run / "export"))
     assert any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    # its model card, beside the PEFT folder and the export: the base, each teacher and the anchor with its sha256
+    for folder in (run / "adapter", run / "export" / "peft"):
+        assert LoraConfig.from_pretrained(str(folder)).base_model_name_or_path == str(sd3_world / "pipeline")
+    row = lambda role, folder: f"| {role} | `{folder}` | {provenance.weights_sha256(str(folder))} |"
+    for folder in (run / "adapter", run / "export"):
+        card = (folder / "README.md").read_text()
+        assert row("base", sd3_world / "pipeline") in card
+        for role, teacher in (("teacher geneval", "geneval"), ("teacher ocr", "ocr"), ("MAR anchor", "deqa")):
+            assert row(role, sd3_world / teacher) in card
+        assert "| cold start |" in card and "  --opd_iters 2" in card and "Not evaluated." in card
+    resolve.load_lora(models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu"),
+                      str(run / "adapter"), "student")   # the PEFT folder, README and all
 
 
 def test_sd35_pipeline_rejects_teacher_of_another_architecture(sd3_world, tmp_path):
@@ -78,12 +109,103 @@ def test_sd35_pipeline_rejects_teacher_of_another_architecture(sd3_world, tmp_pa
     assert msg.startswith("teacher ocr:") and "does not fit this model" in msg, msg
 
 
+def _damaged_copy(src, dst, drop=(), add=None):
+    """A copy of a PEFT teacher folder whose weights file lacks the keys `drop` and has the tensors `add`."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    weights = os.path.join(dst, "adapter_model.safetensors")
+    state = {k: v for k, v in load_file(weights).items() if k not in drop}
+    save_file({**state, **(add or {})}, weights)
+    return str(dst), weights
+
+
+@pytest.mark.parametrize("damage", ["missing_B", "missing_A", "foreign_key"])
+def test_sd35_teacher_with_a_missing_or_foreign_lora_factor_is_refused(sd3_world, tmp_path, damage):
+    """PEFT would load a teacher lacking one block's lora_B with B = 0 on that layer (the teacher silently off
+    there); the check names the layer and the file instead."""
+    layer = "base_model.model.transformer_blocks.1.attn.to_q"
+    kind = {"missing_B": "lora_B", "missing_A": "lora_A"}.get(damage)
+    drop = [f"{layer}.{kind}.weight"] if kind else []
+    add = {"base_model.model.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(4, 16)} \
+        if damage == "foreign_key" else None
+    folder, weights = _damaged_copy(sd3_world / "ocr", tmp_path / "ocr", drop, add)
+    argv = _argv(sd3_world, tmp_path / "students") + ["--teacher", f"ocr={folder}"]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("teacher ocr:") and repr(weights) in msg and "\n" not in msg, msg
+    if kind:
+        assert f"lacks {kind} of transformer_blocks.1.attn.to_q, a layer its config targets" in msg, msg
+    else:
+        assert "'transformer_blocks.7.attn.to_q', which this transformer lacks" in msg, msg
+    assert not (tmp_path / "students").exists()   # refused before anything was built
+
+
 def test_sd35_pipeline_prompt_file_error_names_line(sd3_world, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a photo of a circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]}\n{oops\n')
     argv = _argv(sd3_world, tmp_path / "students") + ["--prompts", f"geneval={bad}"]
     with pytest.raises(SystemExit, match="line 2"):
         train.main(argv)
+
+
+def test_model_card_names_the_hub_base_and_the_scores(tmp_path):
+    from huggingface_hub import ModelCard
+    record = provenance.made_here("Flow-OPD student", 0, 300, {
+        "base": provenance.source("stabilityai/stable-diffusion-3.5-medium@b940f67"),
+        "ocr": provenance.source("jieliu/SD3.5M-FlowGRPO-Text")})
+    provenance.write_model_card([str(tmp_path)], record, "settings: the defaults", {"ocr": 0.8125, "se/ocr": 0.03125})
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert card.data.base_model == "stabilityai/stable-diffusion-3.5-medium" and card.data.library_name == "diffusers"
+    assert "| teacher ocr | `jieliu/SD3.5M-FlowGRPO-Text` | not hashed (a hub id) |" in card.text
+    assert "| ocr | 0.8125 | 0.031 |" in card.text and "settings: the defaults" in card.text
+def _record_passes(monkeypatch):
+    """[(active adapter, guidance scale, samples, transformer batch sizes)] of every T2IModel.velocity call."""
+    from diffusers import SD3Transformer2DModel
+    calls, batches = [], []
+    forward, velocity = SD3Transformer2DModel.forward, models.T2IModel.velocity
+    monkeypatch.setattr(SD3Transformer2DModel, "forward",
+                        lambda self, *a, **kw: batches.append(kw["hidden_states"].shape[0]) or forward(self, *a, **kw))
+
+    def recorded(self, x, t, cond, uncond=None, guidance_scale=1.0):
+        n = len(batches)
+        v = velocity(self, x, t, cond, uncond, guidance_scale)
+        calls.append((self._active, guidance_scale, x.shape[0], batches[n:]))
+        return v
+    monkeypatch.setattr(models.T2IModel, "velocity", recorded)
+    return calls
+
+
+def test_sd35_per_teacher_guidance_and_no_cfg_training(sd3_world, tmp_path, monkeypatch):
+    """--guidance_scale 1: rollouts, student and anchor run one conditional pass (no unconditional one);
+    --teacher_guidance geneval=4.5: that teacher alone is guided, with its CFG pair in one batch of 2m."""
+    calls = _record_passes(monkeypatch)
+    train.main(_argv(sd3_world, tmp_path / "a", ["--opd_iters", "1"]))   # the default: CFG 4.5 everywhere
+    assert {c[0] for c in calls} >= {"student", "anchor"}
+    assert all(scale == 4.5 and batches == [2 * n] for _, scale, n, batches in calls)
+    calls.clear()
+    train.main(_argv(sd3_world, tmp_path / "b", ["--opd_iters", "1", "--opd_prompts", "4", "--guidance_scale", "1",
+                                                  "--teacher_guidance", "geneval=4.5"]))
+    by = lambda who: [(scale, n, batches) for active, scale, n, batches in calls if active == who]  # noqa: E731
+    assert by("geneval") and all(scale == 4.5 and batches == [2 * n] for scale, n, batches in by("geneval"))
+    for who in ("student", "anchor", "ocr"):   # one pass each: no unconditional forward at scale 1
+        assert by(who) and all(scale == 1 and batches == [n] for scale, n, batches in by(who)), who
+    with pytest.raises(SystemExit, match=r"--teacher_guidance pickscore: not a routed teacher \(those: geneval ocr\)"):
+        train.main(_argv(sd3_world, tmp_path / "c", ["--teacher_guidance", "pickscore=2"]))
+
+
+def test_sd35_train_resolution_below_the_evaluation_resolution(sd3_world, tmp_path, monkeypatch):
+    seen, real = [], train.sample_rollouts   # (model, (trajectories, images)) of each iteration's rollouts
+    monkeypatch.setattr(train, "sample_rollouts", lambda model, *a, **kw: seen.append((model, real(model, *a, **kw)))
+                        or seen[-1][1])
+    train.main(_argv(sd3_world, tmp_path, ["--opd_iters", "1", "--train_resolution", str(IMAGE_SIZE // 2)]))
+    model, (traj, images) = seen[0]
+    assert images.shape[-2:] == (IMAGE_SIZE // 2, IMAGE_SIZE // 2)        # rollouts at --train_resolution
+    assert traj.x_t.shape[-2:] == (IMAGE_SIZE // 4, IMAGE_SIZE // 4)      # latents: 2x smaller (VAE factor 2)
+    assert model.latent_shape[1] == IMAGE_SIZE // 2   # the latents of --resolution: what evaluation samples
+    assert rollouts.sample_images(model, ["a cat"], steps=2).shape[-1] == IMAGE_SIZE
+    with pytest.raises(SystemExit, match="--train_resolution: resolution 6 must be a multiple of 4"):
+        train.main(_argv(sd3_world, tmp_path, ["--train_resolution", "6"]))
 
 
 # ------------------------------------------------------------------------------ text encoders, T5 length
@@ -111,6 +233,27 @@ def test_sd35_text_encoders_on_cpu_in_fp32_beside_a_bf16_transformer(sd3_world):
     assert empty.shape == fresh.shape and empty_pooled.shape == fresh_pooled.shape
     torch.testing.assert_close(empty, fresh, rtol=1e-5, atol=1e-6)
     assert model.encode_prompts([""])[0].data_ptr() == empty.data_ptr()  # the cached tensor, not a new encoding
+
+
+def test_sd35_fp16_keeps_text_encoders_out_of_fp16_and_trains_with_a_loss_scaler(sd3_world, tmp_path, monkeypatch):
+    assert models.text_encoder_dtype(torch.float16, "cuda") == torch.bfloat16   # T5 overflows fp16
+    assert models.text_encoder_dtype(torch.float16, "cpu") == torch.float32
+    assert models.text_encoder_dtype(torch.bfloat16, "cuda:1") == torch.bfloat16
+    assert models.text_encoder_dtype(torch.float32, "cuda") == torch.float32
+    model = resolve.load_model(config.parse_config(["--model", str(sd3_world / "pipeline"), "--device", "cpu",
+                                                    "--mixed_precision", "fp16"]))
+    pipe = model.encoder.pipe
+    assert model.transformer.dtype == torch.float16
+    assert all(enc.dtype == torch.float32 for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
+    steps = []   # the distillation loop steps through the scaler
+    real = rollouts.optimizer_step
+    monkeypatch.setattr(train, "optimizer_step", lambda *a: steps.append(a[3]) or real(*a))
+    train.main(_argv(sd3_world, tmp_path / "students", ["--mixed_precision", "fp16", "--opd_iters", "1"]))
+    assert len(steps) == 1 and isinstance(steps[0], torch.amp.GradScaler) and steps[0].get_scale() == 2.0 ** 16
+    state = json.load(open(tmp_path / "students" / "merge" / "checkpoint-1" / "state.json"))
+    assert state["scaler"]["scale"] == 2.0 ** 16   # saved for an exact resume
+    rows = [json.loads(line) for line in open(tmp_path / "students" / "merge" / "train_log.jsonl")]
+    assert rows[0]["kl"] > 0 and torch.isfinite(torch.tensor(rows[0]["kl"]))
 
 
 # ------------------------------------------------------------------------------------------ time grid
@@ -197,14 +340,92 @@ def test_sd35_unavailable_hub_teacher_ends_in_advice(monkeypatch):
     assert msg.startswith("adapter geneval: 'jieliu/no-such-teacher' is not a folder here") and "check the id" in msg
 
 
+# ------------------------------------------------------------------------------------------------ eval
+@pytest.mark.slow
+def test_eval_sd3_pipeline_with_loras_on_a_prompt_file_with_rapidocr(sd3_world, tmp_path, monkeypatch, capsys):
+    """`python eval.py --model PIPELINE --lora ROW=PEFT --adapter ROW=EXPORT --eval_prompts ocr=FILE --ocr_reward
+    rapidocr --paired`: RapidOCR reads every image, the sizes are train.py's flags, the same LoRA in its two formats
+    scores the same, and the world-only parts (style shares, --ood) are skipped for an SD3 model."""
+    from support import reward_backends
+    model = models.load_sd3(str(sd3_world / "pipeline"), dtype=torch.float32, device="cpu")
+    model.load_adapter(str(sd3_world / "ocr"), "ocr")
+    export = checkpoint.export_lora(model, "ocr", str(tmp_path / "export"))
+    read, recognise = [], reward_backends.RapidOCRReward.recognise
+    monkeypatch.setattr(reward_backends.RapidOCRReward, "recognise",
+                        lambda self, image: read.append(image.shape) or recognise(self, image))
+    common = ["--model", str(sd3_world / "pipeline"), "--device", "cpu", "--eval_steps", "2",
+              "--eval_prompts_per_task", "2", "--eval_images_per_prompt", "2"]
+    out = tmp_path / "table.json"
+    eval_main(common + ["--lora", f"peft={sd3_world / 'ocr'}", "--adapter", f"export={export}", "--paired",
+                        "--eval_prompts", f"ocr={sd3_world / 'ocr.txt'}", "--ocr_reward", "rapidocr",
+                        "--out", str(out)])
+    assert read == [(IMAGE_SIZE, IMAGE_SIZE, 3)] * 12   # 3 rows x 2 prompts x 2 images, each read by RapidOCR
+    table = json.loads(out.read_text())
+    assert set(table["rows"]) == {"base", "peft", "export"} and table["meta"]["tasks"] == ["ocr"]
+    assert table["rows"]["peft"] == table["rows"]["export"] and set(table["rows"]["base"]) >= {"ocr", "deqa"}
+    assert table["paired"]["peft"] == table["paired"]["export"] and table["paired"]["peft"][0]["deqa"]["mean"] != 0
+    eval_main(common + ["--tasks", "ocr", "--eval_prompts_per_task", "1", "--eval_images_per_prompt", "1"])
+    assert "web/ocr" not in capsys.readouterr().out   # the world's prompts, but not the world's images
+    with pytest.raises(SystemExit, match="^--ood is the miniature world's out-of-domain set"):
+        eval_main(common + ["--ood"])
+
+
+# --------------------------------------------------------------------------------------- ID@REVISION
+def test_split_revision_pins_hub_ids_and_keeps_local_paths_whole(tmp_path):
+    assert hub.split_revision("org/name@v1.0") == ("org/name", "v1.0")
+    assert hub.split_revision("org/name@refs/pr/3") == ("org/name", "refs/pr/3")
+    assert hub.split_revision("org/name") == ("org/name", None)
+    local = tmp_path / "run@3"
+    local.mkdir()
+    assert hub.split_revision(str(local)) == (str(local), None)   # a path here wins, '@' and all
+    with pytest.raises(ValueError, match="neither a path here nor ID@REVISION"):
+        hub.split_revision("org/name@")
+
+
+def test_revision_reaches_from_pretrained_and_snapshot_download(sd3_world, tmp_path, monkeypatch):
+    """--model, --lora, --teacher/--mar (adapter_folder) and --pickscore_reward pass ID@REVISION's revision on."""
+    import huggingface_hub
+    import transformers
+    from diffusers import StableDiffusion3Pipeline
+    from support import reward_backends
+    real, asked = StableDiffusion3Pipeline.from_pretrained, []
+    monkeypatch.setattr(StableDiffusion3Pipeline, "from_pretrained", lambda repo, revision=None, **kw:
+                        asked.append((repo, revision)) or real(str(sd3_world / "pipeline"), **kw))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None: asked.append((repo, revision)) or str(sd3_world / "ocr"))
+    local = tmp_path / "pipeline@v1"   # a local folder whose name holds an '@'
+    local.symlink_to(sd3_world / "pipeline")
+    for spec in ("org/sd3@0123abc", str(local)):
+        model = resolve.load_model(config.parse_config(["--model", spec, "--device", "cpu", "--mixed_precision", "no"]))
+    resolve.load_lora(model, "org/teacher@v2", "ocr")
+    resolve.adapter_folder("geneval", "org/teacher")
+    assert asked == [("org/sd3", "0123abc"), (str(local), None), ("org/teacher", "v2"), ("org/teacher", None)]
+    del asked[:]
+
+    def clip(repo, revision=None, **kw):
+        asked.append((repo, revision))
+        raise RuntimeError("no CLIP here")
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", clip)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", clip)
+    with pytest.raises(RuntimeError, match="no CLIP here"):
+        reward_backends.PickScoreReward("yuvalkirstain/PickScore_v1@c3f1")
+    with pytest.raises(RuntimeError, match="no CLIP here"):
+        reward_backends.clip_processor("org/clip@v3", 224)
+    assert asked == [("yuvalkirstain/PickScore_v1", "c3f1"), ("org/clip", "v3")]
+    with pytest.raises(SystemExit, match="^--model: 'org/sd3@' is neither a path here nor ID@REVISION"):
+        resolve.load_model(config.parse_config(["--model", "org/sd3@", "--device", "cpu"]))
+
+
 # ----------------------------------------------------------------------------------------------- infer
 def test_infer_lora_from_hub_id_at_a_resolution(sd3_world, tmp_path, monkeypatch):
     import huggingface_hub
     asked = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(sd3_world / "ocr"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision=None: asked.append(repo) or str(sd3_world / "ocr"))
     common = ["--model", str(sd3_world / "pipeline"), "--prompt", "a cat", "--num_images", "1", "--eval_steps", "2",
               "--device", "cpu", "--resolution", str(2 * IMAGE_SIZE), "--out", str(tmp_path / "grid.png")]
-    outs = [infer.main(common + ["--lora", lora]) for lora in ("someone/SD3.5M-teacher", str(sd3_world / "ocr"))]
+    outs = [infer.main(common + ["--lora", f"ocr={lora}"])["ocr"] for lora in ("someone/SD3.5M-teacher",
+                                                                               str(sd3_world / "ocr"))]
     assert asked == ["someone/SD3.5M-teacher"]
     assert outs[0].shape == (1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE)  # --resolution, not the native size
     assert torch.equal(outs[0], outs[1])  # the hub id resolved to the same adapter as its folder

@@ -19,7 +19,7 @@ from opd_loss import flow_opd_loss, kl_weight
 from router import target_velocity
 from safetensors.torch import load_file
 from sde_sampler import gaussian_logprob, sde_step
-from support import models, provenance, rollouts, teachers
+from support import checkpoint, models, provenance, rollouts, teachers
 from support.config import Config
 from support.resolve import eval_settings, main_protocol, prompt_pool
 from world import toy_world
@@ -333,6 +333,20 @@ def test_torchrun_ddp_distill_two_gloo_processes(tmp_path, teacher_dir):
     assert (students / "merge" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_distill_world_with_per_teacher_guidance_and_without_cfg(tmp_path, teacher_dir, fast_load):
+    """The world runs of issue 22's measurement: --teacher_guidance geneval=1.0, and --guidance_scale 1 (no CFG)."""
+    common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(tmp_path / "s"),
+              "--cold_start_dir", str(tmp_path / "cold"), "--opd_iters", "2", "--opd_prompts", "3", "--compile",
+              "false", "--eval_at_end", "false"] + TINY
+    for name, flags in (("own", ["--teacher_guidance", "geneval=1.0"]), ("nocfg", ["--guidance_scale", "1"]),
+                        ("default", [])):
+        train.main(common + flags + ["--name", name])
+    rows = {n: _jsonl(tmp_path / "s" / n / "train_log.jsonl") for n in ("own", "nocfg", "default")}
+    assert all(len(r) == 2 and all(x["kl"] > 0 for x in r) for r in rows.values())
+    assert rows["own"] != rows["default"] and rows["nocfg"] != rows["default"]   # the flags change the targets
+
+
 def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir):
     model, names = _load_base(), ["geneval", "ocr", "pickscore"]
     for n in names:
@@ -358,6 +372,12 @@ def test_soft_routing_mixes_every_teacher_and_hard_routing_picks_one(teacher_dir
         want = (1 - eps) * per[n][b] + eps / 3 * sum(per[k][b] for k in names)
         assert close(soft[b], want)
     assert (soft - hard).abs().max() > 1e-2 * hard.abs().max()  # the teachers differ: mixing changes the target
+    # --teacher_guidance ocr=1: the ocr teacher's samples unguided, the geneval teacher's as before
+    own = target_velocity(model, x, t, conds, routed, names, scales={"ocr": 1.0})
+    model.adapter("ocr")
+    plain = model.velocity(x, t, conds[0], conds[1], 1.0)
+    assert close(own[0], hard[0]) and close(own[1], plain[1]) and close(own[2], plain[2])
+    assert (own[1:] - hard[1:]).abs().max() > 1e-2 * hard.abs().max()   # guidance matters on these teachers
 
 
 def test_sde_window_lies_in_its_range():
@@ -398,3 +418,100 @@ def test_a_cold_start_is_rebuilt_when_a_teacher_is_retrained(tmp_path, teacher_d
     assert "rebuilding it" in capsys.readouterr().out
     made = json.load(open(tmp_path / "cold" / "merge" / "provenance.json"))
     assert made["built_from"]["ocr"]["sha256"] == provenance.weights_sha256(str(tmp_path / "teachers" / "ocr"))
+
+
+# ------------------------------------------------------------------------------------- fp16 loss scaling
+def _fp16_step(scaler, loss_weight, ema=False):
+    """One optimizer step of an fp32 LoRA-like parameter whose loss is backpropagated through fp16 activations
+    (as a LoRA on an fp16 transformer): d loss / d p = 2 * loss_weight per element, flowing through fp16."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt, avg = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0), checkpoint.EMA([p], decay=0.5)
+    y = p.half() * torch.full((4,), 2.0, dtype=torch.float16)           # fp16 activations
+    rollouts.scaled(y.float().sum() * loss_weight, scaler).backward()
+    grad = p.grad.clone()
+    rollouts.optimizer_step([p], opt, avg if ema else None, scaler)
+    return p.detach(), grad, avg.shadow[0]
+
+
+def test_fp16_loss_scaler_keeps_a_gradient_that_would_underflow():
+    assert rollouts.loss_scaler(Config(device="cpu")) is None        # the world on the CPU: no AMP, no scaler
+    assert rollouts.loss_scaler(Config(device="cpu", mixed_precision="bf16")) is None
+    scaler = rollouts.loss_scaler(Config(device="cpu", mixed_precision="fp16"))
+    assert scaler.get_scale() == 2.0 ** 16
+    # 1e-8 per activation is below fp16's smallest subnormal (6e-8): without a scaler the gradient is exactly 0
+    p, grad, _ = _fp16_step(None, 1e-8)
+    assert torch.equal(grad, torch.zeros(4)) and torch.equal(p, torch.ones(4))   # silently not trained
+    p, grad, _ = _fp16_step(scaler, 1e-8)
+    assert torch.allclose(grad / scaler.get_scale(), torch.full((4,), 2e-8), rtol=2e-3)   # the true gradient
+    want = 1 - 0.1 * 2e-8 / (2e-8 + 1e-8)   # Adam's first step: lr * g / (|g| + eps), eps = 1e-8
+    assert torch.allclose(p, torch.full((4,), want), rtol=1e-4)
+    # an overflowing step is skipped, the EMA with it, and the scale halves
+    p, _, shadow = _fp16_step(scaler, 1e30, ema=True)
+    assert torch.equal(p, torch.ones(4)) and torch.equal(shadow, torch.ones(4)) and scaler.get_scale() == 2.0 ** 15
+
+
+# ------------------------------------------------------------------------------------ --report_to tensorboard
+class _Writer:
+    """A stand-in for torch.utils.tensorboard.SummaryWriter that keeps what it is given."""
+    made = []
+
+    def __init__(self, folder):
+        self.folder, self.scalars, self.images = folder, {}, {}
+        _Writer.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def add_images(self, tag, images, step):
+        self.images.setdefault(tag, []).append((step, tuple(images.shape), images.min().item(), images.max().item()))
+
+    def flush(self):
+        pass
+
+
+def test_report_to_tensorboard_without_tensorboard_says_so_and_keeps_the_json_log(tmp_path, monkeypatch, capsys):
+    from support import report
+    log = lambda **kw: None   # noqa: E731
+    assert report.tensorboard_log(log, Config(), str(tmp_path)) is log   # the default: nothing imported
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if tensorboard were not installed
+    assert report.tensorboard_log(log, Config(report_to="tensorboard"), str(tmp_path)) is log
+    assert capsys.readouterr().out == ("--report_to tensorboard: tensorboard is not installed (pip install "
+                                       "tensorboard); logging to the JSON-lines log only\n")
+    assert report.tensorboard_log(None, Config(report_to="tensorboard"), str(tmp_path)) is None   # rank > 0
+    report.log_grid(log, None, {}, "distill_eval", 0)   # no TensorBoard log: no grid, nothing sampled
+
+
+@pytest.mark.slow
+def test_report_to_tensorboard_writes_scalars_and_probe_grids(tmp_path, teacher_dir, fast_load, monkeypatch):
+    """The scalars and the probe grids go to TensorBoard; the JSON-lines log is the same as without it."""
+    import types
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Writer))
+    _Writer.made.clear()
+    common = ["--stage", "distill", "--teacher_dir", str(teacher_dir), "--student_dir", str(tmp_path / "s"),
+              "--cold_start_dir", str(tmp_path / "cold"), "--opd_iters", "2", "--opd_prompts", "2", "--compile",
+              "false", "--eval_at_end", "false", "--eval_every", "2", "--probe_prompts_per_task", "1"] + TINY
+    train.main(common + ["--name", "tb", "--report_to", "tensorboard"])
+    train.main(common + ["--name", "plain"])
+    assert _jsonl(tmp_path / "s" / "tb" / "train_log.jsonl") == _jsonl(tmp_path / "s" / "plain" / "train_log.jsonl")
+    (writer,) = _Writer.made
+    assert writer.folder == str(tmp_path / "s" / "tb" / "tensorboard")
+    rows = [r for r in _jsonl(tmp_path / "s" / "tb" / "train_log.jsonl") if r["stage"] == "distill"]
+    assert writer.scalars["distill/kl"] == [(r["iter"], r["kl"]) for r in rows] and len(rows) == 2
+    assert [step for step, _ in writer.scalars["distill_eval/eval/avg"]] == [0, 2]
+    grids = writer.images["distill_eval/probe"]
+    assert [g[0] for g in grids] == [0, 2] and all(g[1][:2] == (len(toy_world.TASKS), 3) for g in grids)
+    assert all(0 <= g[2] <= g[3] <= 1 for g in grids) and grids[0][2] < grids[0][3]   # images, not blanks
+
+
+def test_report_to_tensorboard_with_the_real_package(tmp_path):
+    """Where tensorboard is installed (it is not a requirement): the event file holds the scalars and the grid."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from support import report
+    log = report.tensorboard_log(lambda **kw: None, Config(report_to="tensorboard"), str(tmp_path))
+    log(stage="distill", iter=3, kl=0.5, mar=0.25)
+    report.log_grid(log, _load_base(), {"steps": 2, "guidance_scale": 4.5, "seed": 0, "batch_size": 4}, "probe", 3)
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 4})
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("distill/kl")] == [(3, 0.5)]
+    assert events.Tags()["images"] == ["probe/probe"]
