@@ -220,7 +220,8 @@ def stage_distill(cfg):
         images, kl, mar = opd_iteration(model, records, route([r["task"] for r in records], teachers),
                                         anchor, cfg, loss_fn, gen, list(teachers.values()), scaler)
         optimizer_step(params, opt, ema, scaler)
-        metrics = {"kl": kl.pop("all"), **{f"kl/{t}": v for t, v in kl.items()}, "mar": mar}
+        # every teacher's key on every process (nan where none was routed): mean_over_processes reduces one tensor
+        metrics = {"kl": kl["all"], **{f"kl/{t}": kl.get(t, float("nan")) for t in teachers.values()}, "mar": mar}
         if cfg.log_rewards:
             rewards = combined_reward(images, records, {"task": 1.0}, rewards_fns)
             metrics.update({f"reward/{t}": rewards[[k for k, r in enumerate(records) if r["task"] == t]].mean().item()

@@ -15,6 +15,8 @@ compared, paired, with the main job's configuration of the same seed (run `defau
                    logs (reward/<task> of the student's own samples and kl/<teacher>, train.opd_iteration)
   routing          hard vs soft routing (ε = 0.5, router.target_velocity), clean and with the biased teacher
   mar              the anchor (deqa teacher, base, pickscore teacher) and λ (0, 0.02, 0.05, 0.2)
+  guidance         peers' options (not the paper's): the geneval teacher's velocities at CFG 1 (a public OPD
+                   config), and training without CFG (guidance 1 everywhere); evaluated at the main protocol's CFG
   cold_start_cost  merge (exact ΔW), merge_average (A/B means), sft: CPU seconds, peak memory and samples drawn to
                    build each (a fresh process per measurement), its score, and its student's (tools.paper_tables'
                    rows of the same seed, the missing merge_average one trained here)
@@ -66,7 +68,8 @@ def runs(cfg):
             "mar_deqa_0.05": dict(mar_lambda=0.05), "mar_deqa_0.2": dict(mar_lambda=0.2),
             "mar_base_0.02": dict(mar_anchor="base"), "mar_base_0.2": dict(mar_anchor="base", mar_lambda=0.2),
             "mar_pickscore_0.02": dict(mar_anchor=pick), "mar_pickscore_0.2": dict(mar_anchor=pick, mar_lambda=0.2),
-            "merge_average": dict(cold_start="merge_average")}
+            "merge_average": dict(cold_start="merge_average"),
+            "geneval_cfg_1": dict(teacher_guidance=["geneval=1.0"]), "no_cfg": dict(guidance_scale=1.0)}
 
 
 # question -> {row: where its scores come from}, the reference row first. "run:NAME" is a run of runs();
@@ -83,6 +86,9 @@ QUESTIONS = {
             "deqa, λ 0.05": "run:mar_deqa_0.05", "deqa, λ 0.2": "run:mar_deqa_0.2", "base, λ 0.02": "run:mar_base_0.02",
             "base, λ 0.2": "run:mar_base_0.2", "pickscore, λ 0.02": "run:mar_pickscore_0.02",
             "pickscore, λ 0.2": "run:mar_pickscore_0.2"},
+    # not in the paper's discussion: peers' settings (issue 22), each student evaluated at the main protocol's CFG
+    "guidance": {"CFG 4.5 everywhere (main job)": "run:default", "geneval teacher at CFG 1": "run:geneval_cfg_1",
+                 "no CFG in training": "run:no_cfg"},
     "cold_start_cost": {"merge → student": "paper:flow_opd/merge", "sft → student": "paper:flow_opd/sft",
                         "merge_average → student": ["paper:flow_opd/merge_average", "run:merge_average"],
                         "merge (cold start)": "paper:cold_start/merge", "sft (cold start)": "paper:cold_start/sft",
