@@ -23,6 +23,7 @@ Differences from the paper / released code:
 
 Self-check: python cold_start.py
 """
+import contextlib
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -148,10 +149,15 @@ def merge_into(model, name, teachers, mode="delta", out_rank=None):
 
 
 def sft_cold_start(model, name, teachers, pool, steps=200, samples_per_teacher=256, batch_size=32, lr=3e-4,
-                   sample_steps=20, guidance_scale=4.5, rank=32, alpha=64, seed=0):
+                   sample_steps=20, guidance_scale=4.5, rank=32, alpha=64, seed=0, latent_shape=None, guidance=None,
+                   autocast=contextlib.nullcontext, scaler=None):
     """SFT variant: each teacher (task -> adapter name) draws ODE samples on its own task's train prompts
-    (pool: {task: train records}); a fresh student LoRA `name` is then fitted to all of them by flow matching (L_FM, §2.2), so it starts
-    from the experts' distributions. Returns the final flow-matching loss."""
+    (pool: {task: train records}); a fresh student LoRA `name` is then fitted to all of them by flow matching
+    (L_FM, §2.2), so it starts from the experts' distributions. Returns the final flow-matching loss.
+    The distillation's settings carry over: latent_shape (default model.latent_shape; the training resolution),
+    guidance ({teacher adapter: its own CFG scale}; the others at guidance_scale), autocast (a context-manager
+    factory for the forwards) and scaler (a torch.amp.GradScaler for fp16, whose small LoRA gradients would
+    otherwise underflow to zero)."""
     gen = torch.Generator().manual_seed(seed)
     dev = model.transformer.device
     prompts, x0 = [], []
@@ -161,25 +167,35 @@ def sft_cold_start(model, name, teachers, pool, steps=200, samples_per_teacher=2
             pick = torch.randint(len(recs), (samples_per_teacher,), generator=gen).tolist()
             ps = [recs[i]["prompt"] for i in pick]
             model.adapter(teacher)
+            scale = (guidance or {}).get(teacher, guidance_scale)
             for i in range(0, len(ps), 64):
-                noise = torch.randn(len(ps[i:i + 64]), *model.latent_shape, generator=gen).to(dev)
+                noise = torch.randn(len(ps[i:i + 64]), *(latent_shape or model.latent_shape), generator=gen).to(dev)
                 sigmas = model.time_grid(sample_steps).to(dev)
-                x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], guidance_scale), noise, sigmas))
+                with autocast():
+                    x0.append(euler_sample(model.velocity_fn(ps[i:i + 64], scale), noise, sigmas).float())
             prompts += ps
     x0 = torch.cat(x0)                                                        # (N, C, h, w)
     model.add_lora(name, rank, alpha)
     model.adapter(name)
     params = model.lora_parameters(name)
+    for p in params:   # fp32 weights for AdamW (and the scaler) under a bf16 or fp16 backbone, as the distillation
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         idx = torch.randint(len(prompts), (batch_size,), generator=gen)
         eps = torch.randn(x0[idx].shape, generator=gen).to(dev)
         t = sample_t(batch_size, gen).to(dev)                                  # (B,)
-        v = model.velocity(interpolate(x0[idx], eps, t), t, model.encode_prompts([prompts[i] for i in idx]))
-        loss = flow_matching_loss(v, x0[idx], eps)
+        with autocast():
+            v = model.velocity(interpolate(x0[idx], eps, t), t, model.encode_prompts([prompts[i] for i in idx]))
+        loss = flow_matching_loss(v.float(), x0[idx], eps)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:   # the loss scaled before backward, the gradients unscaled by step, which skips an overflowed one
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
     return loss.item()
 
 

@@ -271,7 +271,9 @@ def make_student(model, cfg, teachers, sources):
     elif cfg.cold_start == "sft":
         loss = sft_cold_start(model, "student", teachers, prompt_pool(cfg.prompts, "train"), steps=cfg.sft_steps,
                               samples_per_teacher=cfg.sft_samples, rank=cfg.lora_rank,
-                              alpha=cfg.lora_alpha, guidance_scale=cfg.guidance_scale, seed=cfg.seed)
+                              alpha=cfg.lora_alpha, guidance_scale=cfg.guidance_scale, seed=cfg.seed,
+                              latent_shape=model.latent_shape_at(cfg.train_resolution), guidance=guidance_scales(cfg),
+                              autocast=lambda: amp(cfg), scaler=loss_scaler(cfg))
         print(f"cold start sft: final flow-matching loss {loss:.4f}")
     else:  # "none" (Config checked the choice)
         model.add_lora("student", cfg.lora_rank, cfg.lora_alpha)

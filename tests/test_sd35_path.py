@@ -256,6 +256,29 @@ def test_sd35_fp16_keeps_text_encoders_out_of_fp16_and_trains_with_a_loss_scaler
     assert rows[0]["kl"] > 0 and torch.isfinite(torch.tensor(rows[0]["kl"]))
 
 
+def test_sd35_sft_cold_start_takes_the_runs_precision_resolution_and_teacher_guidance(sd3_world, tmp_path,
+                                                                                      monkeypatch):
+    """--cold_start sft with fp16, --train_resolution and --teacher_guidance: the teachers' samples are drawn at the
+    training resolution with each teacher's own CFG, and the fresh student LoRA trains through the loss scaler."""
+    seen = {}
+    real = train.sft_cold_start
+
+    def spy(model, name, teachers, pool, **kw):
+        seen.update(kw, model=model)
+        return real(model, name, teachers, pool, **kw)
+    monkeypatch.setattr(train, "sft_cold_start", spy)
+    train.main(_argv(sd3_world, tmp_path, ["--cold_start", "sft", "--sft_steps", "3", "--sft_samples", "2",
+                                           "--mixed_precision", "fp16", "--train_resolution", str(IMAGE_SIZE // 2),
+                                           "--teacher_guidance", "geneval=1.0", "--opd_iters", "1"]))
+    assert seen["latent_shape"] == seen["model"].latent_shape_at(IMAGE_SIZE // 2) != seen["model"].latent_shape
+    assert seen["guidance"] == {"geneval": 1.0} and isinstance(seen["scaler"], torch.amp.GradScaler)
+    assert seen["scaler"].get_scale() <= 2.0 ** 16   # it stepped (an overflowed step halves the scale)
+    from safetensors.torch import load_file
+    lora_b = [v for k, v in load_file(str(tmp_path / "cold" / "sft" / "adapter_model.safetensors")).items()
+              if "lora_B" in k]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)   # a fresh LoRA's B starts at 0: it was trained
+
+
 # ------------------------------------------------------------------------------------------ time grid
 @pytest.mark.parametrize("steps", [10, 40])
 def test_sd35_time_grid_is_the_schedulers(sd3_world, steps, monkeypatch):
