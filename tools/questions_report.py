@@ -3,6 +3,7 @@
 records tools.questions writes (results/questions/seed<S>/<run>.json, cold_start_cost.json) and tools.paper_tables'
 rows (results/seed<S>.json): each row's scores over seeds, and its difference from the question's first row,
 paired per seed on the same prompts and noise, then over seeds with a t-based 95% interval (metrics.over_seeds).
+The biased teacher's detection signal, measured (detection): its runs' logged KL and rewards minus the clean runs'.
 Figures: results/questions_<Q>.png (each row − the reference on avg), questions_biased_detection.png (the
 detection signal: the student's own rewards and KL per routed teacher, clean vs biased runs) and
 questions_biased_grid.png (the base, the committed geneval teacher and the biased one on colour prompts).
@@ -10,6 +11,8 @@ questions_biased_grid.png (the base, the committed geneval teacher and the biase
 import glob
 import json
 import os
+
+import torch
 
 from support import figures, models
 from support.config import parse_args
@@ -65,7 +68,7 @@ def report(cfg):
         for kind, cells in summarise({k: list(c[k].values()) for k in COLD_STARTS if k in c}).items():
             out["cold_start_cost"]["rows"].setdefault(f"{kind} (cold start)", {}).update(
                 {f"cost/{m}": {k: v[k] for k in ("mean", "se", "ci95", "n")} for m, v in cells.items()})
-    out["biased_teacher"].update(biased_evidence(cfg))
+    out["biased_teacher"].update(biased_evidence(cfg), detection=detection(cfg, seeds))
     write_json(os.path.join(cfg.results_dir, "questions.json"), {"questions": out})
     draw(cfg, out, seeds)
     print(f"wrote {os.path.join(cfg.results_dir, 'questions.json')}")
@@ -87,6 +90,29 @@ def draw(cfg, out, seeds):
     if keys:
         figures.training_curves(logs, keys,
                                 os.path.join(cfg.results_dir, "questions_biased_detection.png"), smooth=5)
+
+
+DETECTION_KEYS = ("kl/geneval", "kl/ocr", "kl/pickscore", "reward/geneval", "reward/ocr", "reward/pickscore")
+
+
+def detection(cfg, seeds, keys=DETECTION_KEYS):
+    """The detection signal, measured: per logged key, the biased run minus the clean one of the same seed, per
+    iteration (the two draw the same prompts: the teacher changes no draw), its mean over the run with the
+    iterations' standard error, then over seeds with a t interval (metrics.over_seeds)."""
+    out = {}
+    for key in keys:
+        per_seed = []
+        for s in seeds:
+            if not all(os.path.isfile(record_path(cfg, s, n)) for n in ("biased", "default")):
+                continue
+            logs = [json.load(open(record_path(cfg, s, n)))["log"] for n in ("biased", "default")]
+            d = torch.tensor([b[key] - c[key] for b, c in zip(*logs) if b.get(key) == b.get(key) and c.get(key) ==
+                              c.get(key) and key in b and key in c], dtype=torch.float64)   # nan: not routed
+            if len(d) > 1:
+                per_seed.append({"mean": d.mean().item(), "se": (d.std() / len(d) ** 0.5).item()})
+        if per_seed:
+            out[key] = {k: v for k, v in over_seeds(per_seed).items() if k in ("mean", "se", "ci95", "n")}
+    return out
 
 
 def biased_evidence(cfg, n=48):
@@ -170,7 +196,11 @@ def tables(results_dir, verdict):
     out = {f"question_{q}": (lambda q=q: question_table(q, verdict, questions())) for q in QUESTIONS}
     red = lambda: _table(["model", "share of red objects"], [(m, f"{v:.3f}") for m, v in
                                                              questions()["biased_teacher"]["red_share"].items()])
+    detect = lambda: _table(["logged per iteration", "biased − clean", "seeds", "verdict"],
+                            [(k, _cell(c), c["n"], verdict(c, 0)) for k, c in
+                             questions()["biased_teacher"]["detection"].items()])
     return {**out, "question_cost": lambda: cost_table(questions()), "question_red_share": red,
+            "question_biased_detection": detect,
             "answer_mar_units": lambda: units_table(results_dir)}
 
 
