@@ -3,10 +3,11 @@ Calibrating the miniature world's rewards against its own autoencoder: does a re
 marks, and is it stable to noise no one can see? For every GenEval sub-task and for OCR: ground truth rendered
 by toy_world and passed through the model's autoencoder (what a perfect generator could draw), or the model's
 own ODE samples of the same prompts; the mean reward, and the share of rewards that change under +-2/255
-uniform pixel noise. The numbers are in world/judges.py's docstring; tests/test_rewards.py holds the targets
-(ground truth >= 0.97 per sub-task, < 1% flips).
+uniform pixel noise; each mean with its 95% interval over the images (t_ci95 of std/√n: the images are independent
+draws, so n images of one seed bound the mean as well as n images over several). The numbers: results/calibration.json
+(README "Calibration"); tests/test_rewards.py holds the targets (ground truth >= 0.97 per sub-task, < 1% flips).
 
-    python -m tools.calibrate_world --n 60 [--model checkpoints/base] [--out results/calibration.json]
+    python -m tools.calibrate_world --n 300 [--model checkpoints/base] [--out results/calibration.json]
     python -m tools.calibrate_world --n 60 --styles --out results/style_costs.json
                                               (what each web style costs the rewards, toy_world.WEB_STYLES)
 """
@@ -15,7 +16,7 @@ import torch
 
 from rewards import REWARDS
 from support.config import parse_args
-from support.metrics import write_json
+from support.metrics import t_ci95, write_json
 from support.provenance import this_command
 from support.resolve import load_model
 from support.rollouts import sample_images
@@ -45,7 +46,7 @@ def noise_flips(reward, images, records, amplitude=2 / 255, draws=3, seed=0):
 
 @torch.no_grad()
 def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, guidance_scale=4.5):
-    """{stratum: {"reward": mean, "flip": share}} of each GenEval sub-task's and OCR's reward on ground truth
+    """{stratum: {"reward": mean, "ci95", "flip": share}} of each GenEval sub-task's and OCR's reward on ground truth
     rendered by toy_world and passed through the model's autoencoder (what a perfect generator could
     draw), or with samples=True on the model's own ODE samples of the same prompts."""
     rng, out = np.random.default_rng(seed), {}
@@ -56,7 +57,8 @@ def reward_calibration(model, per_stratum=100, seed=0, samples=False, steps=40, 
             truth = renderer.to_tensor([renderer.render(r, rng) for r in recs])
             images = model.decode(model.encode_images(truth))
         clean, flips = noise_flips(REWARDS[recs[0]["task"]], images, recs, seed=seed)
-        out[stratum] = {"reward": clean.mean().item(), "flip": flips.mean().item()}
+        out[stratum] = {"reward": clean.mean().item(), "ci95": t_ci95(clean.std().item() / len(clean) ** 0.5, len(clean)),
+                        "flip": flips.mean().item()}
     return out
 
 
@@ -85,7 +87,7 @@ def style_costs(model, per_stratum=60, seed=0):
 
 def main(argv=None):
     def flags(group):
-        group.add_argument("--n", type=int, default=60, help="images per GenEval sub-task and for OCR")
+        group.add_argument("--n", type=int, default=300, help="images per GenEval sub-task and for OCR")
         group.add_argument("--styles", action="store_true", help="what each web style costs the rewards, instead")
         group.add_argument("--out", default="", help="also write the numbers here as JSON (with the command)")
     cfg, args = parse_args(argv, __doc__, flags)
@@ -109,7 +111,8 @@ def main(argv=None):
     print("| stratum | ground truth through the AE | flipped by ±2/255 | model samples | flipped by ±2/255 |")
     print("|---|---|---|---|---|")
     for s in truth:
-        print(f"| {s} | {truth[s]['reward']:.3f} | {truth[s]['flip']:.1%} | {drawn[s]['reward']:.3f} | "
+        print(f"| {s} | {truth[s]['reward']:.3f} ± {truth[s]['ci95']:.3f} | {truth[s]['flip']:.1%} | "
+              f"{drawn[s]['reward']:.3f} ± {drawn[s]['ci95']:.3f} | "
               f"{drawn[s]['flip']:.1%} |")
 
 

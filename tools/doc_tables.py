@@ -74,8 +74,9 @@ def judges_retrain():
 def calibration():
     c = results("calibration.json")
     return _rows(["stratum", "ground truth through the AE", "flipped by ±2/255", "model samples", "flipped by ±2/255"],
-                 [(k, f"{v['reward']:.3f}", f"{v['flip']:.1%}", f"{c['samples'][k]['reward']:.3f}",
-                   f"{c['samples'][k]['flip']:.1%}") for k, v in c["ground_truth"].items()])
+                 [(k, f"{v['reward']:.3f} ± {v['ci95']:.3f}", f"{v['flip']:.1%}",
+                   f"{c['samples'][k]['reward']:.3f} ± {c['samples'][k]['ci95']:.3f}", f"{c['samples'][k]['flip']:.1%}")
+                  for k, v in c["ground_truth"].items()])
 
 
 def style_costs():

@@ -19,10 +19,10 @@ lines, rings and frames <= 0.59. Margins over the runner-up shape: >= 0.10 sharp
 deqa (deqa_terms): noise, blur, blockiness, and a pattern rule for what the world never draws (pattern_term).
 A 1 px checkerboard and a black/white half split scored 5.00 before it, above ground truth (4.90-4.98).
 
-Calibration (python -m tools.calibrate_world --n 60, on checkpoints/base): ground truth through the world's
-autoencoder (what a perfect generator could draw) scores 1.00 on five sub-tasks and 0.97 on counting, and
-+-2/255 pixel noise changes 0.6% of counting's rewards and none of the others' (on the base's own samples
-0.6-9.4% per sub-task; 0-13.3% before MIN_IOU). README "The miniature world" has the first detector's history.
+Calibration (python -m tools.calibrate_world --n 300, on checkpoints/base): ground truth through the world's
+autoencoder (what a perfect generator could draw) against the target >= 0.97 per sub-task, and the share of
+rewards that +-2/255 pixel noise changes (< 1%); the numbers are in results/calibration.json (README
+"Calibration"). README "The miniature world" has the first detector's history.
 
 Self-check: OMP_NUM_THREADS=1 python rewards.py (scores rendered test images with every reward).
 """

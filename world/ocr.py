@@ -8,6 +8,9 @@ candidate cuts are blank columns and minima of the column ink profile; dynamic p
 glyphs that maximises ink-weighted template correlation minus a per-glyph cost (so touching glyphs split and
 broken ones merge); each glyph is height-normalised to 16x24 and matched to A-Z 0-9 rendered with PIL's default
 font at 10-16 px (+ DejaVuSans when installed) at 4 sub-pixel offsets; a correlation < 0.55 reads nothing.
+Known misreads of ground-truth text through the world's autoencoder (README "Calibration"): a stroke faded
+below the binarisation threshold drops out of the glyph (an M's left stem: "IJ"), and a letter's blurred edge
+joins the next narrow glyph (K then I: "K1"). Both lower a correct image's reward; neither raises a wrong one's.
 Differences from the paper: a hand-written recogniser for 32x32 images, not PP-OCR (that backend belongs
 behind the same call for real images).
 
