@@ -178,8 +178,8 @@ def sft_cold_start(model, name, teachers, pool, steps=200, samples_per_teacher=2
     model.add_lora(name, rank, alpha)
     model.adapter(name)
     params = model.lora_parameters(name)
-    for p in params:   # fp32 weights for AdamW (and the scaler) under a bf16 or fp16 backbone, as the distillation
-        p.data = p.data.float()
+    for p in params:   # fp32 weights for AdamW and the scaler under a bf16/fp16 backbone (rollouts.trainable's cast;
+        p.data = p.data.float()   # not it: maths files import no support module, and it broadcasts)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         idx = torch.randint(len(prompts), (batch_size,), generator=gen)

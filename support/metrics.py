@@ -81,6 +81,12 @@ def table_markdown(table, metrics=("geneval_acc", "geneval", "ocr", "pickscore",
     return "\n".join(lines)
 
 
+def markdown_table(header, rows):
+    """A markdown table: the header's cells, then one line per row (each cell str()'d)."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+                     ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
 def scalars(m):
     """The numbers of an evaluate() result (for logs), without per_prompt and settings."""
     return {k: v for k, v in m.items() if isinstance(v, (int, float))}

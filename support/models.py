@@ -266,10 +266,9 @@ def text_encoder_dtype(dtype, device):
 
 
 def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_device=None, max_sequence_length=128):
-    """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface.
-    text_encoder_device: where the three frozen text encoders live (default: `device`). SD3.5-M's CLIP-L,
-    CLIP-G and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory, and
-    their embeddings are moved to `device` (SD3Encoder); their dtype: text_encoder_dtype."""
+    """SD3.5-Medium (or any SD3 pipeline folder in diffusers format) behind the same interface. text_encoder_device:
+    where the three frozen text encoders live (default: `device`; dtype: text_encoder_dtype). SD3.5-M's CLIP-L, CLIP-G
+    and T5-XXL take ~11 GB in bf16 beside a 4.9 GB transformer; "cpu" keeps them in host memory (SD3Encoder)."""
     from diffusers import StableDiffusion3Pipeline
     repo, revision = split_revision(name_or_path)   # "org/name@REV" pins a branch, tag or commit (support/hub.py)
     text_encoder_device = text_encoder_device or device
@@ -283,7 +282,8 @@ def load_sd3(name_or_path, dtype=torch.bfloat16, device="cuda", text_encoder_dev
     for name in encoders:
         if getattr(pipe, name) is not None:
             getattr(pipe, name).to(text_encoder_device, text_dtype)
-    pipe.transformer.to(device), pipe.vae.to(device)
+    for module in (pipe.transformer, pipe.vae):
+        module.to(device)
     pipe.set_progress_bar_config(disable=True)
     model = T2IModel(pipe.transformer, pipe.vae, SD3Encoder(pipe, max_sequence_length, out_device=device))
     model.shift = pipe.scheduler.config.get("shift", 1.0)  # SD3.5 samples on a shifted grid (3.0)

@@ -15,7 +15,7 @@ import os
 import re
 
 from support.config import parse_args
-from support.metrics import over_seeds, paired_difference, table_markdown
+from support.metrics import STYLES, markdown_table, over_seeds, paired_difference, table_markdown
 from support.provenance import ROOT
 from tools import questions_report
 
@@ -34,56 +34,52 @@ def seed_runs():
     return {int(os.path.basename(p)[4:-5]): json.load(open(p)) for p in paths}
 
 
-def _rows(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
-                     ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
 # ------------------------------------------------------------------------------------------ the judges
 def judges_deqa():
     images = results("judges.json")["images"]["deqa"]
     names = [k for k in images if not k.endswith(", red/blue")]
     cell = lambda k: f"{images[k]['before']:.2f} → {images[k]['after']:.2f}" if k in images else "(a world scene)"
-    return _rows(["pattern", "black/white: deqa before → after", "red/blue: before → after"],
-                 [(k, cell(k), cell(f"{k}, red/blue")) for k in names])
+    return markdown_table(["pattern", "black/white: deqa before → after", "red/blue: before → after"],
+                          [(k, cell(k), cell(f"{k}, red/blue")) for k in names])
 
 
 def judges_geneval():
     images = results("judges.json")["images"]["geneval"]
     found = lambda r: f"{r['found'][0] or 'no shape'}, {r['score']:.2f}"
-    return _rows(["blob", "scored for", "before: found, geneval", "after: found, geneval"],
-                 [(k, v["prompt"], found(v["before"]), found(v["after"])) for k, v in images.items()])
+    return markdown_table(["blob", "scored for", "before: found, geneval", "after: found, geneval"],
+                          [(k, v["prompt"], found(v["before"]), found(v["after"])) for k, v in images.items()])
 
 
 def judges_models():
     j = results("judges.json")
     m, arrow = j["models"], lambda r, k, f=".3f": f"{r[k]['before']:{f}} → {r[k]['after']:{f}}"
-    return _rows(["committed model (before the retrain)", "geneval", "geneval strict", "deqa on composition", "blobs of no shape",
-                  "samples with a pattern"],
-                 [(row, arrow(r, "geneval"), arrow(r, "strict"), arrow(r, "deqa/geneval", ".2f"),
-                   f"{j['no_shape_share'][row]:.3f}", f"{j['pattern_share'][row]:.3f}") for row, r in m.items()])
+    return markdown_table(["committed model (before the retrain)", "geneval", "geneval strict", "deqa on composition",
+                           "blobs of no shape", "samples with a pattern"],
+                          [(row, arrow(r, "geneval"), arrow(r, "strict"), arrow(r, "deqa/geneval", ".2f"),
+                            f"{j['no_shape_share'][row]:.3f}", f"{j['pattern_share'][row]:.3f}")
+                           for row, r in m.items()])
 
 
 def judges_retrain():
     r, cols = results("judges.json")["geneval_retrain"], results("judges.json")["geneval_retrain"]["columns"]
     fmt = lambda col, x: f"{x:.2f}" if col.startswith("deqa") else f"{x:.3f}"
-    return _rows(["noise seed", "geneval teacher"] + cols, [(s, row, *(fmt(c, x) for c, x in zip(cols, v)))
+    return markdown_table(["noise seed", "geneval teacher"] + cols, [(s, row, *(fmt(c, x) for c, x in zip(cols, v)))
                                                             for s in ("0", "1") for row, v in r[s].items()])
 
 
 def calibration():
     c = results("calibration.json")
-    return _rows(["stratum", "ground truth through the AE", "flipped by ±2/255", "model samples", "flipped by ±2/255"],
-                 [(k, f"{v['reward']:.3f} ± {v['ci95']:.3f}", f"{v['flip']:.1%}",
-                   f"{c['samples'][k]['reward']:.3f} ± {c['samples'][k]['ci95']:.3f}", f"{c['samples'][k]['flip']:.1%}")
-                  for k, v in c["ground_truth"].items()])
+    cell = lambda v: (f"{v['reward']:.3f} ± {v['ci95']:.3f}", f"{v['flip']:.1%}")
+    return markdown_table(["stratum", "ground truth through the AE", "flipped by ±2/255", "model samples",
+                           "flipped by ±2/255"], [(k, *cell(v), *cell(c["samples"][k]))
+                                                  for k, v in c["ground_truth"].items()])
 
 
 def style_costs():
     c = results("style_costs.json")["styles"]
     keys = ("clean", "web", "blurred", "deqa/clean", "deqa/web", "deqa/blurred", "web_detected")
-    return _rows(["stratum", "clean", "web style", "blurred", "deqa clean", "deqa web", "deqa blurred",
-                  "web style detected"], [(k, *(f"{v[x]:.2f}" for x in keys)) for k, v in c.items()])
+    return markdown_table(["stratum", "clean", "web style", "blurred", "deqa clean", "deqa web", "deqa blurred",
+                           "web style detected"], [(k, *(f"{v[x]:.2f}" for x in keys)) for k, v in c.items()])
 
 
 def base_scores():
@@ -91,11 +87,16 @@ def base_scores():
     m = results("main.json")["rows"]["base"]
     keys = ["geneval_acc"] + [f"geneval_acc/{t}" for t in TAGS] + ["geneval", "ocr", "pickscore", "deqa", "avg",
                                                                      "web/geneval", "web/ocr", "web/pickscore", "blurred"]
-    return _rows(["metric", "base (mean ± t 95% over noise seeds)", "seeds"],
-                 [(k, f"{m[k]['mean']:.3f} ± {m[k]['ci95']:.3f}", m[k]["n"]) for k in keys if k in m])
+    return markdown_table(["metric", "base (mean ± t 95% over noise seeds)", "seeds"],
+                          [(k, f"{m[k]['mean']:.3f} ± {m[k]['ci95']:.3f}", m[k]["n"]) for k in keys if k in m])
 
 
 # ------------------------------------------------------------------------------------ the paper's tables
+def main_table(metrics=None):
+    """results/main.json over seeds: the shown metrics (table_markdown's), or `metrics`."""
+    return table_markdown(results("main.json"), *([metrics] if metrics else []))
+
+
 def ood_table():
     table = results("ood.json")
     cats = [k for k in next(iter(table["rows"].values())) if not k.startswith("se/")]
@@ -151,8 +152,8 @@ def _claims(claims):
         per = ", ".join(f"{d['mean']:+.3f} ± {d['se']:.3f}" for d in c["per_seed"])
         out.append((what, f"{a} − {b}", metric, per, f"**{c['mean']:+.3f} ± {c['ci95']:.3f}**",
                     f"{c['pooled_se']:.3f}", c["n"], verdict(c, sign)))
-    return _rows(["claim", "difference", "metric", "per seed (± paired se)", "mean ± t 95%", "pooled se", "seeds",
-                  "verdict"], out)
+    return markdown_table(["claim", "difference", "metric", "per seed (± paired se)", "mean ± t 95%", "pooled se",
+                           "seeds", "verdict"], out)
 
 
 def headline():
@@ -173,15 +174,16 @@ def estimator_step():
         cos = [e["cos_with_pathwise"] for e in steps]
         ratio = [e["norm_ratio_to_pathwise"] for e in steps]
         out.append((est, kls, f"{min(cos):.2f}–{max(cos):.2f}", f"{min(ratio):.2f}–{max(ratio):.2f}"))
-    return _rows(["estimator", "step KL after each AdamW step", "cosine with pathwise", "norm / pathwise"], out)
+    return markdown_table(["estimator", "step KL after each AdamW step", "cosine with pathwise", "norm / pathwise"],
+                          out)
 
 
 def minutes():
     runs = seed_runs()
     rows = list(dict.fromkeys(r for run in runs.values() for r in run.get("minutes", {})))   # first-seen order
-    return _rows(["stage"] + [f"seed {s}" for s in runs],
-                 [(r, *(f"{run['minutes'][r]:.1f}" if r in run.get("minutes", {}) else "" for run in runs.values()))
-                  for r in rows])
+    return markdown_table(["stage"] + [f"seed {s}" for s in runs],
+                          [(r, *(f"{run['minutes'][r]:.1f}" if r in run.get("minutes", {}) else ""
+                                 for run in runs.values())) for r in rows])
 
 
 # Exercise answers (exercises/ANSWERS.md) that the 3-seed tables answer: (what, a, b, metric, sign) as CLAIMS.
@@ -208,18 +210,18 @@ def answer_seesaw():
     d, rows = t["paired"]["deqa"][0], t["rows"]
     keys = ("geneval_acc", "geneval", "ocr", "pickscore", "deqa", "avg")
     share = ("web/geneval", "web/ocr", "web/pickscore", "blurred")
-    return (_rows(["deqa teacher − base (paired)"] + list(keys), [("mean ± se", *(
+    return (markdown_table(["deqa teacher − base (paired)"] + list(keys), [("mean ± se", *(
         f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys))]) + "\n\n" +
-            _rows(["style share"] + list(share), [(r, *(f"{rows[r][k]['mean']:.2f}" for k in share))
+            markdown_table(["style share"] + list(share), [(r, *(f"{rows[r][k]['mean']:.2f}" for k in share))
                                                   for r in ("base", "deqa")]))
 
 
 def answer_snr():
     """Exercise 9: the signal share kappa of one GRPO gradient per reward (results/exercises/grpo_snr.json)."""
     rows = results(os.path.join("exercises", "grpo_snr.json"))["rows"]
-    return _rows(["reward", "kappa ± se", "batches for SNR 1", "batches measured", "seconds per batch"],
-                 [(k, f"{r['kappa']:.3f} ± {r['se']:.3f}", f"{r['batches_for_snr1']:.0f}", r["batches"],
-                   f"{r['seconds_per_batch']:.1f}") for k, r in rows.items()])
+    return markdown_table(["reward", "kappa ± se", "batches for SNR 1", "batches measured", "seconds per batch"],
+                          [(k, f"{r['kappa']:.3f} ± {r['se']:.3f}", f"{r['batches_for_snr1']:.0f}", r["batches"],
+                            f"{r['seconds_per_batch']:.1f}") for k, r in rows.items()])
 
 
 def _against_hard(name):
@@ -231,13 +233,13 @@ def _against_hard(name):
     rows = [(f"seed {seed}", *(f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys)) for seed, d in per.items()]
     over = {k: over_seeds([d[k] for d in per.values()]) for k in keys}
     rows.append((f"over {len(per)} seeds (t 95%)", *(f"**{over[k]['mean']:+.3f} ± {over[k]['ci95']:.3f}**" for k in keys)))
-    return _rows(["variant − hard default (paired)"] + list(keys), rows)
+    return markdown_table(["variant − hard default (paired)"] + list(keys), rows)
 
 
 def answer_group_size():
     """Exercise 7: G = 2 OCR teachers' zero-spread share and their OCR minus the base's, paired (group_size.json)."""
     runs, base = results(os.path.join("exercises", "group_size.json")), seed_runs()
-    return _rows(["seed", "mean zero_std_frac", "teacher ocr", "base ocr", "teacher − base (paired)"], [(
+    return markdown_table(["seed", "mean zero_std_frac", "teacher ocr", "base ocr", "teacher − base (paired)"], [(
         s, f"{sum(r['zero_std_frac']) / len(r['zero_std_frac']):.3f}", f"{r['teacher']['ocr']:.3f}",
         f"{base[int(s)]['main']['base']['ocr']:.3f}", "{mean:+.3f} ± {se:.3f}".format(**paired_difference(
             r["teacher"], base[int(s)]["main"]["base"])["ocr"])) for s, r in runs.items()])
@@ -251,19 +253,18 @@ def main_job():
     d = j["paired"]
     rows.append(("student − cold start (paired)", *(f"{d[k]['mean']:+.2f}" if k == "deqa" else
                                                       f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in metrics)))
-    return (_rows(["model"] + ["deqa (1–5)" if k == "deqa" else k for k in metrics], rows) +
+    return (markdown_table(["model"] + ["deqa (1–5)" if k == "deqa" else k for k in metrics], rows) +
             f"\n\n`{j['command']}`: {j['minutes']:.1f} min from start to the student's scores.")
 
 
 TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
-                                  base_scores, ood_table, headline, main_job,
+                                  base_scores, main_table, ood_table, headline, main_job,
                                   estimator_step, minutes, answer_seesaw, answer_snr)}
 TABLES.update({"answer_routing": functools.partial(_against_hard, "routing"),
                "answer_noise": functools.partial(_against_hard, "noise")})
 TABLES.update(questions_report.tables(os.path.join(ROOT, "results"), verdict), answer_group_size=answer_group_size,
-              main_table=lambda: table_markdown(results("main.json")), per_tag=lambda: table_markdown(
-                  results("main.json"), metrics=tuple(f"geneval_acc/{t}" for t in TAGS)), styles=lambda: table_markdown(
-                  results("main.json"), metrics=("web/geneval", "web/ocr", "web/pickscore", "blurred")))
+              per_tag=functools.partial(main_table, tuple(f"geneval_acc/{t}" for t in TAGS)),
+              styles=functools.partial(main_table, STYLES))
 TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()},
               claims=functools.partial(_claims, CLAIMS), ablations=functools.partial(_claims, ABLATIONS))
 

@@ -16,7 +16,7 @@ import torch
 
 from support import figures, models
 from support.config import parse_args
-from support.metrics import over_seeds, paired_difference, summarise, write_json
+from support.metrics import markdown_table, over_seeds, paired_difference, summarise, write_json
 from support.rollouts import sample_images
 from support.teachers import BIASED
 from tools.questions import BIASED_TEACHER, COLD_STARTS, METRICS, QUESTIONS, record_path
@@ -98,16 +98,17 @@ DETECTION_KEYS = ("kl/geneval", "kl/ocr", "kl/pickscore", "reward/geneval", "rew
 def detection(cfg, seeds, keys=DETECTION_KEYS):
     """The detection signal, measured: per logged key, the biased run minus the clean one of the same seed, per
     iteration (the two draw the same prompts: the teacher changes no draw), its mean over the run with the
-    iterations' standard error, then over seeds with a t interval (metrics.over_seeds)."""
+    iterations' standard error, then over seeds with a t interval (metrics.over_seeds). An iteration where either
+    run did not route that teacher (nan) is left out."""
+    logs = {s: [json.load(open(record_path(cfg, s, n)))["log"] for n in ("biased", "default")] for s in seeds
+            if all(os.path.isfile(record_path(cfg, s, n)) for n in ("biased", "default"))}
+    finite = lambda e, key: isinstance(e.get(key), float) and e[key] == e[key]
     out = {}
     for key in keys:
         per_seed = []
-        for s in seeds:
-            if not all(os.path.isfile(record_path(cfg, s, n)) for n in ("biased", "default")):
-                continue
-            logs = [json.load(open(record_path(cfg, s, n)))["log"] for n in ("biased", "default")]
-            d = torch.tensor([b[key] - c[key] for b, c in zip(*logs) if b.get(key) == b.get(key) and c.get(key) ==
-                              c.get(key) and key in b and key in c], dtype=torch.float64)   # nan: not routed
+        for biased, clean in logs.values():
+            d = torch.tensor([b[key] - c[key] for b, c in zip(biased, clean) if finite(b, key) and finite(c, key)],
+                             dtype=torch.float64)
             if len(d) > 1:
                 per_seed.append({"mean": d.mean().item(), "se": (d.std() / len(d) ** 0.5).item()})
         if per_seed:
@@ -154,7 +155,8 @@ def question_table(question, verdict, questions):
     rows = [(row, len(c["seeds"]), f"{c['avg']['mean']:.3f}",
              *(_cell(c[f"paired/{k}"]) if f"paired/{k}" in c else "reference" for k in keys),
              verdict(c["paired/avg"], 0) if "paired/avg" in c else "") for row, c in q["rows"].items()]
-    return _table([f"row (− {q['reference']})", "seeds", "avg"] + [f"Δ {k}" for k in keys] + ["verdict (Δ avg)"], rows)
+    header = [f"row (− {q['reference']})", "seeds", "avg"] + [f"Δ {k}" for k in keys] + ["verdict (Δ avg)"]
+    return markdown_table(header, rows)
 
 
 def cost_table(questions):
@@ -165,7 +167,7 @@ def cost_table(questions):
              f"{r[f'{k} (cold start)']['cost/samples']['mean']:.0f}", r[f"{k} (cold start)"]["cost/cpu_s"]["n"],
              f"{r[f'{k} (cold start)']['avg']['mean']:.3f}", f"{r[f'{k} → student']['avg']['mean']:.3f}")
             for k in COLD_STARTS]
-    return _table(["cold start", "CPU s", "peak MB above the models", "images drawn", "seeds", "its avg",
+    return markdown_table(["cold start", "CPU s", "peak MB above the models", "images drawn", "seeds", "its avg",
                    "its student's avg"], rows)
 
 
@@ -181,22 +183,17 @@ def units_table(results_dir):
         rows.append((run, lam, len(logs), f"{mean('mar', first):.4f} → {mean('mar', last):.4f}",
                      f"{mean('mar', first) * D / lam:.2f} → {mean('mar', last) * D / lam:.2f}",
                      f"{mean('kl', first):.2f} → {mean('kl', last):.2f}"))
-    return _table(["run", "λ", "seeds", "logged mar", "KL to the anchor (nats)", "KL to the routed teacher (nats)"],
-                  rows)
-
-
-def _table(header, rows):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
-                      ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    return markdown_table(["run", "λ", "seeds", "logged mar", "KL to the anchor (nats)",
+                           "KL to the routed teacher (nats)"], rows)
 
 
 def tables(results_dir, verdict):
     """{table name: renderer} for tools/doc_tables."""
     questions = lambda: json.load(open(os.path.join(results_dir, "questions.json")))["questions"]
     out = {f"question_{q}": (lambda q=q: question_table(q, verdict, questions())) for q in QUESTIONS}
-    red = lambda: _table(["model", "share of red objects"], [(m, f"{v:.3f}") for m, v in
+    red = lambda: markdown_table(["model", "share of red objects"], [(m, f"{v:.3f}") for m, v in
                                                              questions()["biased_teacher"]["red_share"].items()])
-    detect = lambda: _table(["logged per iteration", "biased − clean", "seeds", "verdict"],
+    detect = lambda: markdown_table(["logged per iteration", "biased − clean", "seeds", "verdict"],
                             [(k, _cell(c), c["n"], verdict(c, 0)) for k, c in
                              questions()["biased_teacher"]["detection"].items()])
     return {**out, "question_cost": lambda: cost_table(questions()), "question_red_share": red,
