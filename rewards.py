@@ -29,7 +29,8 @@ a sample returns float('nan') for it. REWARD_SCALE[name] is what to divide by to
              The scene is the longest toy_world.SCENES name in the prompt (8 named, 61 composed scenes).
   deqa       task-agnostic quality 5 - 25*noise - 4*blur - 1.0*blockiness - 4*pattern clamped to [1, 5] (DeQA's
              raw 1-5 scale; REWARD_SCALE["deqa"] = 5 gives Flow-GRPO's score/5 reward); pattern = textures and
-             splits the world never draws (stripes, checkerboards, dithering, hatching, rings, half splits).
+             splits the world never draws (stripes, checkerboards, dithering, hatching, rings, half splits);
+             an image with no visible edge (a flat colour, a faint texture) counts as fully blurred.
 Differences from the paper:
   1) every reward is a hand-written pixel rule for 32x32 toy images, not mask2former+CLIP, PaddleOCR,
      PickScore (CLIP-H) or DeQA-Score (mPLUG-Owl2); they are deterministic and not differentiable;
@@ -133,8 +134,9 @@ REWARD_SCALE = {"geneval": 1.0, "ocr": 1.0, "pickscore": 1.0, "deqa": 5.0}  # re
 # Bumped whenever a world reward or its test prompts change, so cached scores (eval.json) of the old ones are
 # never reused: 2 = the calibrated detector (world/judges.py) and the composed pickscore scenes; 3 = deqa's
 # blur weight 2.5 -> 4 (the world's blurred style costs about half the 1-5 scale, world/toy_world.py); 4 = judges a
-# person would agree with: the detector's shapes need MIN_IOU at the world's aspect, deqa's pattern rule.
-REWARDS_VERSION = 4
+# person would agree with: the detector's shapes need MIN_IOU at the world's aspect, deqa's pattern rule; 5 = deqa
+# counts an image without a visible edge as fully blurred (empty images through the autoencoder scored 4.93-5.00).
+REWARDS_VERSION = 5
 
 
 def combined_reward(images, records, weights, rewards=REWARDS):

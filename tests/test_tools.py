@@ -96,17 +96,21 @@ def test_paper_tables_tiny_writes_tables_and_pictures_and_resumes(tmp_path, teac
 
 
 def test_seeds_whose_shared_rows_came_from_other_weights_are_not_merged():
-    """A seed evaluated with another geneval teacher (or one that predates the weight record) is refused with
-    a message naming the row and both files; per-seed rows (students) may differ."""
-    a = {"models": {"base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": "s0"}}
-    b = {"models": {"base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": "s1"}}
+    """A seed evaluated with another geneval teacher or other rewards (or one that predates either record) is
+    refused with a message naming the row and both files, or the file and its version; per-seed rows (students)
+    may differ."""
+    v = {"rewards": paper_tables.REWARDS_VERSION}
+    a = {"models": {"base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": "s0"}, **v}
+    b = {"models": {"base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": "s1"}, **v}
     assert paper_tables.merged_models({"seed0.json": a, "seed1.json": b}) == {
         "base": "b" * 64, "teacher/geneval": "1" * 64, "flow_opd/merge": ["s0", "s1"]}
-    c = {"models": {**b["models"], "teacher/geneval": "2" * 64}}
+    c = {"models": {**b["models"], "teacher/geneval": "2" * 64}, **v}
     with pytest.raises(SystemExit, match=r"teacher/geneval differs between seeds: seed0.json .* 111111111111, seed2.json 222222222222"):
         paper_tables.merged_models({"seed0.json": a, "seed2.json": c})
     with pytest.raises(SystemExit, match="seed3.json has no 'models' record"):
         paper_tables.merged_models({"seed0.json": a, "seed3.json": {"main": {}}})
+    with pytest.raises(SystemExit, match="seed4.json has no 'models' record or was scored by rewards version 4, not"):
+        paper_tables.merged_models({"seed0.json": a, "seed4.json": {**b, "rewards": 4}})
 
 
 @pytest.mark.slow

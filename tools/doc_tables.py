@@ -61,10 +61,18 @@ def judges_models():
 
 
 def judges_retrain():
-    r, cols = results("judges.json")["geneval_retrain"], results("judges.json")["geneval_retrain"]["columns"]
-    fmt = lambda col, x: f"{x:.2f}" if col.startswith("deqa") else f"{x:.3f}"
+    r = results("judges.json")["geneval_retrain"]
+    cols, fmt = r["columns"], lambda col, x: f"{x:.2f}" if col.startswith("deqa") else f"{x:.3f}"
     return markdown_table(["noise seed", "geneval teacher"] + cols, [(s, row, *(fmt(c, x) for c, x in zip(cols, v)))
                                                             for s in ("0", "1") for row, v in r[s].items()])
+
+
+def judges_empty():
+    e, arrow = results("judges.json")["empty"], lambda d: f"{d['before']:.2f} → {d['after']:.2f}"
+    return (markdown_table(["image that draws nothing", "sharp: deqa before → after", "through the autoencoder"],
+                           [(k, arrow(v["sharp"]), arrow(v["autoencoded"])) for k, v in e["images"].items()]) + "\n\n" +
+            markdown_table(["model: samples of pickscore prompts", "deqa before → after", "samples whose deqa changed"],
+                           [(k, arrow(v), f"{v['changed']:.3f}") for k, v in e["models"].items()]))
 
 
 def calibration():
@@ -167,15 +175,10 @@ def headline():
 
 
 def estimator_step():
-    rows = results("estimator_step.json")["rows"]
-    out = []
-    for est, steps in rows.items():
-        kls = " → ".join(f"{e['kl']:.2f}" for e in steps)
-        cos = [e["cos_with_pathwise"] for e in steps]
-        ratio = [e["norm_ratio_to_pathwise"] for e in steps]
-        out.append((est, kls, f"{min(cos):.2f}–{max(cos):.2f}", f"{min(ratio):.2f}–{max(ratio):.2f}"))
+    span = lambda steps, k: f"{min(e[k] for e in steps):.2f}–{max(e[k] for e in steps):.2f}"
     return markdown_table(["estimator", "step KL after each AdamW step", "cosine with pathwise", "norm / pathwise"],
-                          out)
+                          [(est, " → ".join(f"{e['kl']:.2f}" for e in steps), span(steps, "cos_with_pathwise"),
+                            span(steps, "norm_ratio_to_pathwise")) for est, steps in results("estimator_step.json")["rows"].items()])
 
 
 def minutes():
@@ -257,16 +260,14 @@ def main_job():
             f"\n\n`{j['command']}`: {j['minutes']:.1f} min from start to the student's scores.")
 
 
-TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, calibration, style_costs,
-                                  base_scores, main_table, ood_table, headline, main_job,
-                                  estimator_step, minutes, answer_seesaw, answer_snr)}
-TABLES.update({"answer_routing": functools.partial(_against_hard, "routing"),
-               "answer_noise": functools.partial(_against_hard, "noise")})
-TABLES.update(questions_report.tables(os.path.join(ROOT, "results"), verdict), answer_group_size=answer_group_size,
+TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, judges_retrain, judges_empty, calibration,
+                                  style_costs, base_scores, main_table, ood_table, headline, main_job, estimator_step,
+                                  minutes, answer_seesaw, answer_snr, answer_group_size)}
+TABLES.update(questions_report.tables(os.path.join(ROOT, "results"), verdict),
+              answer_routing=functools.partial(_against_hard, "routing"), answer_noise=functools.partial(_against_hard, "noise"),
               per_tag=functools.partial(main_table, tuple(f"geneval_acc/{t}" for t in TAGS)),
-              styles=functools.partial(main_table, STYLES))
-TABLES.update({name: functools.partial(_claims, rows) for name, rows in ANSWERS.items()},
-              claims=functools.partial(_claims, CLAIMS), ablations=functools.partial(_claims, ABLATIONS))
+              styles=functools.partial(main_table, STYLES), claims=functools.partial(_claims, CLAIMS),
+              ablations=functools.partial(_claims, ABLATIONS), **{n: functools.partial(_claims, r) for n, r in ANSWERS.items()})
 
 
 def render(text):

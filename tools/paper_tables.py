@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from eval import evaluate_cached, evaluate_ood
-from rewards import REWARDS, geneval_details
+from rewards import REWARDS, REWARDS_VERSION, geneval_details
 from support import figures, models
 from support.config import parse_args
 from support.metrics import format_metrics, read_jsonl, scalars, table_markdown, write_json, write_table
@@ -113,7 +113,8 @@ def evaluate_rows(cfg, rows, timings):
     weights = {row: weights_sha256(folder or cfg.base) for row, folder in rows.items()}
     path = os.path.join(cfg.results_dir, f"seed{cfg.seed}.json")
     earlier = json.load(open(path)).get("minutes", {}) if os.path.isfile(path) else {}  # a rerun's untouched rows
-    write_json(path, {"main": main, "ood": ood, "minutes": {**earlier, **timings}, "eval": kw, "models": weights})
+    write_json(path, {"main": main, "ood": ood, "minutes": {**earlier, **timings}, "eval": kw, "models": weights,
+                      "rewards": REWARDS_VERSION})
     seeds = sorted(glob.glob(os.path.join(cfg.results_dir, "seed*.json")))
     runs = [json.load(open(p)) for p in seeds]
     meta = {"seeds": [os.path.basename(p)[4:-5] for p in seeds], "eval": {k: v for k, v in kw.items() if k != "seed"},
@@ -133,13 +134,15 @@ def shared_row(row):
 
 def merged_models(runs):
     """{row: sha256} for the shared rows, {row: [sha256 of each seed]} for the others, from {path: seed json};
-    refuses (SystemExit naming them) seeds whose shared rows evaluated other weights, or that predate the
-    record, since a table over them would average different models."""
+    refuses (SystemExit naming them) seeds whose shared rows evaluated other weights, that were scored by other
+    rewards (rewards.REWARDS_VERSION), or that predate either record, since a table over them would average
+    different models or judges."""
     out = {}
     for path, run in runs.items():
-        if "models" not in run:
-            raise SystemExit(f"{path} has no 'models' record (it predates weight hashes): rerun its seed with "
-                             f"`python -m tools.paper_tables --seed S`, or move it out of the results folder")
+        if "models" not in run or run.get("rewards") != REWARDS_VERSION:
+            raise SystemExit(f"{path} has no 'models' record or was scored by rewards version {run.get('rewards')}, "
+                             f"not {REWARDS_VERSION}: rerun its seed with `python -m tools.paper_tables --seed S`, "
+                             f"or move it out of the results folder")
         for row, sha in run["models"].items():
             if not shared_row(row):
                 out.setdefault(row, []).append(sha)

@@ -18,6 +18,10 @@ lines, rings and frames <= 0.59. Margins over the runner-up shape: >= 0.10 sharp
 
 deqa (deqa_terms): noise, blur, blockiness, and a pattern rule for what the world never draws (pattern_term).
 A 1 px checkerboard and a black/white half split scored 5.00 before it, above ground truth (4.90-4.98).
+An image with no edge a person sees (edge_contrast below FAINT_EDGE) counts as fully blurred, as a flat one
+always did: through the world's autoencoder a black, grey or white image, or a texture too fine or too faint
+for it, comes out flat with a ripple the blur ratio read as sharp, and scored 4.93-5.00 (rewards version 4).
+It also charges the dimmest night scenes, which the autoencoder draws nearly blank (results/judges.json).
 
 Calibration (python -m tools.calibrate_world --n 300, on checkpoints/base): ground truth through the world's
 autoencoder (what a perfect generator could draw) against the target >= 0.97 per sub-task, and the share of
@@ -230,6 +234,10 @@ TEXTURE_DENSITY = (0.22, 0.30)   # share of neighbour pairs that step strongly: 
 SPAN = 0.9           # a straight edge across the image: >= 90% of a row's (column's) neighbour pairs step
 HORIZON_CONTRAST = (1.55, 1.65)  # RGB distance of the two sides of a horizon: world's most (a snowy night,
                                  # 376/255 = 1.47) .. black against white (sqrt 3 = 1.73)
+FAINT_EDGE = (0.030, 0.045)   # edge_contrast of an image drawing nothing (the autoencoder's ripple on a flat
+                              # image: <= 0.025) .. of a visible edge (ground truth of shapes and text: >= 0.08)
+EDGE_LENGTH = 16              # px: an edge as long as half the image is wide (a horizon, a shape's outline)
+EDGE_MARGIN = 4               # px left out at the border, where the autoencoder draws a frame on a flat image
 
 
 def _pad_unfold3(x):
@@ -275,18 +283,34 @@ def pattern_term(x):
     return torch.stack([_ramp(density, TEXTURE_DENSITY), lines, _ramp(contrast, HORIZON_CONTRAST)]).amax(0)
 
 
+def _reblur(x):
+    """x (B, 3, H, W) blurred by the 3x3 kernel [1,2,1]^T [1,2,1] / 16, borders replicated."""
+    k = torch.tensor([[1.0, 2.0, 1.0]]) / 4
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k.T @ k).expand(3, 1, 3, 3), groups=3)
+
+
+def edge_contrast(x):
+    """The contrast of an image's visible edges, (B,): the EDGE_LENGTH-th largest step between neighbouring
+    pixels (largest channel) of the [1,2,1]-smoothed image, EDGE_MARGIN px from the border.
+    Why smoothed, long and inside: the autoencoder draws a flat image with a 1-2 px ripple and a frame at the
+    border, which are no edge a person sees; a single odd pixel is no edge either."""
+    inner = _reblur(x)[:, :, EDGE_MARGIN:-EDGE_MARGIN, EDGE_MARGIN:-EDGE_MARGIN]
+    steps = torch.cat([inner.diff(dim=3).abs().amax(1).flatten(1), inner.diff(dim=2).abs().amax(1).flatten(1)], 1)
+    return steps.topk(EDGE_LENGTH, dim=1).values[:, -1]
+
+
 def deqa_terms(images):
     """(noise, blur, blockiness, pattern) per image, each (B,): the four defects deqa_raw penalises."""
     x = images.float()
     # noise: median |x - median3x3(x)|; 0 on flat regions and clean edges, ~0.6 sigma for Gaussian noise
     noise = (x - _pad_unfold3(x).median(-1).values).abs().flatten(1).median(1).values
     # blur: share of gradient energy that survives a [1,2,1]/4 re-blur; a sharp step keeps ~0.38, a soft edge
-    # ~1. A flat image (no edges at all) has ratio 1 and counts as fully blurred.
-    k = torch.tensor([[1.0, 2.0, 1.0]]) / 4
-    k2 = (k.T @ k).expand(3, 1, 3, 3)
-    reblur = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
-    ratio = (_grad_energy(reblur) + 1e-6) / (_grad_energy(x) + 1e-6)
-    blur = ((ratio - BLUR_SHARP) / (BLUR_SOFT - BLUR_SHARP)).clamp(0, 1)
+    # ~1. A flat image has no edge to be sharp and counts as fully blurred, and so does one whose every edge is
+    # fainter than a person sees (edge_contrast below FAINT_EDGE): the autoencoder draws a flat image with a
+    # ripple the ratio reads as sharp (an empty image scored 4.97, above any ground truth; version 5).
+    ratio = (_grad_energy(_reblur(x)) + 1e-6) / (_grad_energy(x) + 1e-6)
+    flat = 1 - _ramp(edge_contrast(x), FAINT_EDGE)
+    blur = torch.maximum(((ratio - BLUR_SHARP) / (BLUR_SOFT - BLUR_SHARP)).clamp(0, 1), flat)
     # blockiness: excess of gradient energy on block boundaries over inside blocks, in both directions
     # (min: one straight edge that happens to lie on a boundary, like a horizon, is not blockiness)
     def excess(d, dim):   # d: finite differences along `dim`; boundary = between index BLOCK-1 and BLOCK

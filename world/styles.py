@@ -8,6 +8,7 @@ have headroom it can learn?), never a reward: the rewards judge the prompt, thes
                    (a quarter turn, whatever the text reads; too square a box counts as upright);
               pickscore: washed out, vividness (world/judges.py) below the renderer's q = 0.5 level (0.675)
     blurred   the deqa blur term (world/judges.deqa_terms) above BLURRED (ground truth: sharp ~0, blurred 0.4-0.9)
+              (an image without a visible edge counts as blurred, as deqa counts it)
 
 Each returns (B,) float 0/1 for images (B, 3, H, W) in [0, 1] of one task's records; ground truth in each style
 is told from clean ground truth in tests/test_toy_world.py.
