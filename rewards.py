@@ -48,7 +48,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from world.judges import K_BLOCK, K_BLUR, K_NOISE, K_PATTERN, deqa_terms, detect, pickscore_one, relative_position, scene_of
+from world.judges import detect, pickscore_one, relative_position, scene_of
+from world.quality import K_BLOCK, K_BLUR, K_NOISE, K_PATTERN, deqa_terms
 from world.ocr import levenshtein, recognise  # the text recogniser, a PP-OCR stand-in
 
 
@@ -116,7 +117,7 @@ def pickscore_reward(images, prompts, metadata):
 
 def deqa_raw(images, prompts=None, metadata=None):
     """DeQA-like quality on DeQA's raw 1-5 scale, (B,) float32: 5 - 25 noise - 4 blur - 1 blockiness - 4 pattern,
-    clamped to [1, 5] (K_NOISE, K_BLUR, K_BLOCK, K_PATTERN and the rules of world/judges.py)."""
+    clamped to [1, 5] (K_NOISE, K_BLUR, K_BLOCK, K_PATTERN and the rules of world/quality.py)."""
     noise, blur, blockiness, pattern = deqa_terms(images)
     return (5 - K_NOISE * noise - K_BLUR * blur - K_BLOCK * blockiness - K_PATTERN * pattern).clamp(1, 5).float()
 

@@ -15,6 +15,7 @@ from PIL import ImageFont
 
 import rewards as R
 from world import judges as J
+from world import quality as Q
 from world import ocr as O
 from world import renderer
 from world import toy_world as tw
@@ -233,7 +234,7 @@ def test_ground_truth_through_the_autoencoder_scores_full_marks_and_resists_nois
         for task in tw.TASKS:   # and deqa's pattern rule charges nothing for what a perfect generator draws
             truth = renderer.to_tensor([renderer.render(r, rng, *renderer.random_style(rng))
                                         for r in tw.prompts(task, "test")[:32]])
-            assert (J.pattern_term(base.decode(base.encode_images(truth)).clamp(0, 1)) == 0).all(), task
+            assert (Q.pattern_term(base.decode(base.encode_images(truth)).clamp(0, 1)) == 0).all(), task
 
 
 
@@ -255,7 +256,7 @@ def test_deqa_scores_empty_images_at_the_floor_sharp_or_through_the_autoencoder(
         with torch.no_grad():
             through = base.decode(base.encode_images(truth)).clamp(0, 1)
         for images in (truth, through):
-            assert (J.edge_contrast(images) > 1.5 * J.FAINT_EDGE[1]).all(), task
+            assert (Q.edge_contrast(images) > 1.5 * Q.FAINT_EDGE[1]).all(), task
 
 def _shape_images(shapes, sizes, seed=0):
     """One shape per image, every (shape, size, colour), at random sub-pixel centres: (images, shape names)."""
@@ -351,7 +352,7 @@ def test_deqa_scores_patterns_the_world_never_draws_below_blurred_ground_truth()
                                                for r in tw.prompts(t, "test")[:24]])).mean() for t in tw.TASKS]
     for name, img in _patterns().items():
         assert R.deqa_raw(img).item() < min(blurred), name
-        assert J.pattern_term(img).item() == 1.0, name
+        assert Q.pattern_term(img).item() == 1.0, name
 
 
 def test_pattern_term_is_zero_on_ground_truth_and_on_noise_blur_and_blocks():
@@ -362,11 +363,11 @@ def test_pattern_term_is_zero_on_ground_truth_and_on_noise_blur_and_blocks():
         recs = tw.prompts(task, "train")[:40] + tw.prompts(task, "test")[:40]
         for web, blur in ((False, False), (True, False), (False, True)):
             images = renderer.to_tensor([renderer.render(r, rng, web, blur) for r in recs])
-            assert (J.pattern_term(images) == 0).all(), (task, web, blur)
+            assert (Q.pattern_term(images) == 0).all(), (task, web, blur)
     x = _clean_batch()
     noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     for corrupted in (noisy, _gauss_blur(x, 1.5), _blocky(x, 1.0)):
-        assert (J.pattern_term(corrupted) == 0).all()
+        assert (Q.pattern_term(corrupted) == 0).all()
 
 
 def _one_blob(draw):

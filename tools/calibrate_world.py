@@ -108,9 +108,12 @@ def empty_images():
 
 
 def judges_at(commit):
-    """world/judges.py as it was at `commit`, imported as a module of its own (world/ imports stay current)."""
+    """deqa's judge as it was at `commit`, imported as a module of its own (world/ imports stay current):
+    world/quality.py, or world/judges.py before deqa had a file of its own."""
+    show = lambda path: subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True)
+    source = show("world/quality.py")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(subprocess.run(["git", "show", f"{commit}:world/judges.py"], capture_output=True, text=True, check=True).stdout)
+        f.write(source.stdout if source.returncode == 0 else show("world/judges.py").stdout)
     spec = importlib.util.spec_from_file_location(f"judges_{commit}", f.name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -118,7 +121,7 @@ def judges_at(commit):
 
 
 def deqa_with(judges, images):
-    """rewards.deqa_raw's formula on `judges`' terms (a former judges.py), (B,)."""
+    """rewards.deqa_raw's formula on `judges`' terms (a former quality.py or judges.py), (B,)."""
     noise, blur, block, pattern = judges.deqa_terms(images)
     return (5 - judges.K_NOISE * noise - judges.K_BLUR * blur - judges.K_BLOCK * block
             - judges.K_PATTERN * pattern).clamp(1, 5)

@@ -7,7 +7,7 @@ have headroom it can learn?), never a reward: the rewards judge the prompt, thes
               ocr: the ink's box is tall where the text drawn upright is wide, or wide where it is tall
                    (a quarter turn, whatever the text reads; too square a box counts as upright);
               pickscore: washed out, vividness (world/judges.py) below the renderer's q = 0.5 level (0.675)
-    blurred   the deqa blur term (world/judges.deqa_terms) above BLURRED (ground truth: sharp ~0, blurred 0.4-0.9)
+    blurred   the deqa blur term (world/quality.deqa_terms) above BLURRED (ground truth: sharp ~0, blurred 0.4-0.9)
               (an image without a visible edge counts as blurred, as deqa counts it)
 
 Each returns (B,) float 0/1 for images (B, 3, H, W) in [0, 1] of one task's records; ground truth in each style
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from world.judges import deqa_terms, detect, scene_of, vividness
+from world.judges import detect, scene_of, vividness
+from world.quality import deqa_terms
 from world.ocr import ink_extent
 
 BLURRED = 0.3          # deqa blur term above which an image counts as blurred
