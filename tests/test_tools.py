@@ -10,6 +10,7 @@ from PIL import Image
 
 from helpers import BASE, TINY
 from support import models, provenance, rollouts
+from support.config import parse_args
 from tools import grpo_snr, paper_tables, pretrain_world
 
 
@@ -117,7 +118,7 @@ def test_seeds_whose_shared_rows_came_from_other_weights_are_not_merged():
 def test_questions_tiny_trains_records_resumes_and_reports(tmp_path, teacher_dir, fast_load, capsys):
     """tools.questions at toy size: teacher_count's four runs (1-4 routed teachers, deqa as a task of its own) and
     the biased teacher's, each recorded with its evaluation, log (KL per routed teacher) and weights; a second
-    call trains nothing; the report writes the documented schema, a bar chart per question and the grid."""
+    call trains nothing, and a record scored by older rewards counts as missing; the report writes the documented schema, a bar chart per question and the grid."""
     import shutil
     from tools import questions, questions_report
     shutil.copytree(teacher_dir / "geneval", tmp_path / "teachers" / "geneval_red")   # stands in for the biased one
@@ -142,6 +143,12 @@ def test_questions_tiny_trains_records_resumes_and_reports(tmp_path, teacher_dir
     capsys.readouterr()
     questions.main(argv + ["--question", "teacher_count"])   # everything recorded: nothing trained again
     assert "student saved" not in capsys.readouterr().out
+    cfg = parse_args(argv)[0]
+    assert questions.pending_runs(cfg, "teacher_count", {}) == []
+    old = {**rec("routes_1"), "rewards": questions.REWARDS_VERSION - 1}   # scored by older judges: missing again
+    (tmp_path / "results" / "questions" / "seed0" / "routes_1.json").write_text(json.dumps(old))
+    assert questions.pending_runs(cfg, "teacher_count", {}) == ["routes_1"]
+    (tmp_path / "results" / "questions" / "seed0" / "routes_1.json").write_text(json.dumps({**old, "rewards": questions.REWARDS_VERSION}))
     questions_report.main(argv)
     q = json.load(open(tmp_path / "results" / "questions.json"))["questions"]
     assert set(q) == set(questions.QUESTIONS) and q["teacher_count"]["command"].startswith("python -m tools.questions")

@@ -38,6 +38,7 @@ import time
 import torch
 
 from eval import evaluate_cached
+from rewards import REWARDS_VERSION
 from support import models
 from support.config import parse_args
 from support.metrics import read_jsonl, write_json
@@ -130,7 +131,7 @@ def record_run(cfg, model, name):
     root, kw = run_dir(cfg, cfg.seed), eval_settings(cfg)
     student = os.path.join(root, "students", name)
     out = {"command": f"python -m tools.questions --seed {cfg.seed} (run {name}: {runs(cfg)[name]})",
-           "recorded_by": this_command(), "log": [e for e in read_jsonl(os.path.join(student, "train_log.jsonl"))
+           "recorded_by": this_command(), "rewards": REWARDS_VERSION, "log": [e for e in read_jsonl(os.path.join(student, "train_log.jsonl"))
                                                   if e.get("stage") == "distill"],
            **json.load(open(os.path.join(student, "minutes.json")))}
     folders = {"student": os.path.join(student, "adapter")}
@@ -162,6 +163,19 @@ def claim(cfg, name):
         return claim(cfg, name)
 
 
+def current(path):
+    """Whether a record (or tools.paper_tables' results/seed<S>.json) at `path` was scored by these rewards
+    (rewards.REWARDS_VERSION): one of older judges counts as missing, so its run is trained and scored again
+    rather than paired with rows of other judges."""
+    return os.path.isfile(path) and json.load(open(path)).get("rewards") == REWARDS_VERSION
+
+
+def paper_rows(cfg, seed):
+    """tools.paper_tables' rows of `seed` scored by these rewards ({} where there are none)."""
+    path = os.path.join(cfg.results_dir, f"seed{seed}.json")
+    return json.load(open(path))["main"] if current(path) else {}
+
+
 def pending_runs(cfg, question, paper):
     """The runs `question` needs for cfg.seed that are not recorded yet (a paper_tables row present is used)."""
     out = []
@@ -171,7 +185,7 @@ def pending_runs(cfg, question, paper):
             if kind == "paper" and what in paper:
                 break
             if kind in ("run", "cold"):
-                if not os.path.isfile(record_path(cfg, cfg.seed, what)) and what not in out:
+                if not current(record_path(cfg, cfg.seed, what)) and what not in out:
                     out.append(what)
                 break
     return out
@@ -180,9 +194,7 @@ def pending_runs(cfg, question, paper):
 def run_question(cfg, question):
     """Train and record every run `question` needs for cfg.seed; a run another process is training is left for
     later, and waited for at the end."""
-    path = os.path.join(cfg.results_dir, f"seed{cfg.seed}.json")   # tools.paper_tables' rows, where they exist
-    paper = json.load(open(path))["main"] if os.path.isfile(path) else {}
-    model = None
+    paper, model = paper_rows(cfg, cfg.seed), None   # tools.paper_tables' rows, where they exist
     while todo := pending_runs(cfg, question, paper):
         mine = next((name for name in todo if claim(cfg, name)), None)
         if mine is None:

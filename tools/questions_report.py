@@ -19,7 +19,7 @@ from support.config import parse_args
 from support.metrics import markdown_table, over_seeds, paired_difference, summarise, write_json
 from support.rollouts import sample_images
 from support.teachers import BIASED
-from tools.questions import BIASED_TEACHER, COLD_STARTS, METRICS, QUESTIONS, record_path
+from tools.questions import BIASED_TEACHER, COLD_STARTS, METRICS, QUESTIONS, current, paper_rows, record_path
 from world import judges, toy_world
 
 def scores_of(cfg, seed, spec, paper):
@@ -29,7 +29,7 @@ def scores_of(cfg, seed, spec, paper):
         if kind == "paper" and what in paper:
             return paper[what]
         path = record_path(cfg, seed, what)
-        if kind in ("run", "cold") and os.path.isfile(path):
+        if kind in ("run", "cold") and current(path):
             return json.load(open(path))["student" if kind == "run" else "cold_start"]
     return None
 
@@ -39,8 +39,7 @@ def report(cfg):
     row's scores over seeds and (paired/METRIC) its difference from the question's first row per seed, then
     over seeds with a t interval; and one figure per question, results/questions_<Q>.png."""
     seeds = sorted(int(os.path.basename(p)[4:]) for p in glob.glob(os.path.join(cfg.results_dir, "questions", "seed*")))
-    paper_file = lambda s: os.path.join(cfg.results_dir, f"seed{s}.json")
-    paper = {s: json.load(open(paper_file(s)))["main"] if os.path.isfile(paper_file(s)) else {} for s in seeds}
+    paper = {s: paper_rows(cfg, s) for s in seeds}
     out = {}
     for question, rows in QUESTIONS.items():
         ref_name = next(iter(rows))
@@ -84,7 +83,7 @@ def draw(cfg, out, seeds):
             figures.bar_chart(bars, f"{question}: avg, each row − {q['reference']} (paired, ± t 95% over seeds)",
                               os.path.join(cfg.results_dir, f"questions_{question}.png"), width=720)
     logs = {f"{name} seed {s}": json.load(open(record_path(cfg, s, name)))["log"]
-            for name in ("default", "biased") for s in seeds if os.path.isfile(record_path(cfg, s, name))}
+            for name in ("default", "biased") for s in seeds if current(record_path(cfg, s, name))}
     finite = lambda k: any(isinstance(e.get(k), float) and e[k] == e[k] for log in logs.values() for e in log)
     keys = [k for k in ("reward/geneval", "reward/ocr", "kl/geneval", "kl/ocr") if finite(k)]
     if keys:
@@ -101,7 +100,7 @@ def detection(cfg, seeds, keys=DETECTION_KEYS):
     iterations' standard error, then over seeds with a t interval (metrics.over_seeds). An iteration where either
     run did not route that teacher (nan) is left out."""
     logs = {s: [json.load(open(record_path(cfg, s, n)))["log"] for n in ("biased", "default")] for s in seeds
-            if all(os.path.isfile(record_path(cfg, s, n)) for n in ("biased", "default"))}
+            if all(current(record_path(cfg, s, n)) for n in ("biased", "default"))}
     finite = lambda e, key: isinstance(e.get(key), float) and e[key] == e[key]
     out = {}
     for key in keys:
