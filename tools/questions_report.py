@@ -172,11 +172,13 @@ def cost_table(questions):
 
 def units_table(results_dir):
     """Exercise 3's units: the logged MAR term (λ·KL_anchor/D) and the step KL to the routed teacher (summed), in
-    nats, over the first and last 5 iterations, mean over the seeds recorded, at λ 0.02 and 0.2."""
+    nats, over the first and last 5 iterations, mean over the seeds recorded by these rewards, at λ 0.02 and 0.2."""
     rows = []
     for run, lam in (("default", 0.02), ("mar_deqa_0.2", 0.2)):
         logs = [json.load(open(p))["log"] for p in sorted(glob.glob(os.path.join(results_dir, "questions", "seed*",
-                                                                                  f"{run}.json")))]
+                                                                                  f"{run}.json"))) if current(p)]
+        if not logs:
+            continue
         mean = lambda k, part: sum(sum(e[k] for e in part(log)) / len(part(log)) for log in logs) / len(logs)
         first, last = (lambda log: log[:5]), (lambda log: log[-5:])
         rows.append((run, lam, len(logs), f"{mean('mar', first):.4f} → {mean('mar', last):.4f}",
