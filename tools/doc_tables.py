@@ -227,18 +227,6 @@ def answer_snr():
                             f"{r['seconds_per_batch']:.1f}") for k, r in rows.items()])
 
 
-def _against_hard(name):
-    """Exercises 5 and 6: a variant student minus the hard-routed default student of the same seed, paired
-    (results/exercises/<name>.json: {seed: {"variant": evaluation, "hard": evaluation}})."""
-    runs = results(os.path.join("exercises", f"{name}.json"))
-    keys = ("geneval_acc", "geneval", "ocr", "pickscore", "avg")
-    per = {seed: paired_difference(r["variant"], r["hard"]) for seed, r in runs.items()}
-    rows = [(f"seed {seed}", *(f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys)) for seed, d in per.items()]
-    over = {k: over_seeds([d[k] for d in per.values()]) for k in keys}
-    rows.append((f"over {len(per)} seeds (t 95%)", *(f"**{over[k]['mean']:+.3f} ± {over[k]['ci95']:.3f}**" for k in keys)))
-    return markdown_table(["variant − hard default (paired)"] + list(keys), rows)
-
-
 def answer_group_size():
     """Exercise 7: G = 2 OCR teachers' zero-spread share and their OCR minus the base's, paired (group_size.json)."""
     runs, base = results(os.path.join("exercises", "group_size.json")), seed_runs()
@@ -264,7 +252,6 @@ TABLES = {f.__name__: f for f in (judges_deqa, judges_geneval, judges_models, ju
                                   style_costs, base_scores, main_table, ood_table, headline, main_job, estimator_step,
                                   minutes, answer_seesaw, answer_snr, answer_group_size)}
 TABLES.update(questions_report.tables(os.path.join(ROOT, "results"), verdict),
-              answer_routing=functools.partial(_against_hard, "routing"), answer_noise=functools.partial(_against_hard, "noise"),
               per_tag=functools.partial(main_table, tuple(f"geneval_acc/{t}" for t in TAGS)),
               styles=functools.partial(main_table, STYLES), claims=functools.partial(_claims, CLAIMS),
               ablations=functools.partial(_claims, ABLATIONS), **{n: functools.partial(_claims, r) for n, r in ANSWERS.items()})

@@ -15,6 +15,7 @@ compared, paired, with the main job's configuration of the same seed (run `defau
                    logs (reward/<task> of the student's own samples and kl/<teacher>, train.opd_iteration)
   routing          hard vs soft routing (ε = 0.5, router.target_velocity), clean and with the biased teacher
   mar              the anchor (deqa teacher, base, pickscore teacher) and λ (0, 0.02, 0.05, 0.2)
+  noise_level      the SDE's noise level a at 1.2 instead of the paper's 0.7 (exercise 6; exercise 5 reads routing)
   guidance         peers' options (not the paper's): the geneval teacher's velocities at CFG 1 (a public OPD
                    config), and training without CFG (guidance 1 everywhere); evaluated at the main protocol's CFG
   cold_start_cost  merge (exact ΔW), merge_average (A/B means), sft: CPU seconds, peak memory and samples drawn to
@@ -72,7 +73,8 @@ def runs(cfg):
             "mar_base_0.02": dict(mar_anchor="base"), "mar_base_0.2": dict(mar_anchor="base", mar_lambda=0.2),
             "mar_pickscore_0.02": dict(mar_anchor=pick), "mar_pickscore_0.2": dict(mar_anchor=pick, mar_lambda=0.2),
             "merge_average": dict(cold_start="merge_average"),
-            "geneval_cfg_1": dict(teacher_guidance=["geneval=1.0"]), "no_cfg": dict(guidance_scale=1.0)}
+            "geneval_cfg_1": dict(teacher_guidance=["geneval=1.0"]), "no_cfg": dict(guidance_scale=1.0),
+            "noise_1.2": dict(noise_level=1.2)}
 
 
 # question -> {row: where its scores come from}, the reference row first. "run:NAME" is a run of runs();
@@ -92,6 +94,8 @@ QUESTIONS = {
     # not in the paper's discussion: peers' settings (issue 22), each student evaluated at the main protocol's CFG
     "guidance": {"CFG 4.5 everywhere (main job)": "run:default", "geneval teacher at CFG 1": "run:geneval_cfg_1",
                  "no CFG in training": "run:no_cfg"},
+    # exercise 6 (exercise 5 reads "routing"): the SDE's a in sigma_t = a sqrt(t / (1 - t)), the paper's 0.7 first
+    "noise_level": {"a 0.7 (paper, main job)": "run:default", "a 1.2": "run:noise_1.2"},
     "cold_start_cost": {"merge → student": "paper:flow_opd/merge", "sft → student": "paper:flow_opd/sft",
                         "merge_average → student": ["paper:flow_opd/merge_average", "run:merge_average"],
                         "merge (cold start)": "paper:cold_start/merge", "sft (cold start)": "paper:cold_start/sft",

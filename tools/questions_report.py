@@ -188,6 +188,20 @@ def units_table(results_dir):
                            "KL to the routed teacher (nats)"], rows)
 
 
+def against_default(results_dir, run):
+    """Exercises 5 and 6: run `run`'s student minus the default (main job's) student of the same seed, paired on the
+    same prompts and noise, per seed where both were scored by these rewards, then over those seeds (t 95%)."""
+    keys, per = ("geneval_acc", "geneval", "ocr", "pickscore", "avg"), {}
+    for folder in sorted(glob.glob(os.path.join(results_dir, "questions", "seed*"))):
+        paths = [os.path.join(folder, f"{name}.json") for name in (run, "default")]
+        if all(current(p) for p in paths):
+            per[os.path.basename(folder)[4:]] = paired_difference(*(json.load(open(p))["student"] for p in paths))
+    rows = [(f"seed {s}", *(f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys)) for s, d in per.items()]
+    over = {k: over_seeds([d[k] for d in per.values()]) for k in keys} if len(per) > 1 else {}
+    rows += [(f"over {len(per)} seeds (t 95%)", *(f"**{_cell(over[k])}**" for k in keys))] if over else []
+    return markdown_table([f"{run} − default (paired)"] + list(keys), rows)
+
+
 def tables(results_dir, verdict):
     """{table name: renderer} for tools/doc_tables."""
     questions = lambda: json.load(open(os.path.join(results_dir, "questions.json")))["questions"]
@@ -199,7 +213,9 @@ def tables(results_dir, verdict):
                              questions()["biased_teacher"]["detection"].items()])
     return {**out, "question_cost": lambda: cost_table(questions()), "question_red_share": red,
             "question_biased_detection": detect,
-            "answer_mar_units": lambda: units_table(results_dir)}
+            "answer_mar_units": lambda: units_table(results_dir),
+            "answer_routing": lambda: against_default(results_dir, "soft"),
+            "answer_noise": lambda: against_default(results_dir, "noise_1.2")}
 
 
 def main(argv=None):
