@@ -36,8 +36,8 @@ def scores_of(cfg, seed, spec, paper):
 
 def report(cfg):
     """results/questions.json: {"questions": {Q: {"command", "rows": {ROW: {METRIC: {mean, se, ci95, n}}}}}}, each
-    row's scores over seeds and (paired/METRIC) its difference from the question's first row per seed, then
-    over seeds with a t interval; and one figure per question, results/questions_<Q>.png."""
+    row's scores over seeds and its difference from the question's first row per seed (paired_per_seed: {SEED:
+    {METRIC: {mean, se}}}), then over seeds with a t interval (paired/METRIC); and one figure per question, results/questions_<Q>.png."""
     seeds = sorted(int(os.path.basename(p)[4:]) for p in glob.glob(os.path.join(cfg.results_dir, "questions", "seed*")))
     paper = {s: paper_rows(cfg, s) for s in seeds}
     out = {}
@@ -58,6 +58,9 @@ def report(cfg):
                     m in p for p in pairs.values()) else None   # a tiny evaluation may miss a GenEval tag
                 if d:
                     cells[f"paired/{m}"] = {k: d[k] for k in ("mean", "se", "ci95", "n")}
+            if row != ref_name:   # each seed's own paired difference (exercises 5 and 6 show them)
+                cells["paired_per_seed"] = {str(s): {m: {k: p[m][k] for k in ("mean", "se")} for m in METRICS if m in p}
+                                            for s, p in sorted(pairs.items())}
             table[row] = {**cells, "seeds": sorted(per)}
         out[question] = {"command": f"python -m tools.questions --question {question} --seed S  (S = 0, 1, 2)",
                          "reference": ref_name, "rows": table}
@@ -188,18 +191,16 @@ def units_table(results_dir):
                            "KL to the routed teacher (nats)"], rows)
 
 
-def against_default(results_dir, run):
-    """Exercises 5 and 6: run `run`'s student minus the default (main job's) student of the same seed, paired on the
-    same prompts and noise, per seed where both were scored by these rewards, then over those seeds (t 95%)."""
-    keys, per = ("geneval_acc", "geneval", "ocr", "pickscore", "avg"), {}
-    for folder in sorted(glob.glob(os.path.join(results_dir, "questions", "seed*"))):
-        paths = [os.path.join(folder, f"{name}.json") for name in (run, "default")]
-        if all(current(p) for p in paths):
-            per[os.path.basename(folder)[4:]] = paired_difference(*(json.load(open(p))["student"] for p in paths))
-    rows = [(f"seed {s}", *(f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys)) for s, d in per.items()]
-    over = {k: over_seeds([d[k] for d in per.values()]) for k in keys} if len(per) > 1 else {}
-    rows += [(f"over {len(per)} seeds (t 95%)", *(f"**{_cell(over[k])}**" for k in keys))] if over else []
-    return markdown_table([f"{run} − default (paired)"] + list(keys), rows)
+def per_seed_table(questions, question, row):
+    """Exercises 5 and 6: a question's row minus its reference row, paired per seed (mean ± the paired se over the
+    test images), then over the seeds (mean ± t 95%) where there are several."""
+    q, keys = questions[question], ("geneval_acc", "geneval", "ocr", "pickscore", "avg")
+    c = q["rows"][row]
+    rows = [(f"seed {s}", *(f"{d[k]['mean']:+.3f} ± {d[k]['se']:.3f}" for k in keys))
+            for s, d in c["paired_per_seed"].items()]
+    if len(rows) > 1:
+        rows.append((f"over {len(rows)} seeds (t 95%)", *(f"**{_cell(c[f'paired/{k}'])}**" for k in keys)))
+    return markdown_table([f"{row} − {q['reference']} (paired)"] + list(keys), rows)
 
 
 def tables(results_dir, verdict):
@@ -214,8 +215,8 @@ def tables(results_dir, verdict):
     return {**out, "question_cost": lambda: cost_table(questions()), "question_red_share": red,
             "question_biased_detection": detect,
             "answer_mar_units": lambda: units_table(results_dir),
-            "answer_routing": lambda: against_default(results_dir, "soft"),
-            "answer_noise": lambda: against_default(results_dir, "noise_1.2")}
+            "answer_routing": lambda: per_seed_table(questions(), "routing", "soft 0.5"),
+            "answer_noise": lambda: per_seed_table(questions(), "noise_level", "a 1.2")}
 
 
 def main(argv=None):
